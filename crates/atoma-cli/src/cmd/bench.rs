@@ -1,0 +1,197 @@
+//! `atoma bench`: prompt-processing (pp) and token-generation (tg) speed of the engine on a
+//! model, measured like llama-bench (random prompt tokens in one batch; single-token decodes from
+//! an empty cache), and llama-bench itself on the same file and thread count when it is found.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use atoma_engine::KvCache;
+use atoma_engine::sampling::Rng;
+use atoma_models::ModelStore;
+
+use crate::cmd::generate::LoadArgs;
+use crate::progress;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model: a GGUF path, a catalog or cached name, or hf:<org>/<repo>/<file>.gguf.
+    #[arg(long, short, default_value = "default")]
+    pub model: String,
+    /// Prompt tokens per prompt-processing run.
+    #[arg(long, short = 'p', default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens per generation run.
+    #[arg(long, short = 'n', default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Measured repetitions (after one warm-up).
+    #[arg(long, short, default_value_t = 3)]
+    pub repetitions: usize,
+    /// llama-bench binary (default: $LLAMA_BENCH, ~/.cache/llama-baseline/bin, then PATH).
+    #[arg(long)]
+    pub llama_bench: Option<PathBuf>,
+    /// Do not run llama-bench even if it is found.
+    #[arg(long)]
+    pub no_baseline: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+struct Stat {
+    mean: f64,
+    std: f64,
+}
+
+fn stat(xs: &[f64]) -> Stat {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    Stat {
+        mean,
+        std: var.sqrt(),
+    }
+}
+
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.prompt_tokens > 0 && a.gen_tokens > 0,
+        "token counts must be positive"
+    );
+    let path = store.resolve(&a.model)?;
+    let lm = progress::load_model(&path, &a.load.options())?;
+    let model = &lm.model;
+    anyhow::ensure!(
+        a.prompt_tokens.max(a.gen_tokens) < model.config().context,
+        "the model's context ({}) is too small for this benchmark",
+        model.config().context
+    );
+    let vocab = lm.tokenizer.vocab_size() as u64;
+    let mut rng = Rng::new(1234);
+    let mut tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+    eprintln!(
+        "atoma bench: {} ({}), {threads} threads, pp{} tg{}, {} repetitions + 1 warm-up",
+        lm.info.name,
+        path.display(),
+        a.prompt_tokens,
+        a.gen_tokens,
+        a.repetitions
+    );
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for rep in 0..=a.repetitions {
+        let prompt = tokens(a.prompt_tokens);
+        let t = Instant::now();
+        model.forward(&prompt, &mut KvCache::default())?;
+        let pp_rate = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
+        let mut cache = KvCache::default();
+        let decode_ids = tokens(a.gen_tokens);
+        let t = Instant::now();
+        for tok in &decode_ids {
+            model.forward(&[*tok], &mut cache)?;
+        }
+        let tg_rate = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        if rep > 0 {
+            pp.push(pp_rate);
+            tg.push(tg_rate);
+        }
+    }
+    let (pp, tg) = (stat(&pp), stat(&tg));
+    println!("| engine | test | tokens/s |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| atoma | pp{} | {:.1} ± {:.1} |",
+        a.prompt_tokens, pp.mean, pp.std
+    );
+    println!(
+        "| atoma | tg{} | {:.1} ± {:.1} |",
+        a.gen_tokens, tg.mean, tg.std
+    );
+    if a.no_baseline {
+        return Ok(());
+    }
+    let Some(bin) = find_llama_bench(a.llama_bench.as_ref()) else {
+        eprintln!(
+            "llama-bench not found (build it with ../shared/tools/build-llama-server.sh or pass \
+             --llama-bench); no baseline"
+        );
+        return Ok(());
+    };
+    let (lpp, ltg) = llama_bench(&bin, &path, a, threads)?;
+    println!("| llama.cpp | pp{} | {lpp:.1} |", a.prompt_tokens);
+    println!("| llama.cpp | tg{} | {ltg:.1} |", a.gen_tokens);
+    println!(
+        "ratio atoma/llama.cpp: pp {:.2}x, tg {:.2}x",
+        pp.mean / lpp,
+        tg.mean / ltg
+    );
+    Ok(())
+}
+
+fn find_llama_bench(explicit: Option<&PathBuf>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.clone());
+    }
+    if let Some(p) = std::env::var_os("LLAMA_BENCH") {
+        return Some(PathBuf::from(p));
+    }
+    let home = dirs_home().join(".cache/llama-baseline/bin/llama-bench");
+    if home.is_file() {
+        return Some(home);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("llama-bench"))
+            .find(|p| p.is_file())
+    })
+}
+
+fn dirs_home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from)
+}
+
+/// Runs llama-bench and returns its (pp, tg) tokens/s.
+fn llama_bench(
+    bin: &PathBuf,
+    model: &std::path::Path,
+    a: &Args,
+    threads: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let out = Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args(["-p", &a.prompt_tokens.to_string()])
+        .args(["-n", &a.gen_tokens.to_string()])
+        .args(["-t", &threads.to_string()])
+        .args(["-r", &a.repetitions.max(1).to_string()])
+        .args(["-o", "json"])
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "llama-bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("parsing llama-bench's JSON output")?;
+    let rate = |pp: bool| {
+        rows.iter()
+            .find(|r| {
+                let np = r["n_prompt"].as_u64().unwrap_or(0);
+                let ng = r["n_gen"].as_u64().unwrap_or(0);
+                if pp {
+                    np > 0 && ng == 0
+                } else {
+                    ng > 0 && np == 0
+                }
+            })
+            .and_then(|r| r["avg_ts"].as_f64())
+            .context("llama-bench printed no result for this test")
+    };
+    Ok((rate(true)?, rate(false)?))
+}

@@ -1,0 +1,105 @@
+//! The `atoma` command: the composition root. It reads flags and environment, sets up tracing
+//! and the compute threads, and dispatches to one subcommand module per verb. Errors end as one
+//! line on stderr and a non-zero exit code; nothing here panics on bad input.
+
+mod cmd;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Atoma node: verifiable, paid AI inference on your own hardware.
+#[derive(Debug, Parser)]
+#[command(name = "atoma", version, about, long_about = None)]
+struct Cli {
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true, env = "ATOMA_THREADS")]
+    threads: Option<usize>,
+    /// Directory of the model cache.
+    #[arg(long, global = true, env = "ATOMA_MODEL_CACHE")]
+    model_cache: Option<std::path::PathBuf>,
+    /// Log filter (e.g. `info`, `atoma_engine=debug`); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(cmd::generate::Args),
+    /// Manage the model cache: pull, list, path.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// Measure prompt-processing and decode speed, next to llama.cpp's llama-bench if present.
+    Bench(cmd::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(msg) = check_cpu() {
+        eprintln!("error: {msg}");
+        return ExitCode::FAILURE;
+    }
+    let threads = cli
+        .threads
+        .filter(|&t| t > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // SAFETY: called before any other thread exists; candle reads these once when it builds its
+    // thread pool.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+    let filter = std::env::var("RUST_LOG").unwrap_or(cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let store = atoma_models::ModelStore::new(
+        cli.model_cache
+            .clone()
+            .unwrap_or_else(atoma_models::ModelStore::default_root),
+    );
+    let res = match cli.command {
+        Command::Generate(a) => cmd::generate::run(&store, &a, threads),
+        Command::Model(c) => cmd::model::run(&store, c),
+        Command::Bench(a) => cmd::bench::run(&store, &a, threads),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            let mut line = String::new();
+            for part in chain {
+                if !line.contains(&part) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&part);
+                }
+            }
+            eprintln!("error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The binary is built for x86-64-v3; say so instead of dying with SIGILL on an older CPU.
+fn check_cpu() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            return Err(
+                "this build needs a CPU with AVX2 and FMA (x86-64-v3); rebuild without \
+                        `-C target-cpu=x86-64-v3` in .cargo/config.toml for older CPUs"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
+}

