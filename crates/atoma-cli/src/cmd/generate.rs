@@ -14,6 +14,9 @@ use atoma_models::ModelStore;
 
 use crate::progress;
 
+/// System message of `--chat` when none is given (as llama.cpp's conversation mode does).
+pub const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Model: a GGUF path, a catalog or cached name, or hf:<org>/<repo>/<file>.gguf.
@@ -25,7 +28,8 @@ pub struct Args {
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
-    /// System message (implies --chat).
+    /// System message (implies --chat). Default with --chat: "You are a helpful assistant.";
+    /// pass `--system ""` to send none and let the model's template apply its own default.
     #[arg(long)]
     pub system: Option<String>,
     /// Maximum number of tokens to generate.
@@ -136,8 +140,9 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     );
     let text = if a.chat || a.system.is_some() {
         let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(ChatMessage::new(Role::System, s.clone()));
+        let system = a.system.as_deref().unwrap_or(DEFAULT_SYSTEM);
+        if !system.is_empty() {
+            msgs.push(ChatMessage::new(Role::System, system));
         }
         msgs.push(ChatMessage::new(Role::User, prompt));
         lm.chat_prompt(&msgs)?

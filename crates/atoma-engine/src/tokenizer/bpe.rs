@@ -87,7 +87,9 @@ impl Bpe {
             .map_err(|e| EngineError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
-            let Some(split) = m.get(1..).and_then(|s| s.find(' ')).map(|i| i + 1) else {
+            // Split at the first space after the first character (which may itself be a space).
+            let first = m.chars().next().map_or(0, char::len_utf8);
+            let Some(split) = m[first..].find(' ').map(|i| i + first) else {
                 continue;
             };
             let (a, b) = (&m[..split], &m[split + 1..]);
