@@ -2,6 +2,9 @@
 //! and the compute threads, and dispatches to one subcommand module per verb. Errors end as one
 //! line on stderr and a non-zero exit code; nothing here panics on bad input.
 
+// Printing to stdout/stderr is this crate's job (user output); libraries use tracing.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 mod cmd;
 mod progress;
 

@@ -352,9 +352,11 @@ mod tests {
         let mut s = sampler(|p| p.presence_penalty = 0.5);
         s.observe(0);
         assert_eq!(s.sample(&[1.0, 0.8], &[], 0).token, 1);
-        let mut s = sampler(|p| p.frequency_penalty = 0.15);
+        // Frequency penalty grows with each occurrence: 1.0 - 0.04n against 0.9.
+        let mut s = sampler(|p| p.frequency_penalty = 0.04);
         s.observe(0);
         assert_eq!(s.sample(&[1.0, 0.9], &[], 0).token, 0);
+        s.observe(0);
         s.observe(0);
         assert_eq!(s.sample(&[1.0, 0.9], &[], 0).token, 1);
     }

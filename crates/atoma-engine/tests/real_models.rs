@@ -3,6 +3,8 @@
 //! by `tools/record-llama-goldens.py`. The models must be in the cache
 //! (`atoma model pull default gemma3`; the README's test command does it).
 
+#![allow(clippy::print_stderr)]
+
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;

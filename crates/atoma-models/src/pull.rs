@@ -85,8 +85,7 @@ fn pip_download(packages: &[&str], dir: &Path) -> Result<()> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let reason = stderr
             .lines()
-            .filter(|l| l.contains("ERROR") || l.contains("rror"))
-            .next_back()
+            .rfind(|l| l.contains("ERROR") || l.contains("rror"))
             .or_else(|| stderr.lines().last())
             .unwrap_or("pip exited with an error")
             .trim()

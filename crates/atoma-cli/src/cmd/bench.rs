@@ -53,7 +53,6 @@ fn stat(xs: &[f64]) -> Stat {
     }
 }
 
-#[allow(clippy::print_stdout, clippy::print_stderr)]
 pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.prompt_tokens > 0 && a.gen_tokens > 0,

@@ -120,7 +120,6 @@ fn random_seed() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 32)
 }
 
-#[allow(clippy::print_stderr)]
 pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     let prompt = if a.prompt == "-" {
         std::io::read_to_string(std::io::stdin()).context("reading the prompt from stdin")?

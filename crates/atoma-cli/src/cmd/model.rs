@@ -24,7 +24,6 @@ pub enum ModelCommand {
     },
 }
 
-#[allow(clippy::print_stdout)]
 pub fn run(store: &ModelStore, cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Pull { names } => {
@@ -54,7 +53,6 @@ pub fn run(store: &ModelStore, cmd: ModelCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::print_stderr)]
 fn pull_one(store: &ModelStore, name: &str) -> anyhow::Result<std::path::PathBuf> {
     let mut spinner = None;
     let mut bar = None;

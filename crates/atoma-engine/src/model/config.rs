@@ -187,7 +187,7 @@ impl ModelConfig {
         match (self.sliding_window, self.global_layer_every) {
             (None, _) => false,
             (Some(_), None) => true,
-            (Some(_), Some(every)) => every == 0 || (i + 1) % every != 0,
+            (Some(_), Some(every)) => every == 0 || !(i + 1).is_multiple_of(every),
         }
     }
 
