@@ -1,0 +1,426 @@
+//! Metering: the node's own, durable record of what each stack has spent.
+//!
+//! Before inference the node *reserves* the request's worst case (prompt tokens + max_tokens)
+//! on the stack; afterwards it *settles* to the real usage, or *releases* everything on error.
+//! Each of these is one SQLite transaction, so however many requests race on one stack, the
+//! used units never exceed the stack's units, and the sum of settled usages is exactly what the
+//! stack records. A `Reservation` that is dropped unsettled (client disconnect, panic, early
+//! return) releases itself; a crash leaves rows in state `reserved`, which `recover` releases at
+//! the next start, so no reservation stays stuck and no unit is counted twice.
+//!
+//! The same transaction that reserves also records the request's hash in the stack's request
+//! log, keyed by (stack, hash): a captured signed request replayed by someone else finds its
+//! hash taken and spends nothing.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use atoma_ledger::{NodeSmallId, Stack, StackSmallId};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS stacks (
+  small_id INTEGER PRIMARY KEY, owner TEXT NOT NULL, task_small_id INTEGER NOT NULL,
+  selected_node_id INTEGER NOT NULL, num_compute_units INTEGER NOT NULL,
+  price INTEGER NOT NULL, units_used INTEGER NOT NULL DEFAULT 0 CHECK (units_used >= 0),
+  is_claimed INTEGER NOT NULL DEFAULT 0,
+  CHECK (units_used <= num_compute_units));
+CREATE TABLE IF NOT EXISTS requests (
+  stack_small_id INTEGER NOT NULL REFERENCES stacks(small_id), request_hash BLOB NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('reserved', 'settled')), reserved INTEGER NOT NULL,
+  prompt_tokens INTEGER, completion_tokens INTEGER, response_hash BLOB,
+  PRIMARY KEY (stack_small_id, request_hash));
+";
+
+/// Why a reservation was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MeterError {
+    #[error("stack {0} is unknown to this node")]
+    UnknownStack(StackSmallId),
+    #[error("the signer does not own stack {0}")]
+    NotOwner(StackSmallId),
+    #[error("stack {stack} was sold to node {selected}, not to this node")]
+    WrongNode {
+        stack: StackSmallId,
+        selected: NodeSmallId,
+    },
+    #[error("stack {0} is claimed")]
+    Claimed(StackSmallId),
+    #[error("stack {stack} has {left} compute units left, the request needs up to {needed}")]
+    Exhausted {
+        stack: StackSmallId,
+        left: u64,
+        needed: u64,
+    },
+    #[error("this signed request was already used on stack {0} (replay)")]
+    Replay(StackSmallId),
+    #[error("metering storage: {0}")]
+    Storage(String),
+}
+
+fn db(e: rusqlite::Error) -> MeterError {
+    MeterError::Storage(e.to_string())
+}
+
+/// Per-stack accounting of one node, backed by SQLite.
+#[derive(Debug, Clone)]
+pub struct Meter {
+    conn: Arc<Mutex<Connection>>,
+    /// The node ids this node answers for.
+    nodes: Arc<Vec<NodeSmallId>>,
+}
+
+/// A stack's current accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackUsage {
+    pub num_compute_units: u64,
+    pub units_used: u64,
+    /// Units reserved by requests still running.
+    pub units_reserved: u64,
+    pub settled_requests: u64,
+}
+
+/// One entry of a stack's request log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    pub request_hash: [u8; 32],
+    pub response_hash: [u8; 32],
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Meter {
+    /// Opens (creating) the metering store at `path`, releasing reservations left by a crash.
+    pub fn open(path: &Path, nodes: Vec<NodeSmallId>) -> Result<Self, MeterError> {
+        let conn = Connection::open(path).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
+        Self::init(conn, nodes)
+    }
+
+    /// An in-memory store (tests).
+    pub fn in_memory(nodes: Vec<NodeSmallId>) -> Result<Self, MeterError> {
+        Self::init(Connection::open_in_memory().map_err(db)?, nodes)
+    }
+
+    fn init(conn: Connection, nodes: Vec<NodeSmallId>) -> Result<Self, MeterError> {
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        let m = Self {
+            conn: Arc::new(Mutex::new(conn)),
+            nodes: Arc::new(nodes),
+        };
+        let released = m.recover()?;
+        if released > 0 {
+            tracing::warn!(
+                released,
+                "released reservations left by an unclean shutdown"
+            );
+        }
+        Ok(m)
+    }
+
+    fn with_tx<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, MeterError>,
+    ) -> Result<T, MeterError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| MeterError::Storage("a previous user panicked".into()))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(db)?;
+        Ok(out)
+    }
+
+    /// Records a stack learnt from the ledger (idempotent: events may be seen twice).
+    pub fn upsert_stack(&self, s: &Stack) -> Result<(), MeterError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO stacks (small_id, owner, task_small_id, selected_node_id, \
+                 num_compute_units, price, is_claimed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT(small_id) DO UPDATE SET is_claimed = excluded.is_claimed",
+                params![
+                    s.small_id.0 as i64,
+                    s.owner.to_string(),
+                    s.task_small_id.0 as i64,
+                    s.selected_node_id.0 as i64,
+                    s.num_compute_units.0 as i64,
+                    s.price_per_one_million_compute_units.0 as i64,
+                    s.is_claimed
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Reserves `units` on `stack` for the request whose signed body hashes to `request_hash`,
+    /// signed by `signer` (a Sui address, `0x…`).
+    pub fn reserve(
+        &self,
+        stack: StackSmallId,
+        signer: &str,
+        request_hash: [u8; 32],
+        units: u64,
+    ) -> Result<Reservation, MeterError> {
+        self.with_tx(|tx| {
+            let row = tx
+                .query_row(
+                    "SELECT owner, selected_node_id, num_compute_units, units_used, is_claimed \
+                     FROM stacks WHERE small_id = ?1",
+                    [stack.0 as i64],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, bool>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db)?
+                .ok_or(MeterError::UnknownStack(stack))?;
+            let (owner, selected, total, used, claimed) = row;
+            if !owner.eq_ignore_ascii_case(signer) {
+                return Err(MeterError::NotOwner(stack));
+            }
+            let selected = NodeSmallId(selected as u64);
+            if !self.nodes.contains(&selected) {
+                return Err(MeterError::WrongNode { stack, selected });
+            }
+            if claimed {
+                return Err(MeterError::Claimed(stack));
+            }
+            let left = (total - used) as u64;
+            if units > left {
+                return Err(MeterError::Exhausted {
+                    stack,
+                    left,
+                    needed: units,
+                });
+            }
+            let inserted = tx
+                .execute(
+                    "INSERT OR IGNORE INTO requests (stack_small_id, request_hash, state, reserved) \
+                     VALUES (?1, ?2, 'reserved', ?3)",
+                    params![stack.0 as i64, &request_hash[..], units as i64],
+                )
+                .map_err(db)?;
+            if inserted == 0 {
+                return Err(MeterError::Replay(stack));
+            }
+            tx.execute(
+                "UPDATE stacks SET units_used = units_used + ?1 WHERE small_id = ?2",
+                params![units as i64, stack.0 as i64],
+            )
+            .map_err(db)?;
+            Ok(())
+        })?;
+        Ok(Reservation {
+            meter: self.clone(),
+            stack,
+            request_hash,
+            units,
+            done: false,
+        })
+    }
+
+    /// Current accounting of `stack`.
+    pub fn usage(&self, stack: StackSmallId) -> Result<StackUsage, MeterError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| MeterError::Storage("a previous user panicked".into()))?;
+        let (total, used): (i64, i64) = conn
+            .query_row(
+                "SELECT num_compute_units, units_used FROM stacks WHERE small_id = ?1",
+                [stack.0 as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?
+            .ok_or(MeterError::UnknownStack(stack))?;
+        let (reserved, settled): (i64, i64) = conn
+            .query_row(
+                "SELECT COALESCE(SUM(CASE WHEN state = 'reserved' THEN reserved END), 0), \
+                 COUNT(CASE WHEN state = 'settled' THEN 1 END) FROM requests \
+                 WHERE stack_small_id = ?1",
+                [stack.0 as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(db)?;
+        Ok(StackUsage {
+            num_compute_units: total as u64,
+            units_used: used as u64,
+            units_reserved: reserved as u64,
+            settled_requests: settled as u64,
+        })
+    }
+
+    /// The settled requests of `stack`, for settlement and attestation.
+    pub fn request_log(&self, stack: StackSmallId) -> Result<Vec<LoggedRequest>, MeterError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| MeterError::Storage("a previous user panicked".into()))?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT request_hash, response_hash, prompt_tokens, completion_tokens FROM requests \
+                 WHERE stack_small_id = ?1 AND state = 'settled' ORDER BY rowid",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([stack.0 as i64], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(db)?;
+        rows.map(|r| {
+            let (req, resp, p, c) = r.map_err(db)?;
+            let arr = |v: Vec<u8>| -> Result<[u8; 32], MeterError> {
+                v.try_into()
+                    .map_err(|_| MeterError::Storage("corrupt hash in the request log".into()))
+            };
+            Ok(LoggedRequest {
+                request_hash: arr(req)?,
+                response_hash: arr(resp)?,
+                prompt_tokens: p as u64,
+                completion_tokens: c as u64,
+            })
+        })
+        .collect()
+    }
+
+    /// Releases every reservation still open (after a crash). Returns how many.
+    pub fn recover(&self) -> Result<usize, MeterError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE stacks SET units_used = units_used - (SELECT COALESCE(SUM(reserved), 0) \
+                 FROM requests WHERE requests.stack_small_id = stacks.small_id \
+                 AND state = 'reserved')",
+                [],
+            )
+            .map_err(db)?;
+            tx.execute("DELETE FROM requests WHERE state = 'reserved'", [])
+                .map_err(db)
+        })
+    }
+
+    fn finish(
+        &self,
+        stack: StackSmallId,
+        request_hash: [u8; 32],
+        reserved: u64,
+        outcome: Option<(u64, u64, [u8; 32])>,
+    ) -> Result<(), MeterError> {
+        self.with_tx(|tx| match outcome {
+            Some((prompt, completion, response_hash)) => {
+                let used = (prompt + completion).min(reserved);
+                tx.execute(
+                    "UPDATE stacks SET units_used = units_used - ?1 WHERE small_id = ?2",
+                    params![(reserved - used) as i64, stack.0 as i64],
+                )
+                .map_err(db)?;
+                tx.execute(
+                    "UPDATE requests SET state = 'settled', reserved = ?1, prompt_tokens = ?2, \
+                     completion_tokens = ?3, response_hash = ?4 \
+                     WHERE stack_small_id = ?5 AND request_hash = ?6 AND state = 'reserved'",
+                    params![
+                        used as i64,
+                        prompt as i64,
+                        completion as i64,
+                        &response_hash[..],
+                        stack.0 as i64,
+                        &request_hash[..]
+                    ],
+                )
+                .map_err(db)?;
+                Ok(())
+            }
+            None => {
+                let n = tx
+                    .execute(
+                        "DELETE FROM requests WHERE stack_small_id = ?1 AND request_hash = ?2 \
+                         AND state = 'reserved'",
+                        params![stack.0 as i64, &request_hash[..]],
+                    )
+                    .map_err(db)?;
+                if n == 1 {
+                    tx.execute(
+                        "UPDATE stacks SET units_used = units_used - ?1 WHERE small_id = ?2",
+                        params![reserved as i64, stack.0 as i64],
+                    )
+                    .map_err(db)?;
+                }
+                Ok(())
+            }
+        })
+    }
+}
+
+/// Units reserved for one running request. Settle it with the real usage, or drop it to give
+/// everything back.
+#[derive(Debug)]
+pub struct Reservation {
+    meter: Meter,
+    stack: StackSmallId,
+    request_hash: [u8; 32],
+    units: u64,
+    done: bool,
+}
+
+impl Reservation {
+    /// Units reserved.
+    pub fn units(&self) -> u64 {
+        self.units
+    }
+
+    /// Charges the real usage (capped at the reservation), logs the response hash, and returns
+    /// the rest to the stack.
+    pub fn settle(
+        mut self,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        response_hash: [u8; 32],
+    ) -> Result<(), MeterError> {
+        self.done = true;
+        self.meter.finish(
+            self.stack,
+            self.request_hash,
+            self.units,
+            Some((prompt_tokens, completion_tokens, response_hash)),
+        )
+    }
+
+    /// Gives every reserved unit back (the request failed before producing anything billable).
+    pub fn release(mut self) -> Result<(), MeterError> {
+        self.done = true;
+        self.meter
+            .finish(self.stack, self.request_hash, self.units, None)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done
+            && let Err(e) = self
+                .meter
+                .finish(self.stack, self.request_hash, self.units, None)
+        {
+            tracing::error!(stack = %self.stack, error = %e, "cannot release a reservation; it will be released at the next start");
+        }
+    }
+}

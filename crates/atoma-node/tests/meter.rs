@@ -1,0 +1,163 @@
+//! Metering invariants: refusals, replay, release on drop, exact accounting under a 200-way
+//! race on one stack, and recovery after a crash that left reservations open.
+
+use atoma_ledger::{Address, Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
+use atoma_node::meter::{Meter, MeterError};
+
+const ME: NodeSmallId = NodeSmallId(1);
+
+fn owner() -> Address {
+    "0x77".parse().unwrap()
+}
+
+fn stack(id: u64, units: u64, node: NodeSmallId) -> Stack {
+    Stack {
+        small_id: StackSmallId(id),
+        stack_id: format!("0x{id}"),
+        owner: owner(),
+        task_small_id: TaskSmallId(1),
+        selected_node_id: node,
+        num_compute_units: ComputeUnits(units),
+        price_per_one_million_compute_units: Amount(1_000),
+        escrowed: Amount(1),
+        is_claimed: false,
+    }
+}
+
+fn hash(n: u64) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[..8].copy_from_slice(&n.to_le_bytes());
+    h
+}
+
+#[test]
+fn reserve_settle_and_refusals() {
+    let m = Meter::in_memory(vec![ME]).unwrap();
+    m.upsert_stack(&stack(1, 100, ME)).unwrap();
+    m.upsert_stack(&stack(2, 100, NodeSmallId(9))).unwrap();
+    let me = owner().to_string();
+    let r = m.reserve(StackSmallId(1), &me, hash(1), 60).unwrap();
+    assert_eq!(m.usage(StackSmallId(1)).unwrap().units_reserved, 60);
+    assert_eq!(
+        m.reserve(StackSmallId(1), &me, hash(2), 41).unwrap_err(),
+        MeterError::Exhausted {
+            stack: StackSmallId(1),
+            left: 40,
+            needed: 41
+        }
+    );
+    r.settle(10, 15, hash(100)).unwrap();
+    let u = m.usage(StackSmallId(1)).unwrap();
+    assert_eq!(
+        (u.units_used, u.units_reserved, u.settled_requests),
+        (25, 0, 1)
+    );
+    assert_eq!(
+        m.request_log(StackSmallId(1)).unwrap()[0].response_hash,
+        hash(100)
+    );
+    // Replaying the same signed request spends nothing.
+    assert_eq!(
+        m.reserve(StackSmallId(1), &me, hash(1), 5).unwrap_err(),
+        MeterError::Replay(StackSmallId(1))
+    );
+    assert_eq!(
+        m.reserve(StackSmallId(1), "0x78", hash(3), 5).unwrap_err(),
+        MeterError::NotOwner(StackSmallId(1))
+    );
+    assert!(matches!(
+        m.reserve(StackSmallId(2), &me, hash(3), 5),
+        Err(MeterError::WrongNode { .. })
+    ));
+    assert_eq!(
+        m.reserve(StackSmallId(3), &me, hash(3), 5).unwrap_err(),
+        MeterError::UnknownStack(StackSmallId(3))
+    );
+    // A dropped reservation gives its units back and frees its hash for a retry.
+    drop(m.reserve(StackSmallId(1), &me, hash(4), 70).unwrap());
+    assert_eq!(m.usage(StackSmallId(1)).unwrap().units_used, 25);
+    m.reserve(StackSmallId(1), &me, hash(4), 70)
+        .unwrap()
+        .release()
+        .unwrap();
+    let mut claimed = stack(1, 100, ME);
+    claimed.is_claimed = true;
+    m.upsert_stack(&claimed).unwrap();
+    assert_eq!(
+        m.reserve(StackSmallId(1), &me, hash(5), 1).unwrap_err(),
+        MeterError::Claimed(StackSmallId(1))
+    );
+}
+
+/// 200 requests race on a stack that affords about 50 of them (each reserves 20 units of 1 000
+/// and then uses between 10 and 20): the used units equal exactly the sum of the settled usages
+/// and never exceed the stack.
+#[test]
+fn a_200_way_race_never_overspends() {
+    let m = Meter::in_memory(vec![ME]).unwrap();
+    m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
+    let me = owner().to_string();
+    let results: Vec<Option<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..200u64)
+            .map(|i| {
+                let (m, me) = (m.clone(), me.clone());
+                s.spawn(move || match m.reserve(StackSmallId(1), &me, hash(i), 20) {
+                    Ok(r) => {
+                        let used = 10 + i % 11;
+                        r.settle(used / 2, used - used / 2, hash(1_000 + i))
+                            .unwrap();
+                        Some(used)
+                    }
+                    Err(MeterError::Exhausted { .. }) => None,
+                    Err(e) => panic!("{e}"),
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let served: u64 = results.iter().flatten().sum();
+    let n = results.iter().flatten().count();
+    let u = m.usage(StackSmallId(1)).unwrap();
+    assert_eq!(u.units_used, served, "used units = sum of served usage");
+    assert_eq!(u.settled_requests, n as u64);
+    assert!(u.units_used <= 1_000);
+    assert!((50..=100).contains(&n), "{n} served");
+    assert_eq!(u.units_reserved, 0);
+}
+
+/// A crash (reservations never finished) followed by a restart: open reservations are released,
+/// settled ones stay counted once, and replays of settled requests are still refused.
+#[test]
+fn restart_after_a_crash_releases_open_reservations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meter.db");
+    let me = owner().to_string();
+    {
+        let m = Meter::open(&path, vec![ME]).unwrap();
+        m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
+        m.reserve(StackSmallId(1), &me, hash(1), 100)
+            .unwrap()
+            .settle(30, 40, hash(11))
+            .unwrap();
+        for i in 2..5 {
+            // Simulate the process dying mid-request: the guard never runs.
+            std::mem::forget(m.reserve(StackSmallId(1), &me, hash(i), 100).unwrap());
+        }
+        assert_eq!(m.usage(StackSmallId(1)).unwrap().units_used, 370);
+    }
+    let m = Meter::open(&path, vec![ME]).unwrap();
+    let u = m.usage(StackSmallId(1)).unwrap();
+    assert_eq!(
+        (u.units_used, u.units_reserved, u.settled_requests),
+        (70, 0, 1)
+    );
+    assert_eq!(
+        m.reserve(StackSmallId(1), &me, hash(1), 1).unwrap_err(),
+        MeterError::Replay(StackSmallId(1))
+    );
+    // The interrupted requests may be retried.
+    m.reserve(StackSmallId(1), &me, hash(2), 100)
+        .unwrap()
+        .release()
+        .unwrap();
+}
