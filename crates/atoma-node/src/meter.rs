@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS stacks (
   price INTEGER NOT NULL, units_used INTEGER NOT NULL DEFAULT 0 CHECK (units_used >= 0),
   is_claimed INTEGER NOT NULL DEFAULT 0,
   CHECK (units_used <= num_compute_units));
+CREATE TABLE IF NOT EXISTS tasks (small_id INTEGER PRIMARY KEY, model_name TEXT);
 CREATE TABLE IF NOT EXISTS requests (
   stack_small_id INTEGER NOT NULL REFERENCES stacks(small_id), request_hash BLOB NOT NULL,
   state TEXT NOT NULL CHECK (state IN ('reserved', 'settled')), reserved INTEGER NOT NULL,
@@ -43,6 +44,12 @@ pub enum MeterError {
     WrongNode {
         stack: StackSmallId,
         selected: NodeSmallId,
+    },
+    #[error("stack {stack} is for model `{expected}`, not `{requested}`")]
+    WrongModel {
+        stack: StackSmallId,
+        expected: String,
+        requested: String,
     },
     #[error("stack {0} is claimed")]
     Claimed(StackSmallId),
@@ -139,6 +146,23 @@ impl Meter {
         Ok(out)
     }
 
+    /// Records a task's model learnt from the ledger (idempotent).
+    pub fn upsert_task(
+        &self,
+        task: atoma_ledger::TaskSmallId,
+        model_name: Option<&str>,
+    ) -> Result<(), MeterError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO tasks (small_id, model_name) VALUES (?1, ?2) \
+                 ON CONFLICT(small_id) DO UPDATE SET model_name = excluded.model_name",
+                params![task.0 as i64, model_name],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
     /// Records a stack learnt from the ledger (idempotent: events may be seen twice).
     pub fn upsert_stack(&self, s: &Stack) -> Result<(), MeterError> {
         self.with_tx(|tx| {
@@ -162,19 +186,21 @@ impl Meter {
     }
 
     /// Reserves `units` on `stack` for the request whose signed body hashes to `request_hash`,
-    /// signed by `signer` (a Sui address, `0x…`).
+    /// signed by `signer` (a Sui address, `0x…`), asking for `model` (`None`: no check).
     pub fn reserve(
         &self,
         stack: StackSmallId,
         signer: &str,
         request_hash: [u8; 32],
         units: u64,
+        model: Option<&str>,
     ) -> Result<Reservation, MeterError> {
         self.with_tx(|tx| {
             let row = tx
                 .query_row(
-                    "SELECT owner, selected_node_id, num_compute_units, units_used, is_claimed \
-                     FROM stacks WHERE small_id = ?1",
+                    "SELECT s.owner, s.selected_node_id, s.num_compute_units, s.units_used, \
+                     s.is_claimed, t.model_name FROM stacks s LEFT JOIN tasks t \
+                     ON t.small_id = s.task_small_id WHERE s.small_id = ?1",
                     [stack.0 as i64],
                     |r| {
                         Ok((
@@ -183,19 +209,29 @@ impl Meter {
                             r.get::<_, i64>(2)?,
                             r.get::<_, i64>(3)?,
                             r.get::<_, bool>(4)?,
+                            r.get::<_, Option<String>>(5)?,
                         ))
                     },
                 )
                 .optional()
                 .map_err(db)?
                 .ok_or(MeterError::UnknownStack(stack))?;
-            let (owner, selected, total, used, claimed) = row;
+            let (owner, selected, total, used, claimed, task_model) = row;
             if !owner.eq_ignore_ascii_case(signer) {
                 return Err(MeterError::NotOwner(stack));
             }
             let selected = NodeSmallId(selected as u64);
             if !self.nodes.contains(&selected) {
                 return Err(MeterError::WrongNode { stack, selected });
+            }
+            if let (Some(expected), Some(requested)) = (task_model, model)
+                && expected != requested
+            {
+                return Err(MeterError::WrongModel {
+                    stack,
+                    expected,
+                    requested: requested.to_string(),
+                });
             }
             if claimed {
                 return Err(MeterError::Claimed(stack));

@@ -36,10 +36,11 @@ fn reserve_settle_and_refusals() {
     m.upsert_stack(&stack(1, 100, ME)).unwrap();
     m.upsert_stack(&stack(2, 100, NodeSmallId(9))).unwrap();
     let me = owner().to_string();
-    let r = m.reserve(StackSmallId(1), &me, hash(1), 60).unwrap();
+    let r = m.reserve(StackSmallId(1), &me, hash(1), 60, None).unwrap();
     assert_eq!(m.usage(StackSmallId(1)).unwrap().units_reserved, 60);
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(2), 41).unwrap_err(),
+        m.reserve(StackSmallId(1), &me, hash(2), 41, None)
+            .unwrap_err(),
         MeterError::Exhausted {
             stack: StackSmallId(1),
             left: 40,
@@ -58,25 +59,37 @@ fn reserve_settle_and_refusals() {
     );
     // Replaying the same signed request spends nothing.
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(1), 5).unwrap_err(),
+        m.reserve(StackSmallId(1), &me, hash(1), 5, None)
+            .unwrap_err(),
         MeterError::Replay(StackSmallId(1))
     );
     assert_eq!(
-        m.reserve(StackSmallId(1), "0x78", hash(3), 5).unwrap_err(),
+        m.reserve(StackSmallId(1), "0x78", hash(3), 5, None)
+            .unwrap_err(),
         MeterError::NotOwner(StackSmallId(1))
     );
     assert!(matches!(
-        m.reserve(StackSmallId(2), &me, hash(3), 5),
+        m.reserve(StackSmallId(2), &me, hash(3), 5, None),
         Err(MeterError::WrongNode { .. })
     ));
     assert_eq!(
-        m.reserve(StackSmallId(3), &me, hash(3), 5).unwrap_err(),
+        m.reserve(StackSmallId(3), &me, hash(3), 5, None)
+            .unwrap_err(),
         MeterError::UnknownStack(StackSmallId(3))
     );
     // A dropped reservation gives its units back and frees its hash for a retry.
-    drop(m.reserve(StackSmallId(1), &me, hash(4), 70).unwrap());
+    drop(m.reserve(StackSmallId(1), &me, hash(4), 70, None).unwrap());
     assert_eq!(m.usage(StackSmallId(1)).unwrap().units_used, 25);
-    m.reserve(StackSmallId(1), &me, hash(4), 70)
+    m.reserve(StackSmallId(1), &me, hash(4), 70, None)
+        .unwrap()
+        .release()
+        .unwrap();
+    m.upsert_task(TaskSmallId(1), Some("smollm2")).unwrap();
+    assert!(matches!(
+        m.reserve(StackSmallId(1), &me, hash(6), 1, Some("gemma3")),
+        Err(MeterError::WrongModel { .. })
+    ));
+    m.reserve(StackSmallId(1), &me, hash(6), 1, Some("smollm2"))
         .unwrap()
         .release()
         .unwrap();
@@ -84,7 +97,8 @@ fn reserve_settle_and_refusals() {
     claimed.is_claimed = true;
     m.upsert_stack(&claimed).unwrap();
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(5), 1).unwrap_err(),
+        m.reserve(StackSmallId(1), &me, hash(5), 1, None)
+            .unwrap_err(),
         MeterError::Claimed(StackSmallId(1))
     );
 }
@@ -101,16 +115,18 @@ fn a_200_way_race_never_overspends() {
         let handles: Vec<_> = (0..200u64)
             .map(|i| {
                 let (m, me) = (m.clone(), me.clone());
-                s.spawn(move || match m.reserve(StackSmallId(1), &me, hash(i), 20) {
-                    Ok(r) => {
-                        let used = 10 + i % 11;
-                        r.settle(used / 2, used - used / 2, hash(1_000 + i))
-                            .unwrap();
-                        Some(used)
-                    }
-                    Err(MeterError::Exhausted { .. }) => None,
-                    Err(e) => panic!("{e}"),
-                })
+                s.spawn(
+                    move || match m.reserve(StackSmallId(1), &me, hash(i), 20, None) {
+                        Ok(r) => {
+                            let used = 10 + i % 11;
+                            r.settle(used / 2, used - used / 2, hash(1_000 + i))
+                                .unwrap();
+                            Some(used)
+                        }
+                        Err(MeterError::Exhausted { .. }) => None,
+                        Err(e) => panic!("{e}"),
+                    },
+                )
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -135,13 +151,13 @@ fn restart_after_a_crash_releases_open_reservations() {
     {
         let m = Meter::open(&path, vec![ME]).unwrap();
         m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
-        m.reserve(StackSmallId(1), &me, hash(1), 100)
+        m.reserve(StackSmallId(1), &me, hash(1), 100, None)
             .unwrap()
             .settle(30, 40, hash(11))
             .unwrap();
         for i in 2..5 {
             // Simulate the process dying mid-request: the guard never runs.
-            std::mem::forget(m.reserve(StackSmallId(1), &me, hash(i), 100).unwrap());
+            std::mem::forget(m.reserve(StackSmallId(1), &me, hash(i), 100, None).unwrap());
         }
         assert_eq!(m.usage(StackSmallId(1)).unwrap().units_used, 370);
     }
@@ -152,11 +168,12 @@ fn restart_after_a_crash_releases_open_reservations() {
         (70, 0, 1)
     );
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(1), 1).unwrap_err(),
+        m.reserve(StackSmallId(1), &me, hash(1), 1, None)
+            .unwrap_err(),
         MeterError::Replay(StackSmallId(1))
     );
     // The interrupted requests may be retried.
-    m.reserve(StackSmallId(1), &me, hash(2), 100)
+    m.reserve(StackSmallId(1), &me, hash(2), 100, None)
         .unwrap()
         .release()
         .unwrap();
