@@ -1,0 +1,77 @@
+//! The inference-backend contract the API is written against. The node plugs the engine in;
+//! tests plug in a trivial backend. Nothing here knows about HTTP.
+
+use futures_util::stream::BoxStream;
+
+/// One chat turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Messages, rendered by the model's chat template.
+    Chat(Vec<ChatTurn>),
+    /// Raw text (completions).
+    Text(String),
+}
+
+/// A validated inference request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferenceRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+}
+
+/// What a backend reports while generating: one `Token` per generated token (its text may be
+/// empty while held back), then exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendEvent {
+    Token(String),
+    Done {
+        finish_reason: String,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
+    Error(String),
+}
+
+/// Why a backend refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("model `{0}` is not served by this node")]
+    UnknownModel(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the node is overloaded, retry later")]
+    Overloaded,
+    #[error("inference failed: {0}")]
+    Internal(String),
+}
+
+/// An inference engine as the API sees it.
+pub trait InferenceBackend: Send + Sync + 'static {
+    /// Names of the models served.
+    fn models(&self) -> Vec<String>;
+    /// Whether the models are loaded and requests can be served.
+    fn ready(&self) -> bool;
+    /// Requests waiting for the engine.
+    fn queue_depth(&self) -> usize;
+    /// Number of prompt tokens `req` will have (used to reserve compute units up front).
+    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError>;
+    /// Starts generating. Dropping the stream cancels the request.
+    fn generate(
+        &self,
+        req: InferenceRequest,
+    ) -> Result<BoxStream<'static, BackendEvent>, BackendError>;
+}

@@ -1,0 +1,235 @@
+//! Route handlers. Inference requests go: readiness → signature (`auth`) → body validation
+//! (`openai`) → model → reserve compute units → generate → sign → settle. Each step fails with an
+//! `ApiError`, which is turned into the OpenAI envelope in one place.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::auth::authenticate;
+use crate::backend::BackendEvent;
+use crate::error::ApiError;
+use crate::openai::{ChatCompletionRequest, Checked, CompletionRequest};
+use crate::sign::sign_json;
+use crate::{AppState, metrics, stream};
+
+/// Which endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    pub(crate) fn route(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Completion => "/v1/completions",
+        }
+    }
+}
+
+pub(crate) async fn chat_completions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    timed(Kind::Chat, serve(s, headers, body, Kind::Chat)).await
+}
+
+pub(crate) async fn completions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    timed(Kind::Completion, serve(s, headers, body, Kind::Completion)).await
+}
+
+async fn timed(kind: Kind, f: impl Future<Output = Result<Response, ApiError>>) -> Response {
+    let t0 = Instant::now();
+    let resp = f.await.unwrap_or_else(IntoResponse::into_response);
+    metrics::request(
+        kind.route(),
+        resp.status().as_u16(),
+        t0.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn parse(kind: Kind, body: &[u8]) -> Result<Checked, ApiError> {
+    let invalid =
+        |e: serde_json::Error| ApiError::InvalidRequest(format!("invalid request body: {e}"));
+    match kind {
+        Kind::Chat => serde_json::from_slice::<ChatCompletionRequest>(body)
+            .map_err(invalid)?
+            .check(),
+        Kind::Completion => serde_json::from_slice::<CompletionRequest>(body)
+            .map_err(invalid)?
+            .check(),
+    }
+}
+
+async fn serve(
+    s: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::InvalidRequest(format!(
+                "the request body exceeds {} bytes",
+                crate::MAX_BODY_BYTES
+            ))
+        } else {
+            ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    let backend = &s.inner.backend;
+    if !backend.ready() {
+        return Err(ApiError::NotReady);
+    }
+    let signed = authenticate(&headers, &body)?;
+    let checked = parse(kind, &body)?;
+    let req = checked.inference;
+    if !backend.models().contains(&req.model) {
+        return Err(ApiError::UnknownModel(req.model));
+    }
+    let prompt_tokens = backend.count_prompt_tokens(&req)?;
+    let units = prompt_tokens + u64::from(req.max_tokens);
+    let meter = s.inner.meter.clone();
+    let model = req.model.clone();
+    let reservation = tokio::task::spawn_blocking(move || {
+        meter.reserve(
+            signed.stack,
+            &signed.signer,
+            signed.request_hash,
+            units,
+            Some(&model),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
+    metrics::queue_depth(backend.queue_depth());
+    let events = backend.generate(req.clone())?;
+    let meta = stream::Meta {
+        id: format!(
+            "{}-{}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            &atoma_crypto::address_hex(&signed.request_hash)[2..26]
+        ),
+        created: unix_now(),
+        model: req.model,
+        kind,
+        prompt_tokens,
+    };
+    if checked.stream {
+        return Ok(stream::sse(
+            s,
+            meta,
+            events,
+            reservation,
+            checked.include_usage,
+        ));
+    }
+    let t0 = Instant::now();
+    let mut events = events;
+    let mut text = String::new();
+    let mut done = None;
+    while let Some(ev) = events.next().await {
+        match ev {
+            BackendEvent::Token(t) => {
+                if text.is_empty() && !t.is_empty() {
+                    metrics::time_to_first_token(t0.elapsed().as_secs_f64());
+                }
+                text.push_str(&t);
+            }
+            BackendEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => done = Some((finish_reason, prompt_tokens, completion_tokens)),
+            BackendEvent::Error(e) => return Err(ApiError::Internal(e)),
+        }
+    }
+    let (finish, p, c) =
+        done.ok_or_else(|| ApiError::Internal("the backend stopped without finishing".into()))?;
+    let choice = match kind {
+        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": finish, "logprobs": null}),
+        Kind::Completion => {
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+        }
+    };
+    let body = json!({
+        "id": meta.id,
+        "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+    });
+    let (body, hash) = sign_json(&s.inner.keys, body);
+    tokio::task::spawn_blocking(move || reservation.settle(p, c, hash))
+        .await
+        .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
+    metrics::usage(p, c);
+    Ok(Json(body).into_response())
+}
+
+pub(crate) async fn models(State(s): State<AppState>) -> Response {
+    let data: Vec<_> = s
+        .inner
+        .backend
+        .models()
+        .into_iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "atoma"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub(crate) async fn health(State(s): State<AppState>) -> Response {
+    if s.inner.backend.ready() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::NotReady.into_response()
+    }
+}
+
+pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
+    metrics::queue_depth(s.inner.backend.queue_depth());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.inner.metrics.render(),
+    )
+        .into_response()
+}
+
+pub(crate) async fn not_found() -> Response {
+    let mut resp = ApiError::InvalidRequest(
+        "no such route; see /v1/chat/completions, /v1/completions, /v1/models".into(),
+    )
+    .into_response();
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp
+}

@@ -1,0 +1,82 @@
+//! The node's OpenAI-compatible HTTP API.
+//!
+//! Routes: `POST /v1/chat/completions` and `POST /v1/completions` (JSON or SSE), `GET /v1/models`,
+//! `GET /health` (503 until the backend is ready), `GET /metrics` (Prometheus). Every inference
+//! request is authenticated (`auth`), metered on its stack (`atoma_node::meter`: reserve the worst
+//! case, settle to the real usage, release on failure or disconnect) and answered with a signed,
+//! hash-committed body (`sign`), every streamed chunk included. The API depends on the
+//! `InferenceBackend` trait, not on the engine.
+
+pub mod auth;
+pub mod backend;
+pub mod error;
+mod handlers;
+pub mod metrics;
+pub mod openai;
+pub mod sign;
+mod stream;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+use atoma_crypto::Keypair;
+use atoma_node::meter::Meter;
+
+pub use backend::{
+    BackendError, BackendEvent, ChatTurn, InferenceBackend, InferenceRequest, Prompt,
+};
+pub use error::ApiError;
+
+/// Largest request body accepted (bytes).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Shared state of the router. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn InferenceBackend>,
+    meter: Meter,
+    keys: Keypair,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("node_key", &self.inner.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// State for a node that serves `backend`, meters with `meter` and signs with `keys`.
+    pub fn new(backend: Arc<dyn InferenceBackend>, meter: Meter, keys: Keypair) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                meter,
+                keys,
+                metrics: metrics::install(),
+            }),
+        }
+    }
+}
+
+/// The API's router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::models))
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

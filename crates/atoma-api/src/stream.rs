@@ -1,0 +1,205 @@
+//! Server-sent events for `stream: true`: one signed JSON chunk per piece of text, a final chunk
+//! with the finish reason, an optional usage chunk (`stream_options.include_usage`), then
+//! `[DONE]`. The stack is settled when the stream ends; if the client goes away first, dropping
+//! the stream cancels generation and charges only the tokens generated so far.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
+use serde_json::{Value, json};
+
+use atoma_crypto::Keypair;
+use atoma_node::meter::Reservation;
+
+use crate::backend::BackendEvent;
+use crate::handlers::Kind;
+use crate::sign::sign_json;
+use crate::{AppState, metrics};
+
+/// Identity of one response.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub kind: Kind,
+    pub prompt_tokens: u64,
+}
+
+/// Hash of a whole stream, for the request log: Blake2b-256 over the concatenated hashes of its
+/// chunks, in order.
+#[derive(Debug, Default)]
+struct RunningHash(Vec<u8>);
+
+impl RunningHash {
+    fn push(&mut self, h: [u8; 32]) {
+        self.0.extend_from_slice(&h);
+    }
+
+    fn finish(&self) -> [u8; 32] {
+        atoma_crypto::blake2b256(&self.0)
+    }
+}
+
+struct State {
+    events: BoxStream<'static, BackendEvent>,
+    reservation: Option<Reservation>,
+    keys: Keypair,
+    meta: Meta,
+    include_usage: bool,
+    completion_tokens: u64,
+    hash: RunningHash,
+    pending: VecDeque<Event>,
+    started: Instant,
+    first_token: bool,
+    finished: bool,
+}
+
+impl State {
+    fn chunk(&mut self, delta: Option<&str>, finish: Option<&str>, usage: Option<Value>) -> Event {
+        let choices = match (usage.is_some(), self.meta.kind) {
+            (true, _) => json!([]),
+            (false, Kind::Chat) => {
+                let delta = match delta {
+                    Some(t) => json!({"role": "assistant", "content": t}),
+                    None => json!({}),
+                };
+                json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}])
+            }
+            (false, Kind::Completion) => {
+                json!([{"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}])
+            }
+        };
+        let mut body = json!({
+            "id": self.meta.id,
+            "object": if self.meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            body["usage"] = u;
+        }
+        let (body, h) = sign_json(&self.keys, body);
+        self.hash.push(h);
+        Event::default().data(body.to_string())
+    }
+
+    fn on_event(&mut self, ev: BackendEvent) {
+        match ev {
+            BackendEvent::Token(t) => {
+                self.completion_tokens += 1;
+                if !t.is_empty() {
+                    if !self.first_token {
+                        self.first_token = true;
+                        metrics::time_to_first_token(self.started.elapsed().as_secs_f64());
+                    }
+                    let e = self.chunk(Some(&t), None, None);
+                    self.pending.push_back(e);
+                }
+            }
+            BackendEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let e = self.chunk(None, Some(&finish_reason), None);
+                self.pending.push_back(e);
+                if self.include_usage {
+                    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                       "total_tokens": prompt_tokens + completion_tokens});
+                    let e = self.chunk(None, None, Some(usage));
+                    self.pending.push_back(e);
+                }
+                self.pending.push_back(Event::default().data("[DONE]"));
+                self.settle(prompt_tokens, completion_tokens);
+                self.finished = true;
+            }
+            BackendEvent::Error(msg) => {
+                tracing::warn!(error = %msg, "generation failed mid-stream");
+                let body = json!({"error": {"message": msg, "type": "internal_error", "code": "INTERNAL_ERROR"}});
+                self.pending
+                    .push_back(Event::default().data(body.to_string()));
+                // Nothing billable was delivered completely: give the units back.
+                if let Some(r) = self.reservation.take()
+                    && let Err(e) = r.release()
+                {
+                    tracing::error!(error = %e, "cannot release a reservation");
+                }
+                self.finished = true;
+            }
+        }
+    }
+
+    fn settle(&mut self, prompt: u64, completion: u64) {
+        if let Some(r) = self.reservation.take() {
+            match r.settle(prompt, completion, self.hash.finish()) {
+                Ok(()) => metrics::usage(prompt, completion),
+                Err(e) => tracing::error!(error = %e, "cannot settle a stream's usage"),
+            }
+        }
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // The client went away before the end: charge what was generated, release the rest.
+        if self.reservation.is_some() {
+            let (p, c) = (self.meta.prompt_tokens, self.completion_tokens);
+            tracing::info!(id = %self.meta.id, completion_tokens = c, "client disconnected mid-stream");
+            self.settle(p, c);
+        }
+    }
+}
+
+fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.pending.pop_front() {
+                return Some((Ok(e), st));
+            }
+            if st.finished {
+                return None;
+            }
+            match st.events.next().await {
+                Some(ev) => st.on_event(ev),
+                None => {
+                    st.on_event(BackendEvent::Error(
+                        "the backend stopped without finishing".into(),
+                    ));
+                }
+            }
+        }
+    })
+}
+
+pub(crate) fn sse(
+    s: AppState,
+    meta: Meta,
+    backend_events: BoxStream<'static, BackendEvent>,
+    reservation: Reservation,
+    include_usage: bool,
+) -> Response {
+    let keys = s.inner.keys.clone();
+    let state = State {
+        events: backend_events,
+        reservation: Some(reservation),
+        keys,
+        meta,
+        include_usage,
+        completion_tokens: 0,
+        hash: RunningHash::default(),
+        pending: VecDeque::new(),
+        started: Instant::now(),
+        first_token: false,
+        finished: false,
+    };
+    Sse::new(events(state))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

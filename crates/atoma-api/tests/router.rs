@@ -1,0 +1,439 @@
+//! Router tests without sockets (`tower::ServiceExt::oneshot`) on a trivial backend: success,
+//! bad input, bad auth, replay, wrong node, unknown model, exhausted stack, overload, readiness,
+//! streaming, and a client that disconnects mid-stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use atoma_api::sign::verify_json;
+use atoma_api::{
+    AppState, BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prompt, router,
+};
+use atoma_crypto::{Keypair, blake2b256};
+use atoma_ledger::{Address, Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
+use atoma_node::meter::Meter;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const REPLY: &[&str] = &["The", " capital", " of", " France", " is", " Paris", "."];
+
+/// Replies with `REPLY`, one token at a time, `delay` apart.
+struct Trivial {
+    ready: AtomicBool,
+    overloaded: AtomicBool,
+    delay: Duration,
+}
+
+impl InferenceBackend for Trivial {
+    fn models(&self) -> Vec<String> {
+        vec!["tiny".into()]
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+    fn queue_depth(&self) -> usize {
+        0
+    }
+    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError> {
+        let text = match &req.prompt {
+            Prompt::Chat(turns) => turns
+                .iter()
+                .map(|t| t.content.clone())
+                .collect::<Vec<_>>()
+                .join(" "),
+            Prompt::Text(t) => t.clone(),
+        };
+        Ok(text.split_whitespace().count() as u64 + 3)
+    }
+    fn generate(
+        &self,
+        req: InferenceRequest,
+    ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+        if self.overloaded.load(Ordering::Relaxed) {
+            return Err(BackendError::Overloaded);
+        }
+        let prompt = self.count_prompt_tokens(&req)?;
+        let n = (req.max_tokens as usize).min(REPLY.len());
+        let reason = if n == REPLY.len() { "stop" } else { "length" };
+        let delay = self.delay;
+        let tokens = futures_util::stream::iter(REPLY[..n].iter().map(|t| t.to_string())).then(
+            move |t| async move {
+                tokio::time::sleep(delay).await;
+                BackendEvent::Token(t)
+            },
+        );
+        let done = futures_util::stream::once(async move {
+            BackendEvent::Done {
+                finish_reason: reason.into(),
+                prompt_tokens: prompt,
+                completion_tokens: n as u64,
+            }
+        });
+        Ok(tokens.chain(done).boxed())
+    }
+}
+
+struct Fixture {
+    app: axum::Router,
+    user: Keypair,
+    node: Keypair,
+    backend: Arc<Trivial>,
+    meter: Meter,
+}
+
+const ME: NodeSmallId = NodeSmallId(1);
+
+fn fixture(delay_ms: u64) -> Fixture {
+    let user = Keypair::from_secret([3; 32]);
+    let node = Keypair::from_secret([4; 32]);
+    let meter = Meter::in_memory(vec![ME]).unwrap();
+    let owner: Address = atoma_crypto::address_hex(&user.address()).parse().unwrap();
+    let stack = |id, units, node| Stack {
+        small_id: StackSmallId(id),
+        stack_id: format!("0x{id}"),
+        owner,
+        task_small_id: TaskSmallId(1),
+        selected_node_id: node,
+        num_compute_units: ComputeUnits(units),
+        price_per_one_million_compute_units: Amount(1),
+        escrowed: Amount(1),
+        is_claimed: false,
+    };
+    meter.upsert_task(TaskSmallId(1), Some("tiny")).unwrap();
+    meter.upsert_stack(&stack(1, 10_000, ME)).unwrap();
+    meter
+        .upsert_stack(&stack(2, 10_000, NodeSmallId(2)))
+        .unwrap();
+    meter.upsert_stack(&stack(3, 20, ME)).unwrap();
+    let backend = Arc::new(Trivial {
+        ready: AtomicBool::new(true),
+        overloaded: AtomicBool::new(false),
+        delay: Duration::from_millis(delay_ms),
+    });
+    let state = AppState::new(backend.clone(), meter.clone(), node.clone());
+    Fixture {
+        app: router(state),
+        user,
+        node,
+        backend,
+        meter,
+    }
+}
+
+fn signed(f: &Fixture, path: &str, stack: u64, body: &str) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/json")
+        .header("x-signature", f.user.sign(&blake2b256(body.as_bytes())))
+        .header("x-stack-small-id", stack.to_string())
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+async fn send(f: &Fixture, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = f.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn chat(nonce: u32, max_tokens: u32) -> String {
+    json!({"model": "tiny", "messages": [{"role": "user", "content": "capital of France?"}],
+           "max_tokens": max_tokens, "nonce": nonce})
+    .to_string()
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, needle: &str) {
+    assert_eq!(status, expected, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(needle), "{msg}");
+    assert!(
+        body["error"]["type"].is_string() && body["error"]["code"].is_string(),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn chat_completion_is_served_signed_and_metered() {
+    let f = fixture(0);
+    let (status, body) = send(&f, signed(&f, "/v1/chat/completions", 1, &chat(1, 16))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "The capital of France is Paris."
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["completion_tokens"], 7);
+    assert_eq!(verify_json(&body).unwrap(), f.node.address());
+    let usage = f.meter.usage(StackSmallId(1)).unwrap();
+    assert_eq!(
+        usage.units_used,
+        body["usage"]["total_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(usage.units_reserved, 0);
+    // Tampering with the body breaks the signature check.
+    let mut forged = body.clone();
+    forged["choices"][0]["message"]["content"] = json!("Lyon");
+    assert!(verify_json(&forged).is_err());
+}
+
+#[tokio::test]
+async fn completions_work_and_cap_at_max_tokens() {
+    let f = fixture(0);
+    let body = json!({"model": "tiny", "prompt": "Say it", "max_tokens": 3}).to_string();
+    let (status, body) = send(&f, signed(&f, "/v1/completions", 1, &body)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["text"], "The capital of");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["object"], "text_completion");
+}
+
+#[tokio::test]
+async fn bad_input_is_400() {
+    let f = fixture(0);
+    for (body, needle) in [
+        ("{not json", "invalid request body"),
+        (
+            r#"{"model": "tiny", "messages": "hi"}"#,
+            "invalid request body",
+        ),
+        (
+            r#"{"model": "tiny", "messages": [], "max_tokens": 5}"#,
+            "must not be empty",
+        ),
+        (
+            r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "x"}"#,
+            "invalid request body",
+        ),
+        (
+            r#"{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}"#,
+            "role",
+        ),
+        (
+            r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}"#,
+            "temperature",
+        ),
+        (
+            r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+            "`n`",
+        ),
+    ] {
+        let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 1, body)).await;
+        assert_error(status, &resp, StatusCode::BAD_REQUEST, needle);
+    }
+    assert_eq!(
+        f.meter.usage(StackSmallId(1)).unwrap().units_used,
+        0,
+        "nothing charged"
+    );
+    let huge = "x".repeat(atoma_api::MAX_BODY_BYTES + 10);
+    let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 1, &huge)).await;
+    assert_error(status, &resp, StatusCode::BAD_REQUEST, "exceeds");
+}
+
+#[tokio::test]
+async fn auth_failures_are_401() {
+    let f = fixture(0);
+    let body = chat(1, 5);
+    let plain = Request::post("/v1/chat/completions")
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (status, resp) = send(&f, plain).await;
+    assert_error(
+        status,
+        &resp,
+        StatusCode::UNAUTHORIZED,
+        "missing X-Signature",
+    );
+    // A signature over another body.
+    let mut req = signed(&f, "/v1/chat/completions", 1, &chat(2, 5));
+    *req.body_mut() = Body::from(body.clone());
+    let (status, resp) = send(&f, req).await;
+    assert_error(status, &resp, StatusCode::UNAUTHORIZED, "bad X-Signature");
+    // Someone else's key on the owner's stack.
+    let mallory = Keypair::from_secret([9; 32]);
+    let req = Request::post("/v1/chat/completions")
+        .header("x-signature", mallory.sign(&blake2b256(body.as_bytes())))
+        .header("x-stack-small-id", "1")
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (status, resp) = send(&f, req).await;
+    assert_error(status, &resp, StatusCode::UNAUTHORIZED, "does not own");
+    // A stack sold to another node.
+    let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 2, &body)).await;
+    assert_error(status, &resp, StatusCode::UNAUTHORIZED, "not to this node");
+    let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 99, &body)).await;
+    assert_error(status, &resp, StatusCode::UNAUTHORIZED, "unknown");
+}
+
+#[tokio::test]
+async fn replays_are_refused_but_fresh_nonces_work() {
+    let f = fixture(0);
+    let req = || signed(&f, "/v1/chat/completions", 1, &chat(7, 5));
+    assert_eq!(send(&f, req()).await.0, StatusCode::OK);
+    let used = f.meter.usage(StackSmallId(1)).unwrap().units_used;
+    let (status, resp) = send(&f, req()).await;
+    assert_error(status, &resp, StatusCode::UNAUTHORIZED, "replay");
+    assert_eq!(
+        f.meter.usage(StackSmallId(1)).unwrap().units_used,
+        used,
+        "a replay spends nothing"
+    );
+    assert_eq!(
+        send(&f, signed(&f, "/v1/chat/completions", 1, &chat(8, 5)))
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn unknown_model_exhausted_stack_overload_and_readiness() {
+    let f = fixture(0);
+    let other =
+        json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).to_string();
+    let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 1, &other)).await;
+    assert_error(status, &resp, StatusCode::NOT_FOUND, "gpt-9");
+    // Stack 3 has 20 units; this request reserves its prompt plus 30 output tokens.
+    let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 3, &chat(1, 30))).await;
+    assert_error(status, &resp, StatusCode::LOCKED, "compute units left");
+    f.backend.overloaded.store(true, Ordering::Relaxed);
+    let resp = f
+        .app
+        .clone()
+        .oneshot(signed(&f, "/v1/chat/completions", 1, &chat(2, 5)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(
+        f.meter.usage(StackSmallId(1)).unwrap().units_used,
+        0,
+        "refused work is not charged"
+    );
+    f.backend.ready.store(false, Ordering::Relaxed);
+    let (status, _) = send(&f, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    f.backend.ready.store(true, Ordering::Relaxed);
+    let (status, body) = send(&f, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let (_, models) = send(&f, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
+    assert_eq!(models["data"][0]["id"], "tiny");
+    let resp = f
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("atoma_requests_total"), "{text}");
+    let (status, resp) = send(&f, Request::get("/nope").body(Body::empty()).unwrap()).await;
+    assert_error(status, &resp, StatusCode::NOT_FOUND, "no such route");
+}
+
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn streaming_chunks_are_signed_and_usage_is_included() {
+    let f = fixture(0);
+    let body =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+                      "stream_options": {"include_usage": true}, "max_tokens": 50})
+        .to_string();
+    let resp = f
+        .app
+        .clone()
+        .oneshot(signed(&f, "/v1/chat/completions", 1, &body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let mut content = String::new();
+    for c in &chunks {
+        assert_eq!(
+            verify_json(c).unwrap(),
+            f.node.address(),
+            "every chunk is signed"
+        );
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(t);
+        }
+    }
+    assert_eq!(content, "The capital of France is Paris.");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 7);
+    let u = f.meter.usage(StackSmallId(1)).unwrap();
+    assert_eq!(u.units_used, usage["total_tokens"].as_u64().unwrap());
+    assert_eq!(u.units_reserved, 0);
+}
+
+#[tokio::test]
+async fn a_client_disconnecting_mid_stream_pays_only_what_was_generated() {
+    let f = fixture(50);
+    let body =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+                      "max_tokens": 50})
+        .to_string();
+    let resp = f
+        .app
+        .clone()
+        .oneshot(signed(&f, "/v1/chat/completions", 1, &body))
+        .await
+        .unwrap();
+    let mut stream = resp.into_body().into_data_stream();
+    // Read two chunks, then go away.
+    let mut seen = 0;
+    while seen < 2 {
+        let chunk = stream.next().await.unwrap().unwrap();
+        seen += sse_data(std::str::from_utf8(&chunk).unwrap()).len();
+    }
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let u = f.meter.usage(StackSmallId(1)).unwrap();
+    assert_eq!(u.units_reserved, 0, "nothing stays reserved");
+    let prompt = 1 + 3; // one word plus the trivial backend's 3 template tokens
+    assert!(
+        u.units_used >= prompt + 2 && u.units_used < prompt + 7,
+        "charged {}",
+        u.units_used
+    );
+    assert_eq!(u.settled_requests, 1);
+}
