@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use atoma_node::meter::MeterError;
+use atoma_state::meter::MeterError;
 
 use crate::backend::BackendError;
 

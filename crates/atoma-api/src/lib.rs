@@ -2,7 +2,7 @@
 //!
 //! Routes: `POST /v1/chat/completions` and `POST /v1/completions` (JSON or SSE), `GET /v1/models`,
 //! `GET /health` (503 until the backend is ready), `GET /metrics` (Prometheus). Every inference
-//! request is authenticated (`auth`), metered on its stack (`atoma_node::meter`: reserve the worst
+//! request is authenticated (`auth`), metered on its stack (`atoma_state::meter`: reserve the worst
 //! case, settle to the real usage, release on failure or disconnect) and answered with a signed,
 //! hash-committed body (`sign`), every streamed chunk included. The API depends on the
 //! `InferenceBackend` trait, not on the engine.
@@ -23,7 +23,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
 use atoma_crypto::Keypair;
-use atoma_node::meter::Meter;
+use atoma_state::meter::Meter;
 
 pub use backend::{
     BackendError, BackendEvent, ChatTurn, InferenceBackend, InferenceRequest, Prompt,

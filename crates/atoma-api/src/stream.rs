@@ -14,7 +14,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 
 use atoma_crypto::Keypair;
-use atoma_node::meter::Reservation;
+use atoma_state::meter::Reservation;
 
 use crate::backend::BackendEvent;
 use crate::handlers::Kind;

@@ -12,7 +12,7 @@ use atoma_api::{
 };
 use atoma_crypto::{Keypair, blake2b256};
 use atoma_ledger::{Address, Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
-use atoma_node::meter::Meter;
+use atoma_state::meter::Meter;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::StreamExt;

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS stacks (
   is_claimed INTEGER NOT NULL DEFAULT 0,
   CHECK (units_used <= num_compute_units));
 CREATE TABLE IF NOT EXISTS tasks (small_id INTEGER PRIMARY KEY, model_name TEXT);
+CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
+INSERT OR IGNORE INTO cursor (id, seq) VALUES (0, 0);
 CREATE TABLE IF NOT EXISTS requests (
   stack_small_id INTEGER NOT NULL REFERENCES stacks(small_id), request_hash BLOB NOT NULL,
   state TEXT NOT NULL CHECK (state IN ('reserved', 'settled')), reserved INTEGER NOT NULL,
@@ -144,6 +146,87 @@ impl Meter {
         let out = f(&tx)?;
         tx.commit().map_err(db)?;
         Ok(out)
+    }
+
+    /// The sequence number of the last ledger event applied.
+    pub fn cursor(&self) -> Result<atoma_ledger::EventCursor, MeterError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| MeterError::Storage("a previous user panicked".into()))?;
+        let seq: i64 = conn
+            .query_row("SELECT seq FROM cursor WHERE id = 0", [], |r| r.get(0))
+            .map_err(db)?;
+        Ok(atoma_ledger::EventCursor(seq as u64))
+    }
+
+    /// Applies ledger events (tasks, stacks sold to this node, claims) and advances the cursor,
+    /// all in one transaction: after a crash the node resumes exactly after the last event it
+    /// applied. Returns the new cursor.
+    pub fn apply_ledger_events(
+        &self,
+        events: &[atoma_ledger::EventRecord],
+    ) -> Result<atoma_ledger::EventCursor, MeterError> {
+        use atoma_ledger::LedgerEvent as E;
+        self.with_tx(|tx| {
+            let mut seq: i64 = tx
+                .query_row("SELECT seq FROM cursor WHERE id = 0", [], |r| r.get(0))
+                .map_err(db)?;
+            for rec in events {
+                if rec.seq as i64 <= seq {
+                    continue;
+                }
+                match &rec.event {
+                    E::TaskRegisteredEvent {
+                        task_small_id,
+                        model_name,
+                        ..
+                    } => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO tasks (small_id, model_name) VALUES (?1, ?2)",
+                            params![task_small_id.0 as i64, model_name],
+                        )
+                        .map_err(db)?;
+                    }
+                    E::StackCreatedEvent {
+                        stack_id: _,
+                        stack_small_id,
+                        owner,
+                        task_small_id,
+                        selected_node_id,
+                        num_compute_units,
+                        price_per_one_million_compute_units,
+                    } if self.nodes.contains(selected_node_id) => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO stacks (small_id, owner, task_small_id, \
+                             selected_node_id, num_compute_units, price) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            params![
+                                stack_small_id.0 as i64,
+                                owner.to_string(),
+                                task_small_id.0 as i64,
+                                selected_node_id.0 as i64,
+                                num_compute_units.0 as i64,
+                                price_per_one_million_compute_units.0 as i64
+                            ],
+                        )
+                        .map_err(db)?;
+                    }
+                    E::ClaimedStackEvent { stack_small_id, .. } => {
+                        tx.execute(
+                            "UPDATE stacks SET is_claimed = 1 WHERE small_id = ?1",
+                            [stack_small_id.0 as i64],
+                        )
+                        .map_err(db)?;
+                    }
+                    _ => {}
+                }
+                seq = rec.seq as i64;
+            }
+            tx.execute("UPDATE cursor SET seq = ?1 WHERE id = 0", [seq])
+                .map_err(db)?;
+            Ok(atoma_ledger::EventCursor(seq as u64))
+        })
     }
 
     /// Records a task's model learnt from the ledger (idempotent).

@@ -2,7 +2,7 @@
 //! race on one stack, and recovery after a crash that left reservations open.
 
 use atoma_ledger::{Address, Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
-use atoma_node::meter::{Meter, MeterError};
+use atoma_state::meter::{Meter, MeterError};
 
 const ME: NodeSmallId = NodeSmallId(1);
 
@@ -177,4 +177,79 @@ fn restart_after_a_crash_releases_open_reservations() {
         .unwrap()
         .release()
         .unwrap();
+}
+
+/// Following a real (embedded) ledger: only stacks sold to this node are recorded, the cursor
+/// survives a restart, and re-applying old events changes nothing.
+#[test]
+fn follows_the_ledger_from_a_durable_cursor() {
+    use atoma_ledger::{
+        EventCursor, Ledger, NewTask, SecurityLevel, SqliteLedger, StackRequest, TaskRole,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = SqliteLedger::in_memory().unwrap();
+    let op: Address = "0x1".parse().unwrap();
+    let n1 = ledger.register_node(op).unwrap().small_id;
+    let n2 = ledger.register_node(op).unwrap().small_id;
+    let t = ledger
+        .create_task(
+            op,
+            &NewTask {
+                role: TaskRole::ChatCompletion,
+                model_name: Some("smollm2".into()),
+                security_level: SecurityLevel::NoSecurity,
+                minimum_reputation_score: 0,
+                is_public: true,
+            },
+        )
+        .unwrap()
+        .small_id;
+    ledger
+        .subscribe_node_to_task(op, n1, t, Amount(10))
+        .unwrap();
+    ledger.faucet(owner(), Amount(1_000_000)).unwrap();
+    let buy = || {
+        ledger
+            .acquire_stack(
+                owner(),
+                &StackRequest {
+                    task_small_id: t,
+                    num_compute_units: ComputeUnits(1_000),
+                    price_per_one_million_compute_units: Amount(10),
+                },
+            )
+            .unwrap()
+    };
+    let s1 = buy();
+    let path = dir.path().join("state.db");
+    {
+        let m = Meter::open(&path, vec![n1]).unwrap();
+        let evs = ledger.events_after(m.cursor().unwrap(), 100).unwrap();
+        let c = m.apply_ledger_events(&evs).unwrap();
+        assert_eq!(c, EventCursor(evs.last().unwrap().seq));
+        let me = owner().to_string();
+        m.reserve(s1.small_id, &me, hash(1), 10, Some("smollm2"))
+            .unwrap()
+            .settle(4, 6, hash(2))
+            .unwrap();
+        // Old events again: idempotent.
+        m.apply_ledger_events(&evs).unwrap();
+        assert_eq!(m.usage(s1.small_id).unwrap().units_used, 10);
+    }
+    // A node-2 subscription and a stack sold to node 2 after the restart.
+    ledger
+        .subscribe_node_to_task(op, n2, t, Amount(10))
+        .unwrap();
+    ledger.unsubscribe_node_from_task(op, n1, t).unwrap();
+    let s2 = buy();
+    assert_eq!(s2.selected_node_id, n2);
+    let m = Meter::open(&path, vec![n1]).unwrap();
+    let evs = ledger.events_after(m.cursor().unwrap(), 100).unwrap();
+    assert_eq!(evs.len(), 3, "only the events after the saved cursor (subscribe, unsubscribe, stack)");
+    m.apply_ledger_events(&evs).unwrap();
+    assert!(
+        matches!(m.usage(s2.small_id), Err(MeterError::UnknownStack(_))),
+        "not ours"
+    );
+    assert_eq!(m.usage(s1.small_id).unwrap().units_used, 10);
 }
