@@ -38,6 +38,8 @@ pub struct InferenceRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendEvent {
     Token(String),
+    /// Text that completes without a new token (e.g. released when generation ends).
+    Text(String),
     Done {
         finish_reason: String,
         prompt_tokens: u64,

@@ -161,6 +161,7 @@ async fn serve(
                 }
                 text.push_str(&t);
             }
+            BackendEvent::Text(t) => text.push_str(&t),
             BackendEvent::Done {
                 finish_reason,
                 prompt_tokens,

@@ -103,6 +103,12 @@ impl State {
                     self.pending.push_back(e);
                 }
             }
+            BackendEvent::Text(t) => {
+                if !t.is_empty() {
+                    let e = self.chunk(Some(&t), None, None);
+                    self.pending.push_back(e);
+                }
+            }
             BackendEvent::Done {
                 finish_reason,
                 prompt_tokens,

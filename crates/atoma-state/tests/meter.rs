@@ -245,7 +245,11 @@ fn follows_the_ledger_from_a_durable_cursor() {
     assert_eq!(s2.selected_node_id, n2);
     let m = Meter::open(&path, vec![n1]).unwrap();
     let evs = ledger.events_after(m.cursor().unwrap(), 100).unwrap();
-    assert_eq!(evs.len(), 3, "only the events after the saved cursor (subscribe, unsubscribe, stack)");
+    assert_eq!(
+        evs.len(),
+        3,
+        "only the events after the saved cursor (subscribe, unsubscribe, stack)"
+    );
     m.apply_ledger_events(&evs).unwrap();
     assert!(
         matches!(m.usage(s2.small_id), Err(MeterError::UnknownStack(_))),

@@ -1,0 +1,150 @@
+//! The engine behind the API: `InferenceBackend` for `atoma_engine::Engine`. Renders chat
+//! messages with the model's template, tokenizes, maps sampling fields, and turns the engine's
+//! event stream into the API's. Dropping the API's stream drops the engine's, which cancels the
+//! request at the next token.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use atoma_api::{BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prompt};
+use atoma_engine::{
+    ChatMessage, Engine, EngineError, GenerateRequest, GenerationEvent, Role, SamplingParams,
+};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+
+/// An engine serving one model under `name`.
+#[derive(Debug, Clone)]
+pub struct EngineBackend {
+    engine: Engine,
+    name: String,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl EngineBackend {
+    /// Serves `engine` as model `name`.
+    pub fn new(engine: Engine, name: impl Into<String>) -> Self {
+        Self {
+            engine,
+            name: name.into(),
+            in_flight: Arc::default(),
+        }
+    }
+
+    fn tokens(&self, req: &InferenceRequest) -> Result<Vec<u32>, BackendError> {
+        let lm = self.engine.model();
+        let text = match &req.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(turns) => {
+                let msgs: Vec<ChatMessage> = turns
+                    .iter()
+                    .map(|t| {
+                        let role = match t.role.as_str() {
+                            "system" => Role::System,
+                            "assistant" => Role::Assistant,
+                            _ => Role::User,
+                        };
+                        ChatMessage::new(role, t.content.clone())
+                    })
+                    .collect();
+                lm.chat_prompt(&msgs).map_err(map_err)?
+            }
+        };
+        let ids = lm.tokenize_prompt(&text);
+        let context = lm.info.config.context;
+        if ids.len() >= context {
+            return Err(BackendError::Invalid(format!(
+                "the prompt has {} tokens, the model's context holds {context}",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+}
+
+fn map_err(e: EngineError) -> BackendError {
+    match e {
+        EngineError::Overloaded { .. } => BackendError::Overloaded,
+        EngineError::InvalidRequest(_)
+        | EngineError::PromptTooLong { .. }
+        | EngineError::ChatTemplate(_) => BackendError::Invalid(e.to_string()),
+        other => BackendError::Internal(other.to_string()),
+    }
+}
+
+fn random_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ 0x9E37_79B9_7F4A_7C15
+}
+
+impl InferenceBackend for EngineBackend {
+    fn models(&self) -> Vec<String> {
+        vec![self.name.clone()]
+    }
+
+    fn ready(&self) -> bool {
+        true
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError> {
+        Ok(self.tokens(req)?.len() as u64)
+    }
+
+    fn generate(
+        &self,
+        req: InferenceRequest,
+    ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+        let prompt = self.tokens(&req)?;
+        let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
+        g.stop = req.stop;
+        g.sampling = SamplingParams {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            seed: req.seed.unwrap_or_else(random_seed),
+            ..SamplingParams::default()
+        };
+        let stream = self.engine.submit(g).map_err(map_err)?;
+        let in_flight = self.in_flight.clone();
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(in_flight);
+        Ok(
+            futures_util::stream::unfold((stream, Some(guard)), |(mut s, guard)| async move {
+                let guard = guard?;
+                let ev = match s.next().await {
+                    Some(GenerationEvent::Token(t)) => BackendEvent::Token(t.text),
+                    Some(GenerationEvent::Finished(f)) => {
+                        // The held-back tail, then the end (two events from one).
+                        let done = BackendEvent::Done {
+                            finish_reason: f.reason.as_str().to_string(),
+                            prompt_tokens: f.usage.prompt_tokens as u64,
+                            completion_tokens: f.usage.completion_tokens as u64,
+                        };
+                        return Some((vec![BackendEvent::Text(f.text), done], (s, None)));
+                    }
+                    Some(GenerationEvent::Error(e)) => BackendEvent::Error(e.to_string()),
+                    None => return None,
+                };
+                Some((vec![ev], (s, Some(guard))))
+            })
+            .flat_map(futures_util::stream::iter)
+            .boxed(),
+        )
+    }
+}
+
+/// Counts a request as in flight until its stream ends or is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

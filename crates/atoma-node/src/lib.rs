@@ -1,0 +1,110 @@
+//! Composition of one Atoma node: the engine behind the API (`EngineBackend`), the ledger
+//! follower that keeps the node's state in step with the ledger, and `serve`, which runs both
+//! until shutdown. Configuration is read by the CLI, which passes the parts in.
+
+mod engine_backend;
+mod follower;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoma_api::{AppState, InferenceBackend};
+use atoma_crypto::Keypair;
+use atoma_ledger::Ledger;
+use atoma_state::meter::Meter;
+
+pub use engine_backend::EngineBackend;
+pub use follower::{follow, sync_once};
+
+/// Errors that stop a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("ledger: {0}")]
+    Ledger(String),
+    #[error("state: {0}")]
+    State(#[from] atoma_state::meter::MeterError),
+}
+
+/// Everything a node needs to serve.
+pub struct NodeParts {
+    pub backend: Arc<dyn InferenceBackend>,
+    pub ledger: Arc<dyn Ledger>,
+    pub state: Meter,
+    pub keys: Keypair,
+    pub bind: SocketAddr,
+    pub poll_interval: Duration,
+}
+
+impl std::fmt::Debug for NodeParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeParts")
+            .field("bind", &self.bind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A bound, not yet serving node (binding first lets callers learn the port of `:0`).
+pub struct BoundNode {
+    parts: NodeParts,
+    listener: tokio::net::TcpListener,
+}
+
+impl std::fmt::Debug for BoundNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundNode")
+            .field("addr", &self.local_addr())
+            .finish()
+    }
+}
+
+/// Catches up with the ledger and binds the API's socket.
+pub async fn bind(parts: NodeParts) -> Result<BoundNode, NodeError> {
+    sync_once(parts.ledger.clone(), parts.state.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(parts.bind)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: parts.bind,
+            source,
+        })?;
+    Ok(BoundNode { parts, listener })
+}
+
+impl BoundNode {
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` completes, following the ledger meanwhile; in-flight requests
+    /// finish (graceful shutdown).
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let p = self.parts;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let follower = tokio::spawn(follow(
+            p.ledger.clone(),
+            p.state.clone(),
+            p.poll_interval,
+            stop_rx,
+        ));
+        let app = atoma_api::router(AppState::new(p.backend, p.state, p.keys));
+        let res = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(NodeError::Serve);
+        let _ = stop_tx.send(true);
+        let _ = follower.await;
+        res
+    }
+}

@@ -1,0 +1,125 @@
+//! A whole node on 127.0.0.1 with a tiny random model: the embedded ledger sells a stack to it,
+//! the follower picks the stack up, and signed requests over TCP are served, signed and metered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoma_crypto::{Keypair, address_hex, blake2b256};
+use atoma_engine::testing::{TinySpec, write_tiny_gguf};
+use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
+use atoma_ledger::{
+    Address, Amount, ComputeUnits, Ledger, NewTask, SecurityLevel, SqliteLedger, StackRequest,
+    TaskRole,
+};
+use atoma_node::{EngineBackend, NodeParts, bind};
+use atoma_state::meter::Meter;
+use serde_json::{Value, json};
+
+fn addr(k: &Keypair) -> Address {
+    address_hex(&k.address()).parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_a_stack_bought_on_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node_key, user) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
+    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).unwrap());
+    let node = ledger.register_node(addr(&node_key)).unwrap().small_id;
+    let task = ledger
+        .create_task(
+            addr(&node_key),
+            &NewTask {
+                role: TaskRole::ChatCompletion,
+                model_name: Some("tiny".into()),
+                security_level: SecurityLevel::NoSecurity,
+                minimum_reputation_score: 0,
+                is_public: true,
+            },
+        )
+        .unwrap()
+        .small_id;
+    ledger
+        .subscribe_node_to_task(addr(&node_key), node, task, Amount(1_000))
+        .unwrap();
+    ledger.faucet(addr(&user), Amount(1_000_000)).unwrap();
+    let stack = ledger
+        .acquire_stack(
+            addr(&user),
+            &StackRequest {
+                task_small_id: task,
+                num_compute_units: ComputeUnits(5_000),
+                price_per_one_million_compute_units: Amount(1_000),
+            },
+        )
+        .unwrap();
+
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &TinySpec::new(Architecture::Llama)).unwrap();
+    let lm = LoadedModel::load(&gguf, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let engine = Engine::start(lm, &EngineConfig::default()).unwrap();
+    let state = Meter::open(&dir.path().join("state.db"), vec![node]).unwrap();
+    let bound = bind(NodeParts {
+        backend: Arc::new(EngineBackend::new(engine, "tiny")),
+        ledger: ledger.clone(),
+        state: state.clone(),
+        keys: node_key.clone(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        poll_interval: Duration::from_millis(50),
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", bound.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(bound.serve(async {
+        let _ = stopped.await;
+    }));
+
+    let post = |body: Value| {
+        let (url, user) = (url.clone(), user.clone());
+        tokio::task::spawn_blocking(move || {
+            let text = body.to_string();
+            let resp = ureq::post(&format!("{url}/v1/chat/completions"))
+                .set("Content-Type", "application/json")
+                .set("X-Signature", &user.sign(&blake2b256(text.as_bytes())))
+                .set("X-Stack-Small-Id", &stack.small_id.0.to_string())
+                .send_string(&text);
+            match resp {
+                Ok(r) => (r.status(), r.into_string().unwrap()),
+                Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+                Err(e) => panic!("{e}"),
+            }
+        })
+    };
+    let (status, text) = post(
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+                                      "max_tokens": 8, "seed": 1, "nonce": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        atoma_api::sign::verify_json(&body).unwrap(),
+        node_key.address()
+    );
+    let total = body["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(state.usage(stack.small_id).unwrap().units_used, total);
+
+    let (status, text) = post(
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+                                      "max_tokens": 8, "stream": true, "nonce": 2,
+                                      "stream_options": {"include_usage": true}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let (status, text) =
+        post(json!({"model": "other", "messages": [{"role": "user", "content": "x"}]}))
+            .await
+            .unwrap();
+    assert_eq!(status, 404, "{text}");
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
