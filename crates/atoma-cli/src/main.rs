@@ -6,6 +6,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod cmd;
+mod home;
 mod progress;
 
 use std::process::ExitCode;
@@ -22,6 +23,9 @@ struct Cli {
     /// Directory of the model cache.
     #[arg(long, global = true, env = "ATOMA_MODEL_CACHE")]
     model_cache: Option<std::path::PathBuf>,
+    /// Data directory: keys, local ledger, node state, config (default ~/.local/share/atoma).
+    #[arg(long, global = true, env = "ATOMA_HOME")]
+    home: Option<std::path::PathBuf>,
     /// Log filter (e.g. `info`, `atoma_engine=debug`); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
@@ -38,6 +42,20 @@ enum Command {
     Model(cmd::model::ModelCommand),
     /// Measure prompt-processing and decode speed, next to llama.cpp's llama-bench if present.
     Bench(cmd::bench::Args),
+    /// Set up a local ledger, keys, a node and a funded stack, then run the node.
+    Up(cmd::up::UpArgs),
+    /// Run a node.
+    #[command(subcommand)]
+    Node(cmd::node::NodeCommand),
+    /// Act on the local ledger: register-node, create-task, subscribe-node-to-task, acquire-stack, …
+    Db(cmd::db::DbArgs),
+    /// Manage named keys (Sui ed25519 keystores).
+    #[command(subcommand)]
+    Keys(cmd::keys::KeysCommand),
+    /// Print a signed request for a stack (headers and body, or a curl command).
+    Sign(cmd::client::SignArgs),
+    /// Send a chat message to a node as the stack's owner and stream the answer.
+    Chat(cmd::client::ChatArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,15 +84,31 @@ fn main() -> ExitCode {
             .clone()
             .unwrap_or_else(atoma_models::ModelStore::default_root),
     );
+    let home = home::Home::new(cli.home.clone());
     let res = match cli.command {
         Command::Generate(a) => cmd::generate::run(&store, &a, threads),
         Command::Model(c) => cmd::model::run(&store, c),
         Command::Bench(a) => cmd::bench::run(&store, &a, threads),
+        Command::Up(a) => cmd::up::run(&home, &store, &a),
+        Command::Node(c) => cmd::node::run(&home, &store, c),
+        Command::Db(a) => cmd::db::run(&home, a),
+        Command::Keys(c) => cmd::keys::run(&home, c),
+        Command::Sign(a) => cmd::client::sign(&home, &a),
+        Command::Chat(a) => cmd::client::chat(&home, &a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            // One line: causes joined by ": ", inner newlines (e.g. TOML errors) collapsed.
+            let chain: Vec<String> = e
+                .chain()
+                .map(|c| {
+                    c.to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
             let mut line = String::new();
             for part in chain {
                 if !line.contains(&part) {

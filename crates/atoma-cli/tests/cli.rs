@@ -157,3 +157,155 @@ fn model_path_and_list() {
         "{stdout}"
     );
 }
+
+#[test]
+fn node_config_rejects_unknown_keys_and_bad_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(&cfg, "[api]\nbnd = \"127.0.0.1:1\"\n").unwrap();
+    let home = dir.path().to_str().unwrap();
+    let out = atoma(
+        &[
+            "--home",
+            home,
+            "node",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_one_line_error(&out, "unknown field `bnd`");
+    std::fs::write(&cfg, "[ledger]\nbackend = \"sui\"\n").unwrap();
+    let out = atoma(
+        &[
+            "--home",
+            home,
+            "node",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_one_line_error(&out, "ledger backend `sui` is not available yet");
+    // A node key that registered nothing is told how to register.
+    std::fs::write(&cfg, "").unwrap();
+    assert!(
+        atoma(&["--home", home, "keys", "new", "node"], dir.path())
+            .status
+            .success()
+    );
+    let out = atoma(
+        &[
+            "--home",
+            home,
+            "node",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_one_line_error(&out, "atoma db register-node --key node");
+}
+
+#[test]
+fn local_ledger_commands_and_signing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut full = vec!["--home", home];
+        full.extend_from_slice(args);
+        atoma(&full, dir.path())
+    };
+    for k in ["node", "user"] {
+        assert!(run(&["keys", "new", k]).status.success());
+    }
+    assert_one_line_error(&run(&["keys", "new", "user"]), "already exists");
+    assert!(
+        run(&["db", "register-node", "--key", "node"])
+            .status
+            .success()
+    );
+    assert!(
+        run(&["db", "create-task", "--model", "tiny"])
+            .status
+            .success()
+    );
+    assert!(
+        run(&[
+            "db",
+            "subscribe-node-to-task",
+            "--node",
+            "1",
+            "--task",
+            "1",
+            "--price",
+            "100"
+        ])
+        .status
+        .success()
+    );
+    assert_one_line_error(
+        &run(&[
+            "db",
+            "acquire-stack",
+            "--task",
+            "1",
+            "--units",
+            "1000000",
+            "--price",
+            "100",
+        ]),
+        "insufficient balance",
+    );
+    assert!(
+        run(&["db", "faucet", "--to", "user", "--amount", "1000"])
+            .status
+            .success()
+    );
+    let out = run(&[
+        "db",
+        "acquire-stack",
+        "--task",
+        "1",
+        "--units",
+        "1000",
+        "--price",
+        "100",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stack["selected_node_id"], 1);
+    let out = run(&["db", "events"]);
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]["type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names.last().map(String::as_str), Some("StackCreatedEvent"));
+    // A signed request verifies against the user's address.
+    let out = run(&[
+        "sign",
+        "--stack",
+        "1",
+        "--body",
+        r#"{"model":"tiny","messages":[]}"#,
+    ]);
+    let signed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let body = signed["body"].as_str().unwrap();
+    assert!(body.contains("\"nonce\""), "{body}");
+    let sig = signed["headers"]["X-Signature"].as_str().unwrap();
+    let signer = atoma_crypto::verify(sig, &atoma_crypto::blake2b256(body.as_bytes())).unwrap();
+    let user = String::from_utf8_lossy(&run(&["keys", "show", "user"]).stdout).to_string();
+    assert!(user.contains(&atoma_crypto::address_hex(&signer)), "{user}");
+}

@@ -130,6 +130,8 @@ pub trait Ledger: Send + Sync {
     /// Fees held in escrow by the protocol.
     fn fee_treasury(&self) -> Result<Amount>;
     fn node(&self, id: NodeSmallId) -> Result<Node>;
+    /// Nodes whose badge `owner` holds, by id.
+    fn nodes_of(&self, owner: Address) -> Result<Vec<Node>>;
     fn task(&self, id: TaskSmallId) -> Result<Task>;
     fn stack(&self, id: StackSmallId) -> Result<Stack>;
     /// Current subscriptions of a task, by node id.

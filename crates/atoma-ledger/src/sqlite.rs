@@ -667,6 +667,22 @@ impl Ledger for SqliteLedger {
         self.read(|c| get_node(c, id))
     }
 
+    fn nodes_of(&self, owner: Address) -> Result<Vec<Node>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare("SELECT small_id FROM nodes WHERE owner = ?1 ORDER BY small_id")
+                .map_err(db_err)?;
+            let ids: Vec<i64> = stmt
+                .query_map([owner.to_string()], |r| r.get(0))
+                .map_err(db_err)?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(db_err)?;
+            ids.into_iter()
+                .map(|id| get_node(c, NodeSmallId(id as u64)))
+                .collect()
+        })
+    }
+
     fn task(&self, id: TaskSmallId) -> Result<Task> {
         self.read(|c| get_task(c, id))
     }

@@ -1,5 +1,10 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod client;
+pub mod db;
 pub mod generate;
+pub mod keys;
 pub mod model;
+pub mod node;
+pub mod up;

@@ -1,0 +1,214 @@
+//! `atoma db …`: operations on the local (embedded SQLite) ledger, mirroring the contract's
+//! entry points: register a node, put it in a model's echelon, create a task, subscribe a node
+//! to a task, buy a stack, fund an address, show objects and events.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use atoma_ledger::{
+    Amount, ComputeUnits, EventCursor, Ledger, NewTask, NodeSmallId, SecurityLevel, SqliteLedger,
+    StackRequest, StackSmallId, TaskRole, TaskSmallId,
+};
+
+use crate::home::{Home, address_of};
+
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    /// Ledger file (default: <home>/ledger.db).
+    #[arg(long, global = true)]
+    pub ledger: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: DbCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Register a node owned by KEY; prints its small id.
+    RegisterNode {
+        #[arg(long, default_value = "node")]
+        key: String,
+    },
+    /// Put a node in an echelon of a model.
+    AddNodeToModel {
+        #[arg(long, default_value = "node")]
+        key: String,
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        echelon: u64,
+    },
+    /// Create a task (role chat completion) for a model; prints its small id.
+    CreateTask {
+        #[arg(long)]
+        model: String,
+        /// 0 no security, 1 confidential compute, 2 sampling consensus.
+        #[arg(long, default_value_t = 0)]
+        security_level: u16,
+        #[arg(long, default_value_t = 0)]
+        min_reputation: u8,
+        /// Only whitelisted nodes may subscribe.
+        #[arg(long)]
+        private: bool,
+    },
+    /// Subscribe a node to a task at a price (USDC base units per one million compute units).
+    SubscribeNodeToTask {
+        #[arg(long, default_value = "node")]
+        key: String,
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        task: u64,
+        #[arg(long)]
+        price: u64,
+    },
+    /// Buy a stack of compute units for a task at a price cap; prints the stack.
+    AcquireStack {
+        #[arg(long, default_value = "user")]
+        key: String,
+        #[arg(long)]
+        task: u64,
+        #[arg(long)]
+        units: u64,
+        #[arg(long)]
+        price: u64,
+    },
+    /// Credit an address (key name or 0x…) with USDC base units (local ledger only).
+    Faucet {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        amount: u64,
+    },
+    /// Show a node, task or stack as JSON.
+    Show {
+        #[arg(value_parser = ["node", "task", "stack", "balance"])]
+        what: String,
+        /// The small id (or, for `balance`, a key name or address).
+        id: String,
+    },
+    /// Print ledger events as JSON lines.
+    Events {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+fn id(s: &str) -> anyhow::Result<u64> {
+    s.parse()
+        .with_context(|| format!("`{s}` is not a small id"))
+}
+
+pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
+    let path = a.ledger.unwrap_or_else(|| home.ledger_path());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let l = SqliteLedger::open(&path)?;
+    let json = |v: &dyn erased::Show| println!("{}", v.show());
+    match a.command {
+        DbCommand::RegisterNode { key } => {
+            let n = l.register_node(address_of(&home.key(&key)?))?;
+            json(&n);
+        }
+        DbCommand::AddNodeToModel {
+            key,
+            node,
+            model,
+            echelon,
+        } => {
+            l.add_node_to_model(
+                address_of(&home.key(&key)?),
+                NodeSmallId(node),
+                &model,
+                echelon,
+            )?;
+            println!("node {node} serves `{model}` in echelon {echelon}");
+        }
+        DbCommand::CreateTask {
+            model,
+            security_level,
+            min_reputation,
+            private,
+        } => {
+            let level = SecurityLevel::from_code(security_level)
+                .with_context(|| format!("security level {security_level} is not 0, 1 or 2"))?;
+            let t = l.create_task(
+                address_of(&home.key_or_new("admin")?),
+                &NewTask {
+                    role: TaskRole::ChatCompletion,
+                    model_name: Some(model),
+                    security_level: level,
+                    minimum_reputation_score: min_reputation,
+                    is_public: !private,
+                },
+            )?;
+            json(&t);
+        }
+        DbCommand::SubscribeNodeToTask {
+            key,
+            node,
+            task,
+            price,
+        } => {
+            let s = l.subscribe_node_to_task(
+                address_of(&home.key(&key)?),
+                NodeSmallId(node),
+                TaskSmallId(task),
+                Amount(price),
+            )?;
+            json(&s);
+        }
+        DbCommand::AcquireStack {
+            key,
+            task,
+            units,
+            price,
+        } => {
+            let s = l.acquire_stack(
+                address_of(&home.key(&key)?),
+                &StackRequest {
+                    task_small_id: TaskSmallId(task),
+                    num_compute_units: ComputeUnits(units),
+                    price_per_one_million_compute_units: Amount(price),
+                },
+            )?;
+            json(&s);
+        }
+        DbCommand::Faucet { to, amount } => {
+            let b = l.faucet(home.address(&to)?, Amount(amount))?;
+            println!("balance of {to}: {}", b.0);
+        }
+        DbCommand::Show { what, id: raw } => match what.as_str() {
+            "node" => json(&l.node(NodeSmallId(id(&raw)?))?),
+            "task" => json(&l.task(TaskSmallId(id(&raw)?))?),
+            "stack" => json(&l.stack(StackSmallId(id(&raw)?))?),
+            _ => println!("{}", l.balance(home.address(&raw)?)?.0),
+        },
+        DbCommand::Events { after, limit } => {
+            for e in l.events_after(EventCursor(after), limit)? {
+                println!("{}", serde_json::to_string(&e)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pretty JSON of anything serializable, through a trait object.
+mod erased {
+    pub trait Show {
+        fn show(&self) -> String;
+    }
+
+    impl<T: serde::Serialize> Show for T {
+        fn show(&self) -> String {
+            serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("<{e}>"))
+        }
+    }
+}

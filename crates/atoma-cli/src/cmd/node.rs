@@ -1,0 +1,264 @@
+//! `atoma node run --config FILE`: one node on the embedded ledger with one model.
+//!
+//! The config is TOML with a section per component (see `config/node.example.toml`); every key
+//! can be overridden by an environment variable `ATOMA__<SECTION>__<KEY>` (for example
+//! `ATOMA__API__BIND=0.0.0.0:3000`). Unknown keys are errors, so typos do not pass silently.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use atoma_engine::{Engine, EngineConfig, LoadOptions};
+use atoma_ledger::{Ledger, NodeSmallId, SqliteLedger};
+use atoma_models::ModelStore;
+use atoma_node::{EngineBackend, NodeParts};
+use atoma_state::meter::Meter;
+
+use crate::home::{Home, address_of, hex_of};
+use crate::progress;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeSection,
+    pub ledger: LedgerSection,
+    pub api: ApiSection,
+    pub engine: EngineSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Name of the node's key in <home>/keys.
+    pub key: String,
+    /// Node small ids this node answers for; empty: every node the key registered.
+    pub small_ids: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    /// `local` (embedded SQLite). The Sui backend is not built yet.
+    pub backend: String,
+    /// Ledger file (default <home>/ledger.db).
+    pub path: Option<PathBuf>,
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Model reference: path, catalog name, cached name or hf:<org>/<repo>/<file>.gguf.
+    pub model: String,
+    /// Name the API serves it under (must match the task's model); default from the catalog.
+    pub name: Option<String>,
+    pub max_context: usize,
+    pub queue_capacity: usize,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            key: "node".into(),
+            small_ids: Vec::new(),
+        }
+    }
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            backend: "local".into(),
+            path: None,
+            poll_interval_ms: 250,
+        }
+    }
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            model: "default".into(),
+            name: None,
+            max_context: 4096,
+            queue_capacity: 64,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (if given), applies `ATOMA__SECTION__KEY` overrides, validates.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let mut table: toml::Table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                text.parse()
+                    .with_context(|| format!("{} is not valid TOML", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in std::env::vars() {
+            let Some(rest) = k.strip_prefix("ATOMA__") else {
+                continue;
+            };
+            let parts: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+            let [section, key] = parts.as_slice() else {
+                bail!("environment variable {k}: expected ATOMA__<SECTION>__<KEY>");
+            };
+            let value = format!("x = {v}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("x"))
+                .unwrap_or(toml::Value::String(v.clone()));
+            table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .with_context(|| format!("[{section}] is not a section"))?
+                .insert(key.clone(), value);
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .context("invalid node configuration")?;
+        if cfg.ledger.backend != "local" {
+            bail!(
+                "ledger backend `{}` is not available yet (supported: local)",
+                cfg.ledger.backend
+            );
+        }
+        if cfg.engine.max_context < 16 || cfg.engine.queue_capacity == 0 {
+            bail!("engine.max_context must be at least 16 and engine.queue_capacity at least 1");
+        }
+        Ok(cfg)
+    }
+
+    /// The model name served for this config.
+    pub fn served_name(&self) -> String {
+        self.engine
+            .name
+            .clone()
+            .unwrap_or_else(|| served_name_of(&self.engine.model))
+    }
+}
+
+/// The API name of a model reference: a catalog model's short name, else the file stem.
+pub fn served_name_of(reference: &str) -> String {
+    if let Some(e) = atoma_models::find_in_catalog(reference) {
+        return e.names.get(1).unwrap_or(&e.names[0]).to_string();
+    }
+    Path::new(reference).file_stem().map_or_else(
+        || reference.to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Node configuration (TOML); defaults apply to missing keys.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Run the node: follow the ledger and serve the OpenAI-compatible API.
+    Run(RunArgs),
+}
+
+pub fn run(home: &Home, store: &ModelStore, cmd: NodeCommand) -> anyhow::Result<()> {
+    let NodeCommand::Run(a) = cmd;
+    let cfg = Config::load(a.config.as_deref())?;
+    serve(home, store, &cfg)
+}
+
+/// Loads the model, opens ledger and state, and serves until Ctrl-C.
+pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()> {
+    let key = home.key(&cfg.node.key)?;
+    let ledger_path = cfg
+        .ledger
+        .path
+        .clone()
+        .unwrap_or_else(|| home.ledger_path());
+    let ledger = Arc::new(SqliteLedger::open(&ledger_path)?);
+    let ids: Vec<NodeSmallId> = if cfg.node.small_ids.is_empty() {
+        ledger
+            .nodes_of(address_of(&key))?
+            .into_iter()
+            .map(|n| n.small_id)
+            .collect()
+    } else {
+        cfg.node.small_ids.iter().map(|&i| NodeSmallId(i)).collect()
+    };
+    if ids.is_empty() {
+        bail!(
+            "key `{}` ({}) has no node on the ledger; run `atoma db register-node --key {}`",
+            cfg.node.key,
+            hex_of(&key),
+            cfg.node.key
+        );
+    }
+    let path = store.resolve(&cfg.engine.model)?;
+    let opts = LoadOptions {
+        max_context: Some(cfg.engine.max_context),
+        requantize: true,
+    };
+    let lm = progress::load_model(&path, &opts)?;
+    let name = cfg.served_name();
+    let engine = Engine::start(
+        lm,
+        &EngineConfig {
+            queue_capacity: cfg.engine.queue_capacity,
+        },
+    )?;
+    let state = Meter::open(&home.state_path(), ids.clone())?;
+    let parts = NodeParts {
+        backend: Arc::new(EngineBackend::new(engine, name.clone())),
+        ledger,
+        state,
+        keys: key.clone(),
+        bind: cfg.api.bind,
+        poll_interval: Duration::from_millis(cfg.ledger.poll_interval_ms.max(10)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let bound = atoma_node::bind(parts).await?;
+        let addr = bound.local_addr().context("no local address")?;
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        eprintln!(
+            "atoma node {} serving `{name}` on http://{addr} (node ids {}, signing key {})",
+            env!("CARGO_PKG_VERSION"),
+            ids.join(","),
+            hex_of(&key)
+        );
+        bound
+            .serve(async {
+                let _ = tokio::signal::ctrl_c().await;
+                eprintln!("shutting down: finishing requests in flight");
+            })
+            .await?;
+        anyhow::Ok(())
+    })
+}
