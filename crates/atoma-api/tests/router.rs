@@ -437,3 +437,57 @@ async fn a_client_disconnecting_mid_stream_pays_only_what_was_generated() {
     );
     assert_eq!(u.settled_requests, 1);
 }
+
+/// 200 concurrent requests on a stack that affords about 50: the affordable ones are served,
+/// the rest get 423, and the stack's used units equal exactly the sum of the served usages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_requests_on_a_small_stack() {
+    let f = fixture(1);
+    // Each request: prompt 2 words + 3 template tokens = 5, max_tokens 7 → reserves 12, uses 12.
+    // Stack 4 holds 600 units: 50 requests' worth.
+    let owner: Address = atoma_crypto::address_hex(&f.user.address())
+        .parse()
+        .unwrap();
+    f.meter
+        .upsert_stack(&Stack {
+            small_id: StackSmallId(4),
+            stack_id: "0x4".into(),
+            owner,
+            task_small_id: TaskSmallId(1),
+            selected_node_id: ME,
+            num_compute_units: ComputeUnits(600),
+            price_per_one_million_compute_units: Amount(1),
+            escrowed: Amount(1),
+            is_claimed: false,
+        })
+        .unwrap();
+    let f = Arc::new(f);
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            let body =
+                json!({"model": "tiny", "messages": [{"role": "user", "content": "hi there"}],
+                              "max_tokens": 7, "nonce": i})
+                .to_string();
+            send(&f, signed(&f, "/v1/chat/completions", 4, &body)).await
+        }));
+    }
+    let (mut served, mut locked, mut used) = (0, 0, 0);
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            StatusCode::OK => {
+                served += 1;
+                used += body["usage"]["total_tokens"].as_u64().unwrap();
+            }
+            StatusCode::LOCKED => locked += 1,
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let u = f.meter.usage(StackSmallId(4)).unwrap();
+    assert_eq!(served + locked, 200);
+    assert_eq!(served, 50, "exactly the affordable requests are served");
+    assert_eq!(u.units_used, used, "used units = sum of served usage");
+    assert_eq!((u.units_used, u.units_reserved), (600, 0));
+}
