@@ -309,3 +309,53 @@ fn local_ledger_commands_and_signing() {
     let user = String::from_utf8_lossy(&run(&["keys", "show", "user"]).stdout).to_string();
     assert!(user.contains(&atoma_crypto::address_hex(&signer)), "{user}");
 }
+
+#[test]
+fn a_model_that_fails_to_load_stops_the_node_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().to_str().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, "GGUF but not really").unwrap();
+    let cfg = dir.path().join("node.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[engine]\nmodel = {:?}\nname = \"x\"\n[api]\nbind = \"127.0.0.1:{port}\"\n",
+            bad.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    assert!(
+        atoma(&["--home", home, "keys", "new", "node"], dir.path())
+            .status
+            .success()
+    );
+    assert!(
+        atoma(&["--home", home, "db", "register-node"], dir.path())
+            .status
+            .success()
+    );
+    let out = atoma(
+        &[
+            "--home",
+            home,
+            "node",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: loading the model") && last.contains("malformed"),
+        "{stderr}"
+    );
+}

@@ -4,6 +4,7 @@
 
 mod engine_backend;
 mod follower;
+mod loading;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use atoma_state::meter::Meter;
 
 pub use engine_backend::EngineBackend;
 pub use follower::{follow, sync_once};
+pub use loading::LoadingBackend;
 
 /// Errors that stop a node.
 #[derive(Debug, thiserror::Error)]

@@ -123,3 +123,42 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// The node answers 503 while its model loads, then serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_until_the_model_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(SqliteLedger::in_memory().unwrap());
+    let loading = atoma_node::LoadingBackend::new(vec!["tiny".into()]);
+    let bound = bind(NodeParts {
+        backend: Arc::new(loading.clone()),
+        ledger,
+        state: Meter::in_memory(vec![]).unwrap(),
+        keys: Keypair::from_secret([1; 32]),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        poll_interval: Duration::from_millis(50),
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}/health", bound.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(bound.serve(async {
+        let _ = stopped.await;
+    }));
+    let status = |url: String| {
+        tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(c, _)) => c,
+            Err(e) => panic!("{e}"),
+        })
+    };
+    assert_eq!(status(url.clone()).await.unwrap(), 503);
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &TinySpec::new(Architecture::Llama)).unwrap();
+    let lm = LoadedModel::load(&gguf, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let engine = Engine::start(lm, &EngineConfig::default()).unwrap();
+    loading.set(Arc::new(EngineBackend::new(engine, "tiny")));
+    assert_eq!(status(url).await.unwrap(), 200);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use atoma_engine::{Engine, EngineConfig, LoadOptions};
 use atoma_ledger::{Ledger, NodeSmallId, SqliteLedger};
 use atoma_models::ModelStore;
-use atoma_node::{EngineBackend, NodeParts};
+use atoma_node::{EngineBackend, LoadingBackend, NodeParts};
 use atoma_state::meter::Meter;
 
 use crate::home::{Home, address_of, hex_of};
@@ -221,22 +221,33 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         max_context: Some(cfg.engine.max_context),
         requantize: true,
     };
-    let lm = progress::load_model(&path, &opts)?;
     let name = cfg.served_name();
-    let engine = Engine::start(
-        lm,
-        &EngineConfig {
-            queue_capacity: cfg.engine.queue_capacity,
-        },
-    )?;
     let state = Meter::open(&home.state_path(), ids.clone())?;
+    // Bind first and answer 503 while the model loads on another thread.
+    let backend = LoadingBackend::new(vec![name.clone()]);
     let parts = NodeParts {
-        backend: Arc::new(EngineBackend::new(engine, name.clone())),
+        backend: Arc::new(backend.clone()),
         ledger,
         state,
         keys: key.clone(),
         bind: cfg.api.bind,
         poll_interval: Duration::from_millis(cfg.ledger.poll_interval_ms.max(10)),
+    };
+    let queue_capacity = cfg.engine.queue_capacity;
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let load_name = name.clone();
+    let loader = move || {
+        let res = progress::load_model(&path, &opts).and_then(|lm| {
+            let info = format!(
+                "{} ({:?}, {} layers)",
+                lm.info.name, lm.info.config.arch, lm.info.config.n_layers
+            );
+            let engine = Engine::start(lm, &EngineConfig { queue_capacity })?;
+            backend.set(Arc::new(EngineBackend::new(engine, load_name.clone())));
+            eprintln!("model loaded: {info}, served as `{load_name}`");
+            Ok(())
+        });
+        let _ = loaded_tx.send(res);
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -246,6 +257,9 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
     rt.block_on(async move {
         let bound = atoma_node::bind(parts).await?;
         let addr = bound.local_addr().context("no local address")?;
+        std::thread::Builder::new()
+            .name("model-loader".into())
+            .spawn(loader)?;
         let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
         eprintln!(
             "atoma node {} serving `{name}` on http://{addr} (node ids {}, signing key {})",
@@ -253,12 +267,25 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
             ids.join(","),
             hex_of(&key)
         );
-        bound
-            .serve(async {
-                let _ = tokio::signal::ctrl_c().await;
+        let (load_failed_tx, load_failed) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        std::thread::spawn(move || {
+            if let Ok(Err(e)) = loaded_rx.recv() {
+                let _ = load_failed_tx.send(e);
+            }
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(bound.serve(async {
+            let _ = stop_rx.await;
+        }));
+        let outcome = tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
                 eprintln!("shutting down: finishing requests in flight");
-            })
-            .await?;
-        anyhow::Ok(())
+                Ok(())
+            }
+            Ok(e) = load_failed => Err(e.context("loading the model")),
+        };
+        let _ = stop_tx.send(());
+        server.await.context("the server task failed")??;
+        outcome
     })
 }

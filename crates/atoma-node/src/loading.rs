@@ -1,0 +1,73 @@
+//! A backend that exists before its model does: the node binds its port at once and answers
+//! `/health` (and inference) with 503 while the model loads on another thread; `set` makes it
+//! ready.
+
+use std::sync::{Arc, OnceLock};
+
+use atoma_api::{BackendError, BackendEvent, InferenceBackend, InferenceRequest};
+use futures_util::stream::BoxStream;
+
+/// A backend that becomes ready when `set`.
+#[derive(Clone, Default)]
+pub struct LoadingBackend {
+    inner: Arc<OnceLock<Arc<dyn InferenceBackend>>>,
+    /// Names served once loaded (known from the config before loading).
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for LoadingBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadingBackend")
+            .field("names", &self.names)
+            .field("ready", &self.inner.get().is_some())
+            .finish()
+    }
+}
+
+impl LoadingBackend {
+    /// A not-yet-ready backend that will serve `names`.
+    pub fn new(names: Vec<String>) -> Self {
+        Self {
+            inner: Arc::default(),
+            names,
+        }
+    }
+
+    /// Makes the backend ready (later calls are ignored).
+    pub fn set(&self, backend: Arc<dyn InferenceBackend>) {
+        let _ = self.inner.set(backend);
+    }
+
+    fn get(&self) -> Result<&Arc<dyn InferenceBackend>, BackendError> {
+        self.inner
+            .get()
+            .ok_or_else(|| BackendError::Internal("the model is still loading".into()))
+    }
+}
+
+impl InferenceBackend for LoadingBackend {
+    fn models(&self) -> Vec<String> {
+        self.inner
+            .get()
+            .map_or_else(|| self.names.clone(), |b| b.models())
+    }
+
+    fn ready(&self) -> bool {
+        self.inner.get().is_some_and(|b| b.ready())
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.inner.get().map_or(0, |b| b.queue_depth())
+    }
+
+    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError> {
+        self.get()?.count_prompt_tokens(req)
+    }
+
+    fn generate(
+        &self,
+        req: InferenceRequest,
+    ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+        self.get()?.generate(req)
+    }
+}
