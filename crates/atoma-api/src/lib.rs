@@ -77,6 +77,20 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn(echo_request_id))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Copies the client's `X-Request-Id` onto the response, so logs on both sides correlate.
+async fn echo_request_id(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let id = req.headers().get(auth::REQUEST_ID).cloned();
+    let mut resp = next.run(req).await;
+    if let Some(id) = id {
+        resp.headers_mut().insert(auth::REQUEST_ID, id);
+    }
+    resp
 }
