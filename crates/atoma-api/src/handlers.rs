@@ -13,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::json;
 
+use atoma_state::meter::MeterError;
+
 use crate::auth::authenticate;
 use crate::backend::BackendEvent;
 use crate::error::ApiError;
@@ -112,14 +114,25 @@ async fn serve(
     let units = prompt_tokens + u64::from(req.max_tokens);
     let meter = s.inner.meter.clone();
     let model = req.model.clone();
+    let refresh = s.inner.refresh.clone();
     let reservation = tokio::task::spawn_blocking(move || {
-        meter.reserve(
-            signed.stack,
-            &signed.signer,
-            signed.request_hash,
-            units,
-            Some(&model),
-        )
+        let reserve = || {
+            meter.reserve(
+                signed.stack,
+                &signed.signer,
+                signed.request_hash,
+                units,
+                Some(&model),
+            )
+        };
+        match (reserve(), refresh) {
+            // A stack bought a moment ago: catch up with the ledger once and retry.
+            (Err(MeterError::UnknownStack(_)), Some(refresh)) => {
+                refresh();
+                reserve()
+            }
+            (res, _) => res,
+        }
     })
     .await
     .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;

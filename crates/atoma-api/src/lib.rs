@@ -39,11 +39,16 @@ pub struct AppState {
     inner: Arc<Inner>,
 }
 
+/// Catches the node's state up with the ledger (blocking); called when a request names a stack
+/// the node does not know yet (for example one bought a moment ago).
+pub type Refresh = Arc<dyn Fn() + Send + Sync>;
+
 struct Inner {
     backend: Arc<dyn InferenceBackend>,
     meter: Meter,
     keys: Keypair,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    refresh: Option<Refresh>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -63,6 +68,24 @@ impl AppState {
                 meter,
                 keys,
                 metrics: metrics::install(),
+                refresh: None,
+            }),
+        }
+    }
+
+    /// Adds the hook that syncs with the ledger when a request names an unknown stack.
+    pub fn with_refresh(self, refresh: Refresh) -> Self {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|arc| Inner {
+            backend: arc.backend.clone(),
+            meter: arc.meter.clone(),
+            keys: arc.keys.clone(),
+            metrics: arc.metrics.clone(),
+            refresh: None,
+        });
+        Self {
+            inner: Arc::new(Inner {
+                refresh: Some(refresh),
+                ..inner
             }),
         }
     }

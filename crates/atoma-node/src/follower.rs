@@ -11,24 +11,27 @@ use crate::NodeError;
 
 const PAGE: usize = 1000;
 
-/// Applies every event the state has not seen yet. Returns how many were read.
-pub async fn sync_once(ledger: Arc<dyn Ledger>, state: Meter) -> Result<usize, NodeError> {
-    tokio::task::spawn_blocking(move || {
-        let mut total = 0;
-        loop {
-            let cursor = state.cursor()?;
-            let events = ledger
-                .events_after(cursor, PAGE)
-                .map_err(|e| NodeError::Ledger(e.to_string()))?;
-            if events.is_empty() {
-                return Ok(total);
-            }
-            total += events.len();
-            state.apply_ledger_events(&events)?;
+/// Applies every event the state has not seen yet, blocking. Returns how many were read.
+pub fn sync_blocking(ledger: &dyn Ledger, state: &Meter) -> Result<usize, NodeError> {
+    let mut total = 0;
+    loop {
+        let cursor = state.cursor()?;
+        let events = ledger
+            .events_after(cursor, PAGE)
+            .map_err(|e| NodeError::Ledger(e.to_string()))?;
+        if events.is_empty() {
+            return Ok(total);
         }
-    })
-    .await
-    .map_err(|e| NodeError::Ledger(format!("follower task failed: {e}")))?
+        total += events.len();
+        state.apply_ledger_events(&events)?;
+    }
+}
+
+/// `sync_blocking` off the async threads.
+pub async fn sync_once(ledger: Arc<dyn Ledger>, state: Meter) -> Result<usize, NodeError> {
+    tokio::task::spawn_blocking(move || sync_blocking(ledger.as_ref(), &state))
+        .await
+        .map_err(|e| NodeError::Ledger(format!("follower task failed: {e}")))?
 }
 
 /// Polls the ledger every `every` until `stop` turns true. Errors are logged and retried.

@@ -16,7 +16,7 @@ use atoma_ledger::Ledger;
 use atoma_state::meter::Meter;
 
 pub use engine_backend::EngineBackend;
-pub use follower::{follow, sync_once};
+pub use follower::{follow, sync_blocking, sync_once};
 pub use loading::LoadingBackend;
 
 /// Errors that stop a node.
@@ -100,7 +100,14 @@ impl BoundNode {
             p.poll_interval,
             stop_rx,
         ));
-        let app = atoma_api::router(AppState::new(p.backend, p.state, p.keys));
+        let (ledger, state) = (p.ledger.clone(), p.state.clone());
+        let refresh: atoma_api::Refresh = Arc::new(move || {
+            if let Err(e) = sync_blocking(ledger.as_ref(), &state) {
+                tracing::warn!(error = %e, "cannot sync with the ledger");
+            }
+        });
+        let app =
+            atoma_api::router(AppState::new(p.backend, p.state, p.keys).with_refresh(refresh));
         let res = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -162,3 +162,80 @@ async fn health_is_503_until_the_model_is_loaded() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// A stack bought after the node's last ledger poll is found at once (sync on miss), without
+/// waiting for the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_bought_a_moment_ago_is_served_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node_key, user) = (Keypair::from_secret([5; 32]), Keypair::from_secret([6; 32]));
+    let ledger = Arc::new(SqliteLedger::in_memory().unwrap());
+    let node = ledger.register_node(addr(&node_key)).unwrap().small_id;
+    let task = ledger
+        .create_task(
+            addr(&node_key),
+            &NewTask {
+                role: TaskRole::ChatCompletion,
+                model_name: Some("tiny".into()),
+                security_level: SecurityLevel::NoSecurity,
+                minimum_reputation_score: 0,
+                is_public: true,
+            },
+        )
+        .unwrap()
+        .small_id;
+    ledger
+        .subscribe_node_to_task(addr(&node_key), node, task, Amount(1_000))
+        .unwrap();
+    ledger.faucet(addr(&user), Amount(1_000_000)).unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&gguf, &TinySpec::new(Architecture::Llama)).unwrap();
+    let lm = LoadedModel::load(&gguf, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+    let bound = bind(NodeParts {
+        backend: Arc::new(EngineBackend::new(
+            Engine::start(lm, &EngineConfig::default()).unwrap(),
+            "tiny",
+        )),
+        ledger: ledger.clone(),
+        state: Meter::in_memory(vec![node]).unwrap(),
+        keys: node_key,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        // The follower would take an hour to notice.
+        poll_interval: Duration::from_secs(3600),
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}/v1/chat/completions", bound.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(bound.serve(async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stack = ledger
+        .acquire_stack(
+            addr(&user),
+            &StackRequest {
+                task_small_id: task,
+                num_compute_units: ComputeUnits(5_000),
+                price_per_one_million_compute_units: Amount(1_000),
+            },
+        )
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let text = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).to_string();
+        match ureq::post(&url)
+            .set("X-Signature", &user.sign(&blake2b256(text.as_bytes())))
+            .set("X-Stack-Small-Id", &stack.small_id.0.to_string())
+            .send_string(&text)
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(c, r)) => panic!("{c}: {}", r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
