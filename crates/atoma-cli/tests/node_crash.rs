@@ -3,54 +3,13 @@
 //! open reservations (proof the kill hit requests in flight); after it, none, and the stack's
 //! used units must equal the sum of the usage of the requests that were settled.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use atoma_crypto::{blake2b256, read_keystore};
 use atoma_engine::Architecture;
-use atoma_engine::testing::{TinySpec, write_tiny_gguf};
-
-fn atoma(home: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_atoma"));
-    c.arg("--home")
-        .arg(home)
-        .args(args)
-        .env("ATOMA_MODEL_CACHE", home);
-    c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(home: &Path, url: &str) -> Child {
-    let child = atoma(
-        home,
-        &[
-            "node",
-            "run",
-            "--config",
-            home.join("node.toml").to_str().unwrap(),
-        ],
-    )
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
-    let t = Instant::now();
-    while ureq::get(&format!("{url}/health")).call().is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the node did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
 
 /// (units_used, reserved rows, reserved units, settled usage sum) of stack 1, read directly.
 fn raw_state(home: &Path) -> (i64, i64, i64, i64) {
@@ -83,39 +42,11 @@ fn raw_state(home: &Path) -> (i64, i64, i64, i64) {
 fn sigkill_under_load_then_restart_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
-    let model = home.join("tiny.gguf");
-    write_tiny_gguf(
-        &model,
-        &TinySpec {
-            context: 4096,
-            ..TinySpec::new(Architecture::Llama)
-        },
-    )
-    .unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let up = atoma(
-        home,
-        &[
-            "up",
-            "--model",
-            model.to_str().unwrap(),
-            "--bind",
-            &format!("127.0.0.1:{port}"),
-            "--no-run",
-        ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let url = common::set_up(home, Architecture::Llama, 4096);
     let user = read_keystore(&home.join("keys/user.keystore"))
         .unwrap()
         .remove(0);
-    let mut node = start(home, &url);
+    let mut node = common::start_node(home, &url);
 
     // 32 streaming requests of 400 tokens each: one runs, the rest wait holding reservations.
     let load: Vec<_> = (0..32)
@@ -156,7 +87,7 @@ fn sigkill_under_load_then_restart_loses_and_doubles_nothing() {
         "before restart: settled usage plus open reservations"
     );
 
-    let mut node = start(home, &url);
+    let mut node = common::start_node(home, &url);
     let (used, open, reserved, settled) = raw_state(home);
     assert_eq!((open, reserved), (0, 0), "no reservation stays stuck");
     assert_eq!(

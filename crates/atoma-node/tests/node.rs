@@ -8,8 +8,8 @@ use atoma_crypto::{Keypair, address_hex, blake2b256};
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
 use atoma_ledger::{
-    Address, Amount, ComputeUnits, Ledger, NewTask, SecurityLevel, SqliteLedger, StackRequest,
-    TaskRole,
+    Address, Amount, ComputeUnits, Ledger, NewTask, NodeSmallId, SecurityLevel, SqliteLedger,
+    StackRequest, TaskRole, TaskSmallId,
 };
 use atoma_node::{EngineBackend, NodeParts, bind};
 use atoma_state::meter::Meter;
@@ -19,11 +19,9 @@ fn addr(k: &Keypair) -> Address {
     address_hex(&k.address()).parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_serves_a_stack_bought_on_the_ledger() {
-    let dir = tempfile::tempdir().unwrap();
-    let (node_key, user) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
-    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).unwrap());
+/// A node of `node_key` registered and subscribed to a chat task for model `tiny`, and a funded
+/// `user`. Returns (node, task).
+fn market(ledger: &SqliteLedger, node_key: &Keypair, user: &Keypair) -> (NodeSmallId, TaskSmallId) {
     let node = ledger.register_node(addr(&node_key)).unwrap().small_id;
     let task = ledger
         .create_task(
@@ -42,6 +40,15 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
         .subscribe_node_to_task(addr(&node_key), node, task, Amount(1_000))
         .unwrap();
     ledger.faucet(addr(&user), Amount(1_000_000)).unwrap();
+    (node, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_a_stack_bought_on_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node_key, user) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
+    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).unwrap());
+    let (node, task) = market(ledger.as_ref(), &node_key, &user);
     let stack = ledger
         .acquire_stack(
             addr(&user),
@@ -170,24 +177,7 @@ async fn a_stack_bought_a_moment_ago_is_served_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (node_key, user) = (Keypair::from_secret([5; 32]), Keypair::from_secret([6; 32]));
     let ledger = Arc::new(SqliteLedger::in_memory().unwrap());
-    let node = ledger.register_node(addr(&node_key)).unwrap().small_id;
-    let task = ledger
-        .create_task(
-            addr(&node_key),
-            &NewTask {
-                role: TaskRole::ChatCompletion,
-                model_name: Some("tiny".into()),
-                security_level: SecurityLevel::NoSecurity,
-                minimum_reputation_score: 0,
-                is_public: true,
-            },
-        )
-        .unwrap()
-        .small_id;
-    ledger
-        .subscribe_node_to_task(addr(&node_key), node, task, Amount(1_000))
-        .unwrap();
-    ledger.faucet(addr(&user), Amount(1_000_000)).unwrap();
+    let (node, task) = market(ledger.as_ref(), &node_key, &user);
     let gguf = dir.path().join("tiny.gguf");
     write_tiny_gguf(&gguf, &TinySpec::new(Architecture::Llama)).unwrap();
     let lm = LoadedModel::load(&gguf, &LoadOptions::default(), &mut |_, _| {}).unwrap();

@@ -39,6 +39,23 @@ impl Session {
     }
 }
 
+/// The key name and stack to use: the flags, else the session `atoma up` left, else `user`.
+fn owner(
+    home: &Home,
+    key: Option<&String>,
+    stack: Option<u64>,
+) -> anyhow::Result<(String, u64, Option<Session>)> {
+    let session = Session::load(home);
+    let key_name = key
+        .cloned()
+        .or(session.as_ref().map(|s| s.key.clone()))
+        .unwrap_or("user".into());
+    let stack = stack
+        .or(session.as_ref().map(|s| s.stack))
+        .context("no --stack given and no session (run `atoma up`)")?;
+    Ok((key_name, stack, session))
+}
+
 /// Adds a nonce, serializes compactly, signs. Returns (body, signature).
 pub fn sign_body(key: &Keypair, mut body: Value) -> anyhow::Result<(String, String)> {
     let obj = body
@@ -71,16 +88,7 @@ pub struct SignArgs {
 }
 
 pub fn sign(home: &Home, a: &SignArgs) -> anyhow::Result<()> {
-    let session = Session::load(home);
-    let key_name = a
-        .key
-        .clone()
-        .or(session.as_ref().map(|s| s.key.clone()))
-        .unwrap_or("user".into());
-    let stack = a
-        .stack
-        .or(session.as_ref().map(|s| s.stack))
-        .context("no --stack given and no session (run `atoma up`)")?;
+    let (key_name, stack, _) = owner(home, a.key.as_ref(), a.stack)?;
     let raw = if a.body == "-" {
         std::io::read_to_string(std::io::stdin())?
     } else {
@@ -128,21 +136,12 @@ pub struct ChatArgs {
 }
 
 pub fn chat(home: &Home, a: &ChatArgs) -> anyhow::Result<()> {
-    let session = Session::load(home);
+    let (key_name, stack, session) = owner(home, a.key.as_ref(), a.stack)?;
     let url = a
         .url
         .clone()
         .or(session.as_ref().map(|s| s.url.clone()))
         .unwrap_or("http://127.0.0.1:3000".into());
-    let key_name = a
-        .key
-        .clone()
-        .or(session.as_ref().map(|s| s.key.clone()))
-        .unwrap_or("user".into());
-    let stack = a
-        .stack
-        .or(session.as_ref().map(|s| s.stack))
-        .context("no --stack given and no session (run `atoma up`)")?;
     let model = match a
         .model
         .clone()

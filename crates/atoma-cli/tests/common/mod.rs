@@ -1,0 +1,85 @@
+//! Shared by the tests that run a real node process: a home with a tiny model set up by
+//! `atoma up`, and starting `atoma node run` until `/health` answers 200.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use atoma_engine::Architecture;
+use atoma_engine::testing::{TinySpec, write_tiny_gguf};
+
+/// `atoma --home HOME ARGS…` (model cache in HOME too).
+pub fn atoma(home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_atoma"));
+    c.arg("--home")
+        .arg(home)
+        .args(args)
+        .env("ATOMA_MODEL_CACHE", home);
+    c
+}
+
+/// Writes a tiny model of `arch` as HOME/tiny.gguf and runs `atoma up --no-run` on a free port.
+/// Returns the node's base URL.
+pub fn set_up(home: &Path, arch: Architecture, context: usize) -> String {
+    let model = home.join("tiny.gguf");
+    write_tiny_gguf(
+        &model,
+        &TinySpec {
+            context,
+            ..TinySpec::new(arch)
+        },
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let up = atoma(
+        home,
+        &[
+            "up",
+            "--model",
+            model.to_str().unwrap(),
+            "--bind",
+            &bind,
+            "--no-run",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    format!("http://{bind}")
+}
+
+/// Starts `atoma node run` with HOME/node.toml and waits until `/health` is 200.
+pub fn start_node(home: &Path, url: &str) -> Child {
+    let child = atoma(
+        home,
+        &[
+            "node",
+            "run",
+            "--config",
+            home.join("node.toml").to_str().unwrap(),
+        ],
+    )
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let t = Instant::now();
+    while ureq::get(&format!("{url}/health")).call().is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the node did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
