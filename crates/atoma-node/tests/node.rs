@@ -22,10 +22,10 @@ fn addr(k: &Keypair) -> Address {
 /// A node of `node_key` registered and subscribed to a chat task for model `tiny`, and a funded
 /// `user`. Returns (node, task).
 fn market(ledger: &SqliteLedger, node_key: &Keypair, user: &Keypair) -> (NodeSmallId, TaskSmallId) {
-    let node = ledger.register_node(addr(&node_key)).unwrap().small_id;
+    let node = ledger.register_node(addr(node_key)).unwrap().small_id;
     let task = ledger
         .create_task(
-            addr(&node_key),
+            addr(node_key),
             &NewTask {
                 role: TaskRole::ChatCompletion,
                 model_name: Some("tiny".into()),
@@ -37,9 +37,9 @@ fn market(ledger: &SqliteLedger, node_key: &Keypair, user: &Keypair) -> (NodeSma
         .unwrap()
         .small_id;
     ledger
-        .subscribe_node_to_task(addr(&node_key), node, task, Amount(1_000))
+        .subscribe_node_to_task(addr(node_key), node, task, Amount(1_000))
         .unwrap();
-    ledger.faucet(addr(&user), Amount(1_000_000)).unwrap();
+    ledger.faucet(addr(user), Amount(1_000_000)).unwrap();
     (node, task)
 }
 
