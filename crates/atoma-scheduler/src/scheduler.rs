@@ -1,0 +1,391 @@
+//! The per-step batch plan (vLLM-V1 style, token-budget driven).
+//!
+//! Each `schedule()` call plans one forward pass:
+//! 1. every running sequence in decode takes one token (oldest first); a sequence that needs a
+//!    new block when none is free preempts the newest running sequence, whose blocks go back to
+//!    the pool and which returns to the front of the queue to be recomputed later;
+//! 2. the remaining token budget goes to prefill chunks: first sequences already mid-prompt, then
+//!    waiting ones in arrival order, while fewer than `max_num_seqs` run. A new sequence first
+//!    takes the blocks of its longest cached prefix (prefix caching) and computes only the rest.
+//!
+//! The engine runs the plan and reports sampled tokens and finished sequences with `complete`.
+//! Cancellation (`abort`) returns a sequence's blocks at once. The waiting queue is bounded;
+//! one more request is `Overloaded`.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::block_pool::{BlockHash, BlockId, BlockPool};
+
+/// Id of a sequence (one request).
+pub type SeqId = u64;
+
+/// Scheduler limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Tokens in one forward pass (decodes + prefill chunks).
+    pub max_num_batched_tokens: usize,
+    /// Sequences running at once.
+    pub max_num_seqs: usize,
+    /// Sequences waiting to start; one more is refused.
+    pub max_waiting: usize,
+    /// Reuse the KV of identical prompt prefixes.
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_num_batched_tokens: 512,
+            max_num_seqs: 32,
+            max_waiting: 256,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+/// Why a sequence was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("the queue is full ({capacity} requests waiting)")]
+    Overloaded { capacity: usize },
+    #[error("{tokens} tokens need more KV blocks than the whole pool holds ({capacity} tokens)")]
+    TooLong { tokens: usize, capacity: usize },
+    #[error("sequence {0} already exists")]
+    Duplicate(SeqId),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanItem {
+    pub seq: SeqId,
+    /// Position of the first token of `tokens`.
+    pub start: usize,
+    /// Tokens to run at positions `start..start + tokens.len()`.
+    pub tokens: Vec<u32>,
+    /// The sequence's blocks, covering at least positions `0..start + tokens.len()`.
+    pub block_table: Vec<BlockId>,
+    /// Whether the last row is sampled (decodes, and the final chunk of a prompt).
+    pub sample: bool,
+}
+
+/// One forward pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub items: Vec<PlanItem>,
+    /// Sequences preempted to make room; they will be recomputed from scratch.
+    pub preempted: Vec<SeqId>,
+}
+
+impl StepPlan {
+    /// Tokens in the pass.
+    pub fn num_tokens(&self) -> usize {
+        self.items.iter().map(|i| i.tokens.len()).sum()
+    }
+}
+
+/// What the engine reports for a sequence after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepResult {
+    pub seq: SeqId,
+    /// The token sampled from the last row (only for items with `sample`).
+    pub sampled: Option<u32>,
+    /// The sequence is done (stop, length, cancelled): free its blocks.
+    pub finished: bool,
+}
+
+#[derive(Debug)]
+struct Seq {
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose KV is in `blocks`.
+    computed: usize,
+    blocks: Vec<BlockId>,
+    /// Hashes of the leading full blocks registered or reused (prefix chain).
+    hashes: Vec<BlockHash>,
+}
+
+/// The scheduler: waiting queue, running set, and the block pool.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pool: BlockPool,
+    seqs: HashMap<SeqId, Seq>,
+    waiting: VecDeque<SeqId>,
+    /// Running sequences, oldest first.
+    running: Vec<SeqId>,
+}
+
+impl Scheduler {
+    /// A scheduler over `pool`.
+    pub fn new(cfg: SchedulerConfig, pool: BlockPool) -> Self {
+        Self {
+            cfg,
+            pool,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// The block pool.
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Tokens with KV in the cache for `seq`.
+    pub fn computed(&self, seq: SeqId) -> Option<usize> {
+        self.seqs.get(&seq).map(|s| s.computed)
+    }
+
+    /// Queues a new sequence.
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) -> Result<(), SchedulerError> {
+        if prompt.is_empty() {
+            return Err(SchedulerError::EmptyPrompt);
+        }
+        if self.seqs.contains_key(&id) {
+            return Err(SchedulerError::Duplicate(id));
+        }
+        let capacity = self.pool.num_blocks() * self.pool.block_size();
+        if prompt.len() > capacity {
+            return Err(SchedulerError::TooLong {
+                tokens: prompt.len(),
+                capacity,
+            });
+        }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(SchedulerError::Overloaded {
+                capacity: self.cfg.max_waiting,
+            });
+        }
+        self.seqs.insert(
+            id,
+            Seq {
+                tokens: prompt,
+                computed: 0,
+                blocks: Vec::new(),
+                hashes: Vec::new(),
+            },
+        );
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Cancels a sequence and frees its blocks at once. Returns whether it existed.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        let Some(seq) = self.seqs.remove(&id) else {
+            return false;
+        };
+        for b in seq.blocks {
+            self.pool.release(b);
+        }
+        self.waiting.retain(|&s| s != id);
+        self.running.retain(|&s| s != id);
+        true
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            for b in seq.blocks.drain(..) {
+                self.pool.release(b);
+            }
+            seq.hashes.clear();
+            seq.computed = 0;
+        }
+        self.running.retain(|&s| s != id);
+        self.waiting.push_front(id);
+    }
+
+    /// Makes `seq`'s blocks cover `upto` positions; false if the pool runs out (partial
+    /// allocations are kept, they will be used later).
+    fn grow(&mut self, id: SeqId, upto: usize) -> bool {
+        let bs = self.pool.block_size();
+        loop {
+            let have = self.seqs[&id].blocks.len() * bs;
+            if have >= upto {
+                return true;
+            }
+            let Some(b) = self.pool.allocate() else {
+                return false;
+            };
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.blocks.push(b);
+            }
+        }
+    }
+
+    /// Shares the cached blocks of `id`'s longest cached prefix (leaving at least one token to
+    /// compute, since its logits are needed).
+    fn reuse_prefix(&mut self, id: SeqId) {
+        if !self.cfg.enable_prefix_caching {
+            return;
+        }
+        let bs = self.pool.block_size();
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        if seq.computed != 0 {
+            return;
+        }
+        let full = (seq.tokens.len() - 1) / bs;
+        for b in 0..full {
+            let parent = seq.hashes.last().copied();
+            match self.pool.lookup(parent, &seq.tokens[b * bs..(b + 1) * bs]) {
+                Some((block, hash)) => {
+                    seq.blocks.push(block);
+                    seq.hashes.push(hash);
+                    seq.computed += bs;
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn item(&self, id: SeqId, len: usize) -> PlanItem {
+        let s = &self.seqs[&id];
+        PlanItem {
+            seq: id,
+            start: s.computed,
+            tokens: s.tokens[s.computed..s.computed + len].to_vec(),
+            block_table: s.blocks.clone(),
+            sample: s.computed + len == s.tokens.len(),
+        }
+    }
+
+    /// Plans the next forward pass.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        // 1. Decodes, oldest first; preempt the newest when out of blocks.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let s = &self.seqs[&id];
+            if s.tokens.len() - s.computed != 1 {
+                i += 1;
+                continue;
+            }
+            let upto = s.computed + 1;
+            let mut fits = self.grow(id, upto);
+            while !fits {
+                let victim = *self.running.last().unwrap_or(&id);
+                self.preempt(victim);
+                plan.preempted.push(victim);
+                if victim == id {
+                    break;
+                }
+                fits = self.grow(id, upto);
+            }
+            if fits {
+                plan.items.push(self.item(id, 1));
+                budget -= 1;
+                i += 1;
+            }
+        }
+        // 2. Prefill chunks: running sequences mid-prompt, then waiting ones.
+        let mid: Vec<SeqId> = self
+            .running
+            .iter()
+            .copied()
+            .filter(|id| {
+                let s = &self.seqs[id];
+                s.tokens.len() - s.computed > 1 && !plan.items.iter().any(|it| it.seq == *id)
+            })
+            .collect();
+        for id in mid {
+            if budget == 0 {
+                break;
+            }
+            if let Some(len) = self.plan_prefill(id, budget) {
+                plan.items.push(self.item(id, len));
+                budget -= len;
+            }
+        }
+        // No admissions in a step that had to preempt: memory is short (and the victim would
+        // otherwise be readmitted at once and thrash).
+        while plan.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs
+        {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            self.reuse_prefix(id);
+            match self.plan_prefill(id, budget) {
+                Some(len) => {
+                    self.waiting.pop_front();
+                    self.running.push(id);
+                    plan.items.push(self.item(id, len));
+                    budget -= len;
+                }
+                None => {
+                    // Not even one block: wait for running sequences to free some. Give back
+                    // what it holds so others can use it.
+                    if let Some(seq) = self.seqs.get_mut(&id) {
+                        for b in seq.blocks.drain(..) {
+                            self.pool.release(b);
+                        }
+                        seq.hashes.clear();
+                        seq.computed = 0;
+                    }
+                    break;
+                }
+            }
+        }
+        plan
+    }
+
+    /// Length of the next prefill chunk of `id` within `budget`, with blocks allocated for it.
+    fn plan_prefill(&mut self, id: SeqId, budget: usize) -> Option<usize> {
+        let bs = self.pool.block_size();
+        let s = &self.seqs[&id];
+        let want = (s.tokens.len() - s.computed).min(budget);
+        let start = s.computed;
+        self.grow(id, start + want);
+        let covered = self.seqs[&id].blocks.len() * bs;
+        let len = want.min(covered.saturating_sub(start));
+        (len > 0).then_some(len)
+    }
+
+    /// Applies the outcome of a step: advances the computed positions of planned sequences,
+    /// registers newly full blocks in the prefix cache, appends sampled tokens, frees finished
+    /// sequences.
+    pub fn complete(&mut self, plan: &StepPlan, results: &[StepResult]) {
+        let bs = self.pool.block_size();
+        for item in &plan.items {
+            let Some(seq) = self.seqs.get_mut(&item.seq) else {
+                continue; // aborted meanwhile
+            };
+            if seq.computed != item.start {
+                continue; // preempted meanwhile
+            }
+            seq.computed += item.tokens.len();
+            if self.cfg.enable_prefix_caching {
+                while (seq.hashes.len() + 1) * bs <= seq.computed {
+                    let b = seq.hashes.len();
+                    let parent = seq.hashes.last().copied();
+                    let h = self.pool.register(
+                        seq.blocks[b],
+                        parent,
+                        &seq.tokens[b * bs..(b + 1) * bs],
+                    );
+                    seq.hashes.push(h);
+                }
+            }
+        }
+        for r in results {
+            if r.finished {
+                self.abort(r.seq);
+            } else if let (Some(t), Some(seq)) = (r.sampled, self.seqs.get_mut(&r.seq)) {
+                seq.tokens.push(t);
+            }
+        }
+    }
+}
