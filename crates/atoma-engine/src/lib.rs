@@ -26,6 +26,6 @@ pub use generate::{
     run_generation,
 };
 pub use loaded::{LoadedModel, ModelInfo};
-pub use model::{Architecture, KvCache, LoadOptions, Model, ModelConfig};
+pub use model::{Architecture, BatchSeq, KvCache, LoadOptions, Model, ModelConfig, PagedKv};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TokenId, Tokenizer};

@@ -11,6 +11,7 @@
 //! layers apply their window during decode too; Gemma's MLP uses GELU-tanh.
 
 pub mod config;
+mod paged;
 mod weights;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 pub use config::{Activation, Architecture, ModelConfig};
+pub use paged::{BatchSeq, PagedKv};
 use weights::WeightLoader;
 
 use crate::error::{EngineError, Result};
@@ -286,7 +288,7 @@ impl Model {
             x = (x * (self.cfg.hidden_size as f64).sqrt())?;
         }
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, &x, start, kv)?;
+            x = self.layer_forward(layer, &x, &mut |l, h| self.attention(l, h, start, kv))?;
         }
         cache.len += t;
         let x = if last_only { x.narrow(0, t - 1, 1)? } else { x };
@@ -294,16 +296,16 @@ impl Model {
         Ok(self.output.forward(&x)?)
     }
 
+    /// One transformer block; `attn` computes attention for the normed input.
     fn layer_forward(
         &self,
         layer: &Layer,
         x: &Tensor,
-        start: usize,
-        kv: &mut Option<(Tensor, Tensor)>,
+        attn: &mut dyn FnMut(&Layer, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_eps as f32;
         let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
-        let mut a = self.attention(layer, &h, start, kv)?;
+        let mut a = attn(layer, &h)?;
         if let Some(n) = &layer.post_attn_norm {
             a = candle_nn::ops::rms_norm(&a, n, eps)?;
         }
@@ -331,13 +333,15 @@ impl Model {
         Ok((x + m)?)
     }
 
-    fn attention(
+    /// Q, K, V of `x` (`[T, hidden]`) with biases, Q/K norms and RoPE applied by the per-token
+    /// `cos`/`sin` rows (`[T, D/2]`): q `[1, H, T, D]`, k and v `[1, Hkv, T, D]`.
+    fn project_qkv(
         &self,
         layer: &Layer,
         x: &Tensor,
-        start: usize,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = &self.cfg;
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -370,38 +374,40 @@ impl Model {
         if let Some(n) = &layer.attn.k_norm {
             k = candle_nn::ops::rms_norm(&k, n, cfg.rms_eps as f32)?;
         }
-        let rope = &self.ropes[layer.rope];
-        let cos = rope.cos.narrow(0, start, t)?;
-        let sin = rope.sin.narrow(0, start, t)?;
         let (q, k) = if cfg.arch.rope_neox() {
             (
-                candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
             )
         } else {
             (
-                candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
             )
         };
-        let (k_all, v_all) = match kv.take() {
-            None => (k, v),
-            Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 2)?, Tensor::cat(&[&vc, &v], 2)?),
-        };
-        *kv = Some((k_all.clone(), v_all.clone()));
-        let total = start + t;
-        // Keys a query can see: [key_start, its own position], further limited by the window.
-        let key_start = layer.window.map_or(0, |w| (start + 1).saturating_sub(w));
-        let k_vis = k_all.narrow(2, key_start, total - key_start)?;
-        let v_vis = v_all.narrow(2, key_start, total - key_start)?;
-        let lk = total - key_start;
+        Ok((q, k, v))
+    }
+
+    /// Attention of `t` queries (`q`: `[1, H, t, D]`, positions `start..start+t`) over the
+    /// keys and values `[Hkv, Lk, D]` at positions `key_start..key_start+Lk`; returns `[t, H*D]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        start: usize,
+        key_start: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let t = q.dim(2)?;
+        let lk = k.dim(1)?;
         // Group the query heads that share a KV head: [1, H, T, D] -> [Hkv, G*T, D].
         let g = nh / nkv;
         let q = (q.reshape((nkv, g * t, hd))? * (1.0 / (cfg.attn_scale_dim as f64).sqrt()))?;
-        let k_vis = k_vis.squeeze(0)?;
-        let v_vis = v_vis.squeeze(0)?.contiguous()?;
-        let scores = q.matmul(&k_vis.t()?)?; // [Hkv, G*T, Lk]
-        let scores = match attention_mask(t, start, key_start, lk, layer.window) {
+        let scores = q.matmul(&k.t()?)?; // [Hkv, G*T, Lk]
+        let scores = match attention_mask(t, start, key_start, lk, window) {
             None => scores,
             Some(mask) => {
                 let mask = Tensor::from_vec(mask, (1, t, lk), &self.device)?;
@@ -412,11 +418,37 @@ impl Model {
             }
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_vis)?; // [Hkv, G*T, D]
-        let out = out
+        let out = probs.matmul(&v.contiguous()?)?; // [Hkv, G*T, D]
+        Ok(out
             .reshape((nh, t, hd))?
             .transpose(0, 1)?
-            .reshape((t, nh * hd))?;
+            .reshape((t, nh * hd))?)
+    }
+
+    /// Single-sequence attention: appends this chunk's K/V to the cache and attends.
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        start: usize,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let rope = &self.ropes[layer.rope];
+        let cos = rope.cos.narrow(0, start, t)?;
+        let sin = rope.sin.narrow(0, start, t)?;
+        let (q, k, v) = self.project_qkv(layer, x, &cos, &sin)?;
+        let (k_all, v_all) = match kv.take() {
+            None => (k, v),
+            Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 2)?, Tensor::cat(&[&vc, &v], 2)?),
+        };
+        *kv = Some((k_all.clone(), v_all.clone()));
+        let total = start + t;
+        // Keys a query can see: [key_start, its own position], further limited by the window.
+        let key_start = layer.window.map_or(0, |w| (start + 1).saturating_sub(w));
+        let k_vis = k_all.narrow(2, key_start, total - key_start)?.squeeze(0)?;
+        let v_vis = v_all.narrow(2, key_start, total - key_start)?.squeeze(0)?;
+        let out = self.attend(&q, &k_vis, &v_vis, start, key_start, layer.window)?;
         Ok(layer.attn.o.forward(&out)?)
     }
 }

@@ -1,0 +1,203 @@
+//! The batched forward over a paged KV cache: several sequences at different positions in one
+//! pass, each with its own block table.
+//!
+//! The batch is flattened to `[T, hidden]`; RoPE takes per-token positions (rows gathered from
+//! the tables); each token's K/V row is written to its slot (`block * block_size + pos %
+//! block_size`) of the per-layer pools; each sequence then attends over the rows its block table
+//! points to. Only the rows that sample go through the output head. Projections, norms, RoPE and
+//! the attention math are the reference model's own, so a differential test against
+//! `Model::forward` checks exactly the paging.
+//!
+//! The pools live in host memory as `f32` rows and attention gathers a sequence's rows into a
+//! contiguous tensor (the "gather + attend" design of `../shared/reference/engine-anchors.md`
+//! §2.7); a fused CPU paged-attention op that reads the blocks in place comes next.
+
+use candle_core::{Module, Tensor};
+
+use super::{Model, ModelConfig};
+use crate::error::{EngineError, Result};
+
+/// Per-layer K and V pools: `[num_blocks * block_size, n_kv_heads * head_dim]` rows of f32.
+#[derive(Debug, Clone)]
+pub struct PagedKv {
+    block_size: usize,
+    num_blocks: usize,
+    row: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl PagedKv {
+    /// Pools of `num_blocks` blocks of `block_size` slots for every layer of `cfg`.
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        let row = cfg.n_kv_heads * cfg.head_dim;
+        let slots = num_blocks * block_size;
+        Self {
+            block_size,
+            num_blocks,
+            row,
+            k: vec![vec![0.0; slots * row]; cfg.n_layers],
+            v: vec![vec![0.0; slots * row]; cfg.n_layers],
+        }
+    }
+
+    /// Slots per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Bytes of KV memory held.
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * self.num_blocks * self.block_size * self.row * 4
+    }
+
+    fn slot(&self, table: &[u32], pos: usize) -> Result<usize> {
+        let block = *table.get(pos / self.block_size).ok_or_else(|| {
+            EngineError::InvalidRequest(format!("the block table does not cover position {pos}"))
+        })? as usize;
+        if block >= self.num_blocks {
+            return Err(EngineError::InvalidRequest(format!(
+                "block {block} is outside the pool"
+            )));
+        }
+        Ok(block * self.block_size + pos % self.block_size)
+    }
+}
+
+/// One sequence's part of a batched step.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSeq<'a> {
+    /// Tokens at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    pub start: usize,
+    /// Blocks covering positions `0..start + tokens.len()`.
+    pub block_table: &'a [u32],
+    /// Return the logits of the last token.
+    pub sample: bool,
+}
+
+impl Model {
+    /// Runs one batched step; returns the logits `[sampling sequences, vocab]` in batch order.
+    pub fn forward_paged(&self, batch: &[BatchSeq<'_>], kv: &mut PagedKv) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for s in batch {
+            if s.tokens.is_empty() {
+                return Err(EngineError::InvalidRequest(
+                    "a batch entry has no tokens".into(),
+                ));
+            }
+            if s.start + s.tokens.len() > cfg.context {
+                return Err(EngineError::PromptTooLong {
+                    prompt_tokens: s.start + s.tokens.len(),
+                    context: cfg.context,
+                });
+            }
+            for (i, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= self.vocab_size {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "token id {t} is outside the vocabulary"
+                    )));
+                }
+                ids.push(t);
+                positions.push((s.start + i) as u32);
+                slots.push(kv.slot(s.block_table, s.start + i)?);
+            }
+        }
+        if ids.is_empty() {
+            return Err(EngineError::InvalidRequest("empty batch".into()));
+        }
+        let dev = &self.device;
+        let pos = Tensor::new(positions.as_slice(), dev)?;
+        let tables: Vec<(Tensor, Tensor)> = self
+            .ropes
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.cos.index_select(&pos, 0)?.contiguous()?,
+                    r.sin.index_select(&pos, 0)?.contiguous()?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let mut x = self.embed.embedding(&Tensor::new(ids.as_slice(), dev)?)?;
+        if cfg.scale_embeddings {
+            x = (x * (cfg.hidden_size as f64).sqrt())?;
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, &x, &mut |l, h| {
+                let (cos, sin) = &tables[l.rope];
+                let (q, k, v) = self.project_qkv(l, h, cos, sin)?;
+                write_rows(&mut kv.k[li], &k, &slots, kv.row)?;
+                write_rows(&mut kv.v[li], &v, &slots, kv.row)?;
+                let mut outs = Vec::with_capacity(batch.len());
+                let mut offset = 0;
+                for s in batch {
+                    let t = s.tokens.len();
+                    let total = s.start + t;
+                    let key_start = l.window.map_or(0, |w| (s.start + 1).saturating_sub(w));
+                    let (kk, vv) = gather(kv, li, s.block_table, key_start, total, cfg)?;
+                    let qs = q.narrow(2, offset, t)?.contiguous()?;
+                    outs.push(self.attend(&qs, &kk, &vv, s.start, key_start, l.window)?);
+                    offset += t;
+                }
+                Ok(l.attn.o.forward(&Tensor::cat(&outs, 0)?)?)
+            })?;
+        }
+        let mut rows = Vec::new();
+        let mut end = 0u32;
+        for s in batch {
+            end += s.tokens.len() as u32;
+            if s.sample {
+                rows.push(end - 1);
+            }
+        }
+        let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
+        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, cfg.rms_eps as f32)?;
+        Ok(self.output.forward(&x)?)
+    }
+}
+
+/// Writes `t`'s rows (`[1, Hkv, T, D]` → one `Hkv*D` row per token) into `pool` at `slots`.
+fn write_rows(pool: &mut [f32], t: &Tensor, slots: &[usize], row: usize) -> Result<()> {
+    let rows = t
+        .squeeze(0)?
+        .transpose(0, 1)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    for (i, &slot) in slots.iter().enumerate() {
+        pool[slot * row..(slot + 1) * row].copy_from_slice(&rows[i * row..(i + 1) * row]);
+    }
+    Ok(())
+}
+
+/// K and V of positions `from..to` of one sequence, as `[Hkv, L, D]`.
+fn gather(
+    kv: &PagedKv,
+    layer: usize,
+    table: &[u32],
+    from: usize,
+    to: usize,
+    cfg: &ModelConfig,
+) -> Result<(Tensor, Tensor)> {
+    let row = kv.row;
+    let n = to - from;
+    let mut k = Vec::with_capacity(n * row);
+    let mut v = Vec::with_capacity(n * row);
+    for pos in from..to {
+        let s = kv.slot(table, pos)?;
+        k.extend_from_slice(&kv.k[layer][s * row..(s + 1) * row]);
+        v.extend_from_slice(&kv.v[layer][s * row..(s + 1) * row]);
+    }
+    let dev = &candle_core::Device::Cpu;
+    let shape = (n, cfg.n_kv_heads, cfg.head_dim);
+    let k = Tensor::from_vec(k, shape, dev)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let v = Tensor::from_vec(v, shape, dev)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    Ok((k, v))
+}
