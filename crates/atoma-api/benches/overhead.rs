@@ -10,14 +10,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoma_api::{AppState, BackendError, BackendEvent, InferenceBackend, InferenceRequest, router};
+use atoma_api::{
+    AppState, BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prepared, router,
+};
 use atoma_crypto::{Keypair, address_hex, blake2b256};
 use atoma_ledger::{Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
 use atoma_state::meter::Meter;
 use axum::body::Body;
 use axum::http::Request;
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
@@ -34,22 +35,18 @@ impl InferenceBackend for Trivial {
     fn queue_depth(&self) -> usize {
         0
     }
-    fn count_prompt_tokens(&self, _: &InferenceRequest) -> Result<u64, BackendError> {
-        Ok(8)
-    }
-    fn generate(
-        &self,
-        _: InferenceRequest,
-    ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
-        Ok(futures_util::stream::iter([
-            BackendEvent::Token("ok".into()),
-            BackendEvent::Done {
-                finish_reason: "stop".into(),
-                prompt_tokens: 8,
-                completion_tokens: 1,
-            },
-        ])
-        .boxed())
+    fn prepare(&self, _: InferenceRequest) -> Result<Prepared, BackendError> {
+        Ok(Prepared::new(8, || {
+            Ok(futures_util::stream::iter([
+                BackendEvent::Token("ok".into()),
+                BackendEvent::Done {
+                    finish_reason: "stop".into(),
+                    prompt_tokens: 8,
+                    completion_tokens: 1,
+                },
+            ])
+            .boxed())
+        }))
     }
 }
 
@@ -118,7 +115,13 @@ fn main() {
                 presence_penalty: 0.0,
                 frequency_penalty: 0.0,
             };
-            let _events: Vec<_> = Trivial.generate(req).unwrap().collect().await;
+            let _events: Vec<_> = Trivial
+                .prepare(req)
+                .unwrap()
+                .start()
+                .unwrap()
+                .collect()
+                .await;
             let dt_bare = t.elapsed().as_secs_f64() * 1e6;
             if i >= 100 {
                 full.push(dt_full);

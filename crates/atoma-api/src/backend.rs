@@ -61,6 +61,42 @@ pub enum BackendError {
     Internal(String),
 }
 
+type Start = Box<dyn FnOnce() -> Result<BoxStream<'static, BackendEvent>, BackendError> + Send>;
+
+/// A request the backend has validated and tokenized but not started: the API reserves compute
+/// units for `prompt_tokens` in between, and the prompt is tokenized only once.
+pub struct Prepared {
+    /// Tokens of the rendered prompt.
+    pub prompt_tokens: u64,
+    start: Start,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("prompt_tokens", &self.prompt_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// A prepared request whose generation `start` begins.
+    pub fn new(
+        prompt_tokens: u64,
+        start: impl FnOnce() -> Result<BoxStream<'static, BackendEvent>, BackendError> + Send + 'static,
+    ) -> Self {
+        Self {
+            prompt_tokens,
+            start: Box::new(start),
+        }
+    }
+
+    /// Starts generating. Dropping the stream cancels the request.
+    pub fn start(self) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+        (self.start)()
+    }
+}
+
 /// An inference engine as the API sees it.
 pub trait InferenceBackend: Send + Sync + 'static {
     /// Names of the models served.
@@ -69,11 +105,6 @@ pub trait InferenceBackend: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// Requests waiting for the engine.
     fn queue_depth(&self) -> usize;
-    /// Number of prompt tokens `req` will have (used to reserve compute units up front).
-    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError>;
-    /// Starts generating. Dropping the stream cancels the request.
-    fn generate(
-        &self,
-        req: InferenceRequest,
-    ) -> Result<BoxStream<'static, BackendEvent>, BackendError>;
+    /// Validates and tokenizes `req`, ready to start.
+    fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError>;
 }

@@ -110,7 +110,8 @@ async fn serve(
     if !backend.models().contains(&req.model) {
         return Err(ApiError::UnknownModel(req.model));
     }
-    let prompt_tokens = backend.count_prompt_tokens(&req)?;
+    let prepared = backend.prepare(req.clone())?;
+    let prompt_tokens = prepared.prompt_tokens;
     let units = prompt_tokens + u64::from(req.max_tokens);
     let meter = s.inner.meter.clone();
     let model = req.model.clone();
@@ -137,7 +138,7 @@ async fn serve(
     .await
     .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
     metrics::queue_depth(backend.queue_depth());
-    let events = backend.generate(req.clone())?;
+    let events = prepared.start()?;
     let meta = stream::Meta {
         id: format!(
             "{}-{}",

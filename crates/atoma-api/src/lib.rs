@@ -26,7 +26,7 @@ use atoma_crypto::Keypair;
 use atoma_state::meter::Meter;
 
 pub use backend::{
-    BackendError, BackendEvent, ChatTurn, InferenceBackend, InferenceRequest, Prompt,
+    BackendError, BackendEvent, ChatTurn, InferenceBackend, InferenceRequest, Prepared, Prompt,
 };
 pub use error::ApiError;
 

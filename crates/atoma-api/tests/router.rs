@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use atoma_api::sign::verify_json;
 use atoma_api::{
-    AppState, BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prompt, router,
+    AppState, BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prepared, Prompt,
+    router,
 };
 use atoma_crypto::{Keypair, blake2b256};
 use atoma_ledger::{Address, Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
@@ -40,7 +41,7 @@ impl InferenceBackend for Trivial {
     fn queue_depth(&self) -> usize {
         0
     }
-    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError> {
+    fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         let text = match &req.prompt {
             Prompt::Chat(turns) => turns
                 .iter()
@@ -49,34 +50,41 @@ impl InferenceBackend for Trivial {
                 .join(" "),
             Prompt::Text(t) => t.clone(),
         };
-        Ok(text.split_whitespace().count() as u64 + 3)
-    }
-    fn generate(
-        &self,
-        req: InferenceRequest,
-    ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
-        if self.overloaded.load(Ordering::Relaxed) {
-            return Err(BackendError::Overloaded);
-        }
-        let prompt = self.count_prompt_tokens(&req)?;
-        let n = (req.max_tokens as usize).min(REPLY.len());
-        let reason = if n == REPLY.len() { "stop" } else { "length" };
+        let prompt = text.split_whitespace().count() as u64 + 3;
+        let overloaded = self.overloaded.load(Ordering::Relaxed);
         let delay = self.delay;
-        let tokens = futures_util::stream::iter(REPLY[..n].iter().map(|t| t.to_string())).then(
-            move |t| async move {
-                tokio::time::sleep(delay).await;
-                BackendEvent::Token(t)
-            },
-        );
-        let done = futures_util::stream::once(async move {
-            BackendEvent::Done {
-                finish_reason: reason.into(),
-                prompt_tokens: prompt,
-                completion_tokens: n as u64,
-            }
-        });
-        Ok(tokens.chain(done).boxed())
+        Ok(Prepared::new(prompt, move || {
+            reply(prompt, req.max_tokens, delay, overloaded)
+        }))
     }
+}
+
+/// The trivial backend's answer stream (or its overload refusal, at start as the engine does).
+fn reply(
+    prompt: u64,
+    max_tokens: u32,
+    delay: Duration,
+    overloaded: bool,
+) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+    if overloaded {
+        return Err(BackendError::Overloaded);
+    }
+    let n = (max_tokens as usize).min(REPLY.len());
+    let reason = if n == REPLY.len() { "stop" } else { "length" };
+    let tokens = futures_util::stream::iter(REPLY[..n].iter().map(|t| t.to_string())).then(
+        move |t| async move {
+            tokio::time::sleep(delay).await;
+            BackendEvent::Token(t)
+        },
+    );
+    let done = futures_util::stream::once(async move {
+        BackendEvent::Done {
+            finish_reason: reason.into(),
+            prompt_tokens: prompt,
+            completion_tokens: n as u64,
+        }
+    });
+    Ok(tokens.chain(done).boxed())
 }
 
 struct Fixture {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use atoma_api::{BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prompt};
+use atoma_api::{BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prepared, Prompt};
 use atoma_engine::{
     ChatMessage, Engine, EngineError, GenerateRequest, GenerationEvent, Role, SamplingParams,
 };
@@ -92,52 +92,58 @@ impl InferenceBackend for EngineBackend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError> {
-        Ok(self.tokens(req)?.len() as u64)
-    }
-
-    fn generate(
-        &self,
-        req: InferenceRequest,
-    ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+    fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         let prompt = self.tokens(&req)?;
-        let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
-        g.stop = req.stop;
-        g.sampling = SamplingParams {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            seed: req.seed.unwrap_or_else(random_seed),
-            ..SamplingParams::default()
-        };
-        let stream = self.engine.submit(g).map_err(map_err)?;
-        let in_flight = self.in_flight.clone();
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlight(in_flight);
-        Ok(
-            futures_util::stream::unfold((stream, Some(guard)), |(mut s, guard)| async move {
-                let guard = guard?;
-                let ev = match s.next().await {
-                    Some(GenerationEvent::Token(t)) => BackendEvent::Token(t.text),
-                    Some(GenerationEvent::Finished(f)) => {
-                        // The held-back tail, then the end (two events from one).
-                        let done = BackendEvent::Done {
-                            finish_reason: f.reason.as_str().to_string(),
-                            prompt_tokens: f.usage.prompt_tokens as u64,
-                            completion_tokens: f.usage.completion_tokens as u64,
-                        };
-                        return Some((vec![BackendEvent::Text(f.text), done], (s, None)));
-                    }
-                    Some(GenerationEvent::Error(e)) => BackendEvent::Error(e.to_string()),
-                    None => return None,
-                };
-                Some((vec![ev], (s, Some(guard))))
-            })
-            .flat_map(futures_util::stream::iter)
-            .boxed(),
-        )
+        let (engine, in_flight) = (self.engine.clone(), self.in_flight.clone());
+        Ok(Prepared::new(prompt.len() as u64, move || {
+            start(&engine, &in_flight, prompt, req)
+        }))
     }
+}
+
+/// Submits a tokenized request to the engine and maps its events to the API's.
+fn start(
+    engine: &Engine,
+    in_flight: &Arc<AtomicUsize>,
+    prompt: Vec<u32>,
+    req: InferenceRequest,
+) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+    let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
+    g.stop = req.stop;
+    g.sampling = SamplingParams {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        seed: req.seed.unwrap_or_else(random_seed),
+        ..SamplingParams::default()
+    };
+    let stream = engine.submit(g).map_err(map_err)?;
+    let in_flight = in_flight.clone();
+    in_flight.fetch_add(1, Ordering::Relaxed);
+    let guard = InFlight(in_flight);
+    Ok(
+        futures_util::stream::unfold((stream, Some(guard)), |(mut s, guard)| async move {
+            let guard = guard?;
+            let ev = match s.next().await {
+                Some(GenerationEvent::Token(t)) => BackendEvent::Token(t.text),
+                Some(GenerationEvent::Finished(f)) => {
+                    // The held-back tail, then the end (two events from one).
+                    let done = BackendEvent::Done {
+                        finish_reason: f.reason.as_str().to_string(),
+                        prompt_tokens: f.usage.prompt_tokens as u64,
+                        completion_tokens: f.usage.completion_tokens as u64,
+                    };
+                    return Some((vec![BackendEvent::Text(f.text), done], (s, None)));
+                }
+                Some(GenerationEvent::Error(e)) => BackendEvent::Error(e.to_string()),
+                None => return None,
+            };
+            Some((vec![ev], (s, Some(guard))))
+        })
+        .flat_map(futures_util::stream::iter)
+        .boxed(),
+    )
 }
 
 /// Counts a request as in flight until its stream ends or is dropped.

@@ -4,8 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use atoma_api::{BackendError, BackendEvent, InferenceBackend, InferenceRequest};
-use futures_util::stream::BoxStream;
+use atoma_api::{BackendError, InferenceBackend, InferenceRequest, Prepared};
 
 /// A backend that becomes ready when `set`.
 #[derive(Clone, Default)]
@@ -60,14 +59,7 @@ impl InferenceBackend for LoadingBackend {
         self.inner.get().map_or(0, |b| b.queue_depth())
     }
 
-    fn count_prompt_tokens(&self, req: &InferenceRequest) -> Result<u64, BackendError> {
-        self.get()?.count_prompt_tokens(req)
-    }
-
-    fn generate(
-        &self,
-        req: InferenceRequest,
-    ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
-        self.get()?.generate(req)
+    fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
+        self.get()?.prepare(req)
     }
 }
