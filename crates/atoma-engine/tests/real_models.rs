@@ -82,24 +82,21 @@ fn gemma3_tokenizer_matches_llama_cpp() {
     check_tokenizer("gemma3");
 }
 
-fn greedy(lm: &LoadedModel, prompt: Vec<u32>, n: usize) -> Vec<u32> {
-    let mut req = GenerateRequest::new(prompt, n);
-    req.sampling = SamplingParams::default();
+/// Token ids `req` generates.
+fn generated(lm: &LoadedModel, req: &GenerateRequest) -> Vec<u32> {
     let mut out = Vec::new();
-    run_generation(
-        lm,
-        &req,
-        &AtomicBool::new(false),
-        Duration::ZERO,
-        &mut |e| {
-            if let GenerationEvent::Token(t) = e {
-                out.push(t.id);
-            }
-            true
-        },
-    )
+    run_generation(lm, req, &AtomicBool::new(false), Duration::ZERO, &mut |e| {
+        if let GenerationEvent::Token(t) = e {
+            out.push(t.id);
+        }
+        true
+    })
     .unwrap();
     out
+}
+
+fn greedy(lm: &LoadedModel, prompt: Vec<u32>, n: usize) -> Vec<u32> {
+    generated(lm, &GenerateRequest::new(prompt, n))
 }
 
 /// Free-running agreement: per prompt, how many leading greedy tokens equal llama.cpp's
@@ -201,21 +198,7 @@ fn seeded_sampling_repeats_exactly_on_a_real_model() {
             seed,
             ..Default::default()
         };
-        let mut out = Vec::new();
-        run_generation(
-            &lm,
-            &req,
-            &AtomicBool::new(false),
-            Duration::ZERO,
-            &mut |e| {
-                if let GenerationEvent::Token(t) = e {
-                    out.push(t.id);
-                }
-                true
-            },
-        )
-        .unwrap();
-        out
+        generated(&lm, &req)
     };
     assert_eq!(run(11), run(11));
     assert_ne!(run(11), run(12));

@@ -19,6 +19,34 @@ fn addr(k: &Keypair) -> Address {
     address_hex(&k.address()).parse().unwrap()
 }
 
+/// A node serving in the background until `stop`.
+struct Running {
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), atoma_node::NodeError>>,
+}
+
+impl Running {
+    async fn start(parts: NodeParts) -> Self {
+        let bound = bind(parts).await.unwrap();
+        let addr = bound.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(bound.serve(async {
+            let _ = stopped.await;
+        }));
+        Self { addr, stop, server }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
+
 /// A node of `node_key` registered and subscribed to a chat task for model `tiny`, and a funded
 /// `user`. Returns (node, task).
 fn market(ledger: &SqliteLedger, node_key: &Keypair, user: &Keypair) -> (NodeSmallId, TaskSmallId) {
@@ -65,7 +93,7 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
     let lm = LoadedModel::load(&gguf, &LoadOptions::default(), &mut |_, _| {}).unwrap();
     let engine = Engine::start(lm, &EngineConfig::default()).unwrap();
     let state = Meter::open(&dir.path().join("state.db"), vec![node]).unwrap();
-    let bound = bind(NodeParts {
+    let node = Running::start(NodeParts {
         backend: Arc::new(EngineBackend::new(engine, "tiny")),
         ledger: ledger.clone(),
         state: state.clone(),
@@ -73,13 +101,9 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
         bind: "127.0.0.1:0".parse().unwrap(),
         poll_interval: Duration::from_millis(50),
     })
-    .await
-    .unwrap();
-    let url = format!("http://{}", bound.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(bound.serve(async {
-        let _ = stopped.await;
-    }));
+    .await;
+    let base = node.base_url();
+    let url = base;
 
     let post = |body: Value| {
         let (url, user) = (url.clone(), user.clone());
@@ -127,8 +151,7 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
             .unwrap();
     assert_eq!(status, 404, "{text}");
 
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    node.stop().await;
 }
 
 /// The node answers 503 while its model loads, then serves.
@@ -137,7 +160,7 @@ async fn health_is_503_until_the_model_is_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Arc::new(SqliteLedger::in_memory().unwrap());
     let loading = atoma_node::LoadingBackend::new(vec!["tiny".into()]);
-    let bound = bind(NodeParts {
+    let node = Running::start(NodeParts {
         backend: Arc::new(loading.clone()),
         ledger,
         state: Meter::in_memory(vec![]).unwrap(),
@@ -145,13 +168,9 @@ async fn health_is_503_until_the_model_is_loaded() {
         bind: "127.0.0.1:0".parse().unwrap(),
         poll_interval: Duration::from_millis(50),
     })
-    .await
-    .unwrap();
-    let url = format!("http://{}/health", bound.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(bound.serve(async {
-        let _ = stopped.await;
-    }));
+    .await;
+    let base = node.base_url();
+    let url = format!("{base}/health");
     let status = |url: String| {
         tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
             Ok(r) => r.status(),
@@ -166,8 +185,7 @@ async fn health_is_503_until_the_model_is_loaded() {
     let engine = Engine::start(lm, &EngineConfig::default()).unwrap();
     loading.set(Arc::new(EngineBackend::new(engine, "tiny")));
     assert_eq!(status(url).await.unwrap(), 200);
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    node.stop().await;
 }
 
 /// A stack bought after the node's last ledger poll is found at once (sync on miss), without
@@ -181,7 +199,7 @@ async fn a_stack_bought_a_moment_ago_is_served_at_once() {
     let gguf = dir.path().join("tiny.gguf");
     write_tiny_gguf(&gguf, &TinySpec::new(Architecture::Llama)).unwrap();
     let lm = LoadedModel::load(&gguf, &LoadOptions::default(), &mut |_, _| {}).unwrap();
-    let bound = bind(NodeParts {
+    let node = Running::start(NodeParts {
         backend: Arc::new(EngineBackend::new(
             Engine::start(lm, &EngineConfig::default()).unwrap(),
             "tiny",
@@ -193,13 +211,9 @@ async fn a_stack_bought_a_moment_ago_is_served_at_once() {
         // The follower would take an hour to notice.
         poll_interval: Duration::from_secs(3600),
     })
-    .await
-    .unwrap();
-    let url = format!("http://{}/v1/chat/completions", bound.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(bound.serve(async {
-        let _ = stopped.await;
-    }));
+    .await;
+    let base = node.base_url();
+    let url = format!("{base}/v1/chat/completions");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let stack = ledger
         .acquire_stack(
@@ -226,6 +240,5 @@ async fn a_stack_bought_a_moment_ago_is_served_at_once() {
     .await
     .unwrap();
     assert_eq!(status, 200);
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    node.stop().await;
 }
