@@ -129,8 +129,8 @@ pub fn run(home: &Home, store: &ModelStore, a: &UpArgs) -> anyhow::Result<()> {
          config: {}\n\n\
          try, in another terminal:\n  \
          atoma {home_flag} chat \"What is the capital of France?\"\n  \
-         $(atoma {home_flag} sign --curl {url}/v1/chat/completions --body \
-         '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}')\n",
+         eval \"$(atoma {home_flag} sign --curl {url}/v1/chat/completions --body \
+         '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}')\"\n",
         cfg_path.display()
     );
     if a.no_run {
