@@ -12,6 +12,7 @@
 
 pub mod config;
 mod paged;
+mod paged_attn;
 mod weights;
 
 use std::sync::Arc;

@@ -8,12 +8,13 @@
 //! the attention math are the reference model's own, so a differential test against
 //! `Model::forward` checks exactly the paging.
 //!
-//! The pools live in host memory as `f32` rows and attention gathers a sequence's rows into a
-//! contiguous tensor (the "gather + attend" design of `../shared/reference/engine-anchors.md`
-//! §2.7); a fused CPU paged-attention op that reads the blocks in place comes next.
+//! The pools live in host memory as `f32` rows; attention (`paged_attn`) reads each sequence's
+//! keys and values in place through its block table, in a fixed order per query row, so a
+//! sequence's output does not depend on the rest of the batch.
 
 use candle_core::{Module, Tensor};
 
+use super::paged_attn::{AttnShape, QueryRow, paged_attention};
 use super::{Model, ModelConfig};
 use crate::error::{EngineError, Result};
 
@@ -95,6 +96,11 @@ impl Model {
                     context: cfg.context,
                 });
             }
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "block {b} is outside the pool"
+                )));
+            }
             for (i, &t) in s.tokens.iter().enumerate() {
                 if t as usize >= self.vocab_size {
                     return Err(EngineError::InvalidRequest(format!(
@@ -125,24 +131,37 @@ impl Model {
         if cfg.scale_embeddings {
             x = (x * (cfg.hidden_size as f64).sqrt())?;
         }
+        let rows: Vec<QueryRow<'_>> = batch
+            .iter()
+            .flat_map(|s| {
+                (s.start..s.start + s.tokens.len()).map(|pos| QueryRow {
+                    pos,
+                    table: s.block_table,
+                })
+            })
+            .collect();
+        let t = ids.len();
+        let (nh, hd) = (cfg.n_heads, cfg.head_dim);
+        let scale = 1.0 / (cfg.attn_scale_dim as f32).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(layer, &x, &mut |l, h| {
                 let (cos, sin) = &tables[l.rope];
                 let (q, k, v) = self.project_qkv(l, h, cos, sin)?;
                 write_rows(&mut kv.k[li], &k, &slots, kv.row)?;
                 write_rows(&mut kv.v[li], &v, &slots, kv.row)?;
-                let mut outs = Vec::with_capacity(batch.len());
-                let mut offset = 0;
-                for s in batch {
-                    let t = s.tokens.len();
-                    let total = s.start + t;
-                    let key_start = l.window.map_or(0, |w| (s.start + 1).saturating_sub(w));
-                    let (kk, vv) = gather(kv, li, s.block_table, key_start, total, cfg)?;
-                    let qs = q.narrow(2, offset, t)?.contiguous()?;
-                    outs.push(self.attend(&qs, &kk, &vv, s.start, key_start, l.window)?);
-                    offset += t;
-                }
-                Ok(l.attn.o.forward(&Tensor::cat(&outs, 0)?)?)
+                let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let shape = AttnShape {
+                    n_heads: nh,
+                    n_kv_heads: cfg.n_kv_heads,
+                    head_dim: hd,
+                    block_size: kv.block_size,
+                    scale,
+                    window: l.window,
+                };
+                let mut out = vec![0f32; t * nh * hd];
+                paged_attention(&shape, &q, &rows, &kv.k[li], &kv.v[li], &mut out);
+                let out = Tensor::from_vec(out, (t, nh * hd), dev)?;
+                Ok(l.attn.o.forward(&out)?)
             })?;
         }
         let mut rows = Vec::new();
@@ -171,33 +190,4 @@ fn write_rows(pool: &mut [f32], t: &Tensor, slots: &[usize], row: usize) -> Resu
         pool[slot * row..(slot + 1) * row].copy_from_slice(&rows[i * row..(i + 1) * row]);
     }
     Ok(())
-}
-
-/// K and V of positions `from..to` of one sequence, as `[Hkv, L, D]`.
-fn gather(
-    kv: &PagedKv,
-    layer: usize,
-    table: &[u32],
-    from: usize,
-    to: usize,
-    cfg: &ModelConfig,
-) -> Result<(Tensor, Tensor)> {
-    let row = kv.row;
-    let n = to - from;
-    let mut k = Vec::with_capacity(n * row);
-    let mut v = Vec::with_capacity(n * row);
-    for pos in from..to {
-        let s = kv.slot(table, pos)?;
-        k.extend_from_slice(&kv.k[layer][s * row..(s + 1) * row]);
-        v.extend_from_slice(&kv.v[layer][s * row..(s + 1) * row]);
-    }
-    let dev = &candle_core::Device::Cpu;
-    let shape = (n, cfg.n_kv_heads, cfg.head_dim);
-    let k = Tensor::from_vec(k, shape, dev)?
-        .transpose(0, 1)?
-        .contiguous()?;
-    let v = Tensor::from_vec(v, shape, dev)?
-        .transpose(0, 1)?
-        .contiguous()?;
-    Ok((k, v))
 }
