@@ -1,31 +1,81 @@
-//! The engine handle: a worker thread that owns the compute, fed through a bounded queue.
+//! The serving engine: one worker thread running continuous batching over a paged KV cache.
 //!
-//! `Engine::submit` tokenizes nothing and blocks on nothing: it validates the request, puts it
-//! in the queue (a full queue is `EngineError::Overloaded`) and returns a `GenerationStream`.
-//! Dropping the stream cancels the request: the worker notices the closed channel at the next
-//! token and moves on. `GenerationStream::cancel` instead ends it with `FinishReason::Cancelled`.
+//! `Engine::submit` validates a request, counts it against the bounded waiting queue (one too
+//! many is `EngineError::Overloaded`) and returns a `GenerationStream`. The worker loop:
+//!
+//! 1. takes new requests into the `atoma_scheduler::Scheduler`;
+//! 2. drops requests whose stream was dropped or cancelled (their KV blocks are freed at once);
+//! 3. asks the scheduler for a step plan (decodes first, then prefill chunks, prefix-cache hits,
+//!    preemption when blocks run out) and runs it as one `Model::forward_paged` pass;
+//! 4. samples each sampling row with its request's own seeded sampler, emits token events, and
+//!    reports sampled tokens and finished requests back to the scheduler.
+//!
+//! A request's tokens do not depend on the rest of the batch: every per-row operation of the
+//! forward pass (quantized matmuls, norms, paged attention) computes a row the same way whatever
+//! else is in the pass, and each request has its own sampler. Preempted requests are recomputed
+//! from their tokens and keep their sampler, so preemption does not change their output either.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
+use std::sync::Mutex;
+
+use atoma_scheduler::{BlockPool, Scheduler, SchedulerConfig, SchedulerStats, SeqId, StepResult};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::error::{EngineError, Result};
-use crate::generate::{GenerateRequest, GenerationEvent, run_generation};
+use crate::generate::{FinishReason, GenerateRequest, Generation, GenerationEvent, validate};
 use crate::loaded::LoadedModel;
+use crate::model::{BatchSeq, PagedKv};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Requests that may wait for the worker; one more is refused as overloaded.
+    /// Requests that may wait to start; one more is refused as overloaded.
     pub queue_capacity: usize,
+    /// Requests generating at once.
+    pub max_num_seqs: usize,
+    /// Tokens in one forward pass (decodes plus prefill chunks).
+    pub max_num_batched_tokens: usize,
+    /// Memory for the paged KV cache, in MiB. It always holds at least one full context.
+    pub kv_cache_mib: usize,
+    /// Exact number of KV blocks, overriding `kv_cache_mib` (tests and experiments).
+    pub kv_cache_blocks: Option<usize>,
+    /// Token slots per KV block.
+    pub block_size: usize,
+    /// Compute a prompt prefix shared by several requests once.
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { queue_capacity: 64 }
+        Self {
+            queue_capacity: 64,
+            max_num_seqs: 32,
+            max_num_batched_tokens: 512,
+            kv_cache_mib: 512,
+            kv_cache_blocks: None,
+            block_size: 16,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Number of KV blocks for `model` under this budget (at least one context's worth, unless
+    /// `kv_cache_blocks` says exactly).
+    pub fn kv_blocks(&self, model: &LoadedModel) -> usize {
+        let cfg = model.model.config();
+        if let Some(n) = self.kv_cache_blocks {
+            return n.max(1);
+        }
+        let per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4;
+        let per_block = per_token * self.block_size.max(1);
+        let budget = self.kv_cache_mib * 1024 * 1024 / per_block.max(1);
+        budget.max(cfg.context.div_ceil(self.block_size.max(1)))
     }
 }
 
@@ -40,8 +90,23 @@ struct Job {
 #[derive(Clone)]
 pub struct Engine {
     model: Arc<LoadedModel>,
-    jobs: SyncSender<Job>,
+    jobs: Sender<Job>,
+    waiting: Arc<AtomicUsize>,
     capacity: usize,
+    /// Tokens the KV pool holds; a request's prompt plus output must fit.
+    kv_tokens: usize,
+    stats: Arc<Mutex<EngineStats>>,
+}
+
+/// What the engine has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub scheduler: SchedulerStats,
+    /// Requests generating now.
+    pub running: usize,
+    /// KV blocks held by requests (free blocks kept for the prefix cache not included).
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -49,26 +114,64 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("model", &self.model.info.name)
             .field("capacity", &self.capacity)
+            .field("kv_tokens", &self.kv_tokens)
             .finish()
     }
 }
 
 impl Engine {
-    /// Starts the worker thread for `model`.
+    /// Allocates the KV cache and starts the worker thread for `model`.
     pub fn start(model: LoadedModel, cfg: &EngineConfig) -> Result<Self> {
+        if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
+            return Err(EngineError::InvalidRequest(
+                "block_size, max_num_seqs and max_num_batched_tokens must be at least 1".into(),
+            ));
+        }
         let model = Arc::new(model);
-        let (jobs, rx) = sync_channel::<Job>(cfg.queue_capacity);
-        let worker_model = model.clone();
+        let blocks = cfg.kv_blocks(&model);
+        let kv = PagedKv::new(model.model.config(), blocks, cfg.block_size);
+        tracing::info!(
+            blocks,
+            block_size = cfg.block_size,
+            tokens = blocks * cfg.block_size,
+            mib = kv.bytes() / (1024 * 1024),
+            "KV cache allocated"
+        );
+        let sched = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_num_seqs: cfg.max_num_seqs,
+                // The submit-side counter bounds the queue; the scheduler never refuses.
+                max_waiting: usize::MAX,
+                enable_prefix_caching: cfg.enable_prefix_caching,
+            },
+            BlockPool::new(blocks, cfg.block_size),
+        );
+        let (jobs, rx) = channel::<Job>();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let mut worker = Worker {
+            model: model.clone(),
+            sched,
+            kv,
+            active: HashMap::new(),
+            next_id: 0,
+            waiting: waiting.clone(),
+            stats: stats.clone(),
+        };
         std::thread::Builder::new()
             .name("atoma-engine".into())
-            .spawn(move || worker(&worker_model, &rx))
+            .spawn(move || worker.run(&rx))
             .map_err(|e| {
                 EngineError::InvalidRequest(format!("cannot start the engine thread: {e}"))
             })?;
         Ok(Self {
             model,
             jobs,
+            waiting,
             capacity: cfg.queue_capacity,
+            kv_tokens: blocks * cfg.block_size,
+            stats,
         })
     }
 
@@ -77,16 +180,35 @@ impl Engine {
         &self.model
     }
 
+    /// Totals and gauges of the worker (updated after every step).
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Requests accepted but not yet started.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// Queues a request; events arrive on the returned stream.
     pub fn submit(&self, req: GenerateRequest) -> Result<GenerationStream> {
-        let context = self.model.model.config().context;
-        if req.prompt.len() >= context {
+        validate(&req, self.model.model.config().context)?;
+        if req.prompt.len() >= self.kv_tokens {
             return Err(EngineError::PromptTooLong {
                 prompt_tokens: req.prompt.len(),
-                context,
+                context: self.kv_tokens,
             });
         }
-        req.sampling.validate()?;
+        let accepted = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < self.capacity).then_some(w + 1)
+            });
+        if accepted.is_err() {
+            return Err(EngineError::Overloaded {
+                capacity: self.capacity,
+            });
+        }
         let (tx, rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let prompt_tokens = req.prompt.len();
@@ -96,35 +218,213 @@ impl Engine {
             cancel: cancel.clone(),
             enqueued: Instant::now(),
         };
-        match self.jobs.try_send(job) {
-            Ok(()) => Ok(GenerationStream {
-                events: rx,
-                cancel,
-                prompt_tokens,
-            }),
-            Err(TrySendError::Full(_)) => Err(EngineError::Overloaded {
-                capacity: self.capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(EngineError::ShutDown),
+        if self.jobs.send(job).is_err() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::ShutDown);
         }
+        Ok(GenerationStream {
+            events: rx,
+            cancel,
+            prompt_tokens,
+        })
     }
 }
 
-fn worker(model: &LoadedModel, jobs: &Receiver<Job>) {
-    while let Ok(job) = jobs.recv() {
-        if job.events.is_closed() {
-            continue;
+/// One request inside the worker.
+struct Active {
+    generation: Generation,
+    events: UnboundedSender<GenerationEvent>,
+    cancel: Arc<AtomicBool>,
+    enqueued: Instant,
+    /// Whether it has left the waiting queue (its first pass was planned).
+    started: bool,
+}
+
+struct Worker {
+    model: Arc<LoadedModel>,
+    sched: Scheduler,
+    kv: PagedKv,
+    active: HashMap<SeqId, Active>,
+    next_id: SeqId,
+    waiting: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+}
+
+impl Worker {
+    fn run(&mut self, jobs: &Receiver<Job>) {
+        loop {
+            if self.active.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => self.admit(job),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                self.admit(job);
+            }
+            self.drop_cancelled();
+            if !self.active.is_empty() {
+                self.step();
+            }
         }
-        let queued = job.enqueued.elapsed();
-        let events = job.events.clone();
-        let mut emit = |e: GenerationEvent| job.events.send(e).is_ok() && !job.events.is_closed();
-        let res = run_generation(model, &job.req, &job.cancel, queued, &mut emit);
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "generation failed");
-            let _ = events.send(GenerationEvent::Error(e));
+        tracing::debug!("engine worker stopped");
+    }
+
+    fn admit(&mut self, job: Job) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let context = self.model.model.config().context;
+        let kv_tokens = self.sched.pool().num_blocks() * self.sched.pool().block_size();
+        let max_new = context.min(kv_tokens) - job.req.prompt.len();
+        if let Err(e) = self.sched.add(id, job.req.prompt.clone()) {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            let _ = job
+                .events
+                .send(GenerationEvent::Error(EngineError::InvalidRequest(
+                    e.to_string(),
+                )));
+            return;
+        }
+        let active = Active {
+            generation: Generation::new(&self.model, &job.req, max_new),
+            events: job.events,
+            cancel: job.cancel,
+            enqueued: job.enqueued,
+            started: false,
+        };
+        self.active.insert(id, active);
+    }
+
+    /// Removes a request: frees its blocks, and releases its waiting-queue place if it had not
+    /// started.
+    fn remove(&mut self, id: SeqId) -> Option<Active> {
+        self.sched.abort(id);
+        let a = self.active.remove(&id)?;
+        if !a.started {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(a)
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.events.is_closed() || a.cancel.load(Ordering::Relaxed))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            if let Some(mut a) = self.remove(id)
+                && !a.events.is_closed()
+            {
+                let f = a.generation.finish(FinishReason::Cancelled);
+                let _ = a.events.send(GenerationEvent::Finished(f));
+            }
         }
     }
-    tracing::debug!("engine worker stopped");
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule();
+        if plan.items.is_empty() {
+            // Nothing can run: not even one block is free for the oldest waiting request, and
+            // nothing runs that could free one. This cannot happen with a pool of at least one
+            // context; fail the waiting requests rather than spin.
+            let ids: Vec<SeqId> = self.active.keys().copied().collect();
+            for id in ids {
+                if let Some(a) = self.remove(id) {
+                    let _ = a
+                        .events
+                        .send(GenerationEvent::Error(EngineError::InvalidRequest(
+                            "the KV cache cannot hold this request".into(),
+                        )));
+                }
+            }
+            return;
+        }
+        for item in &plan.items {
+            if let Some(a) = self.active.get_mut(&item.seq)
+                && !a.started
+            {
+                a.started = true;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                a.generation.start(a.enqueued.elapsed());
+            }
+        }
+        let batch: Vec<BatchSeq<'_>> = plan
+            .items
+            .iter()
+            .map(|it| BatchSeq {
+                tokens: &it.tokens,
+                start: it.start,
+                block_table: &it.block_table,
+                sample: it.sample,
+            })
+            .collect();
+        let logits = self
+            .model
+            .model
+            .forward_paged(&batch, &mut self.kv)
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed");
+                let msg = e.to_string();
+                for item in &plan.items {
+                    if let Some(a) = self.remove(item.seq) {
+                        let _ = a
+                            .events
+                            .send(GenerationEvent::Error(EngineError::InvalidRequest(
+                                format!("forward pass failed: {msg}"),
+                            )));
+                    }
+                }
+                return;
+            }
+        };
+        let mut results = Vec::with_capacity(plan.items.len());
+        let mut rows = logits.iter();
+        for item in plan.items.iter().filter(|it| it.sample) {
+            let Some(row) = rows.next() else { break };
+            let Some(a) = self.active.get_mut(&item.seq) else {
+                continue;
+            };
+            let (event, done) = a.generation.step(&self.model, row);
+            let token = event.id;
+            let alive = a.events.send(GenerationEvent::Token(event)).is_ok();
+            let finished = match (alive, done) {
+                (false, _) => true,
+                (true, Some(reason)) => {
+                    let f = a.generation.finish(reason);
+                    let _ = a.events.send(GenerationEvent::Finished(f));
+                    true
+                }
+                (true, None) => false,
+            };
+            if finished {
+                self.active.remove(&item.seq);
+            }
+            results.push(StepResult {
+                seq: item.seq,
+                sampled: Some(token),
+                finished,
+            });
+        }
+        self.sched.complete(&plan, &results);
+        self.publish_stats();
+    }
+
+    fn publish_stats(&self) {
+        let pool = self.sched.pool();
+        if let Ok(mut s) = self.stats.lock() {
+            *s = EngineStats {
+                scheduler: self.sched.stats(),
+                running: self.sched.num_running(),
+                kv_blocks_used: pool.num_blocks() - pool.num_free(),
+                kv_blocks_total: pool.num_blocks(),
+            };
+        }
+    }
 }
 
 /// The events of one request.

@@ -119,9 +119,123 @@ pub enum GenerationEvent {
     Error(EngineError),
 }
 
-/// Runs `req` to completion on `lm`, calling `emit` for each event. `emit` returns false when
-/// nobody listens any more; generation then stops without a `Finished` event. Setting `cancel`
-/// ends it with `FinishReason::Cancelled`.
+/// The per-request state between forward passes: sampler, stop matching, incremental
+/// detokenization, counts and timings. The reference loop (`run_generation`) and the batching
+/// engine both drive it, so a request behaves the same in either.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    sampler: Sampler,
+    stops: StopMatcher,
+    decoder: DecodeStream,
+    /// Prompt and generated tokens (for penalties).
+    context_ids: Vec<TokenId>,
+    eog: Vec<TokenId>,
+    stop_token_ids: Vec<TokenId>,
+    ignore_eos: bool,
+    top_logprobs: usize,
+    max_new: usize,
+    usage: Usage,
+    seed: u64,
+    started: Instant,
+    queued: Duration,
+    first_token_at: Option<Instant>,
+}
+
+impl Generation {
+    /// State for `req`, which may generate at most `max_new` tokens.
+    pub(crate) fn new(lm: &LoadedModel, req: &GenerateRequest, max_new: usize) -> Self {
+        Self {
+            sampler: Sampler::new(req.sampling.clone()),
+            stops: StopMatcher::new(req.stop.clone()),
+            decoder: DecodeStream::new(),
+            context_ids: req.prompt.clone(),
+            eog: lm.tokenizer.special().end_of_generation.clone(),
+            stop_token_ids: req.stop_token_ids.clone(),
+            ignore_eos: req.ignore_eos,
+            top_logprobs: req.top_logprobs,
+            max_new: max_new.min(req.max_tokens),
+            usage: Usage {
+                prompt_tokens: req.prompt.len(),
+                completion_tokens: 0,
+            },
+            seed: req.sampling.seed,
+            started: Instant::now(),
+            queued: Duration::ZERO,
+            first_token_at: None,
+        }
+    }
+
+    /// Marks the start of computation, after `queued` in the queue.
+    pub(crate) fn start(&mut self, queued: Duration) {
+        self.started = Instant::now();
+        self.queued = queued;
+    }
+
+    /// Samples the next token from `logits`; returns its event and, when the request is done,
+    /// why.
+    pub(crate) fn step(
+        &mut self,
+        lm: &LoadedModel,
+        logits: &[f32],
+    ) -> (TokenEvent, Option<FinishReason>) {
+        let s = self
+            .sampler
+            .sample(logits, &self.context_ids, self.top_logprobs);
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.sampler.observe(s.token);
+        self.context_ids.push(s.token);
+        self.usage.completion_tokens += 1;
+        let is_stop_token = (!self.ignore_eos && self.eog.contains(&s.token))
+            || self.stop_token_ids.contains(&s.token);
+        let piece = if is_stop_token {
+            String::new()
+        } else {
+            self.decoder.push(&lm.tokenizer, s.token)
+        };
+        let (text, hit) = self.stops.push(&piece);
+        let reason = if is_stop_token || hit {
+            Some(FinishReason::Stop)
+        } else if self.usage.completion_tokens >= self.max_new {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let event = TokenEvent {
+            id: s.token,
+            text,
+            logprob: s.logprob,
+            top_logprobs: s.top,
+        };
+        (event, reason)
+    }
+
+    /// The closing event: releases held-back text (unless a stop string cut it).
+    pub(crate) fn finish(&mut self, reason: FinishReason) -> Finished {
+        let text = if reason == FinishReason::Stop && self.stops.hit {
+            String::new()
+        } else {
+            let rest = self.decoder.finish();
+            self.stops.push(&rest);
+            self.stops.flush()
+        };
+        let first = self.first_token_at.unwrap_or_else(Instant::now);
+        Finished {
+            reason,
+            text,
+            usage: self.usage,
+            timings: Timings {
+                queued: self.queued,
+                prefill: first.duration_since(self.started),
+                decode: first.elapsed(),
+            },
+            seed: self.seed,
+        }
+    }
+}
+
+/// Runs `req` to completion on `lm` with the single-sequence reference model, calling `emit`
+/// for each event. `emit` returns false when nobody listens any more; generation then stops
+/// without a `Finished` event. Setting `cancel` ends it with `FinishReason::Cancelled`.
 pub fn run_generation(
     lm: &LoadedModel,
     req: &GenerateRequest,
@@ -131,11 +245,8 @@ pub fn run_generation(
 ) -> Result<()> {
     let context = lm.model.config().context;
     validate(req, context)?;
-    let t0 = Instant::now();
-    let mut timings = Timings {
-        queued,
-        ..Default::default()
-    };
+    let mut generation = Generation::new(lm, req, context - req.prompt.len());
+    generation.start(queued);
     let mut cache = KvCache::default();
     let mut logits = None;
     for chunk in req.prompt.chunks(PREFILL_CHUNK) {
@@ -144,17 +255,6 @@ pub fn run_generation(
         }
         logits = Some(lm.model.forward(chunk, &mut cache)?);
     }
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let mut stops = StopMatcher::new(&req.stop);
-    let mut decoder = DecodeStream::new();
-    let mut context_ids = req.prompt.clone();
-    let eog = &lm.tokenizer.special().end_of_generation;
-    let max_new = req.max_tokens.min(context - req.prompt.len());
-    let mut usage = Usage {
-        prompt_tokens: req.prompt.len(),
-        completion_tokens: 0,
-    };
-    let mut first_token_at = None;
     let reason = loop {
         let Some(l) = logits.take() else {
             break FinishReason::Cancelled;
@@ -162,58 +262,21 @@ pub fn run_generation(
         if cancel.load(Ordering::Relaxed) {
             break FinishReason::Cancelled;
         }
-        let l = l.to_vec1::<f32>()?;
-        let s = sampler.sample(&l, &context_ids, req.top_logprobs);
-        first_token_at.get_or_insert_with(Instant::now);
-        sampler.observe(s.token);
-        context_ids.push(s.token);
-        usage.completion_tokens += 1;
-        let is_stop_token =
-            (!req.ignore_eos && eog.contains(&s.token)) || req.stop_token_ids.contains(&s.token);
-        let piece = if is_stop_token {
-            String::new()
-        } else {
-            decoder.push(&lm.tokenizer, s.token)
-        };
-        let (text, hit) = stops.push(&piece);
-        let alive = emit(GenerationEvent::Token(TokenEvent {
-            id: s.token,
-            text,
-            logprob: s.logprob,
-            top_logprobs: s.top,
-        }));
-        if !alive {
+        let (event, done) = generation.step(lm, &l.to_vec1::<f32>()?);
+        let token = event.id;
+        if !emit(GenerationEvent::Token(event)) {
             return Ok(());
         }
-        if is_stop_token || hit {
-            break FinishReason::Stop;
+        if let Some(reason) = done {
+            break reason;
         }
-        if usage.completion_tokens >= max_new {
-            break FinishReason::Length;
-        }
-        logits = Some(lm.model.forward(&[s.token], &mut cache)?);
+        logits = Some(lm.model.forward(&[token], &mut cache)?);
     };
-    let tail = if reason == FinishReason::Stop && stops.hit {
-        String::new()
-    } else {
-        let rest = decoder.finish();
-        stops.push(&rest);
-        stops.flush()
-    };
-    let first = first_token_at.unwrap_or_else(Instant::now);
-    timings.prefill = first.duration_since(t0);
-    timings.decode = first.elapsed();
-    emit(GenerationEvent::Finished(Finished {
-        reason,
-        text: tail,
-        usage,
-        timings,
-        seed: req.sampling.seed,
-    }));
+    emit(GenerationEvent::Finished(generation.finish(reason)));
     Ok(())
 }
 
-fn validate(req: &GenerateRequest, context: usize) -> Result<()> {
+pub(crate) fn validate(req: &GenerateRequest, context: usize) -> Result<()> {
     if req.prompt.is_empty() {
         return Err(EngineError::InvalidRequest("the prompt is empty".into()));
     }
@@ -238,15 +301,15 @@ fn validate(req: &GenerateRequest, context: usize) -> Result<()> {
 
 /// Finds stop strings in streamed text, holding back what could still become one.
 #[derive(Debug)]
-struct StopMatcher<'a> {
-    stops: &'a [String],
+struct StopMatcher {
+    stops: Vec<String>,
     /// Text received but not yet released.
     held: String,
     hit: bool,
 }
 
-impl<'a> StopMatcher<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl StopMatcher {
+    fn new(stops: Vec<String>) -> Self {
         Self {
             stops,
             held: String::new(),
@@ -302,7 +365,7 @@ mod tests {
     #[test]
     fn stop_strings_are_held_back_and_cut() {
         let stops = vec!["END".to_string()];
-        let mut m = StopMatcher::new(&stops);
+        let mut m = StopMatcher::new(stops);
         assert_eq!(m.push("abc E"), ("abc ".to_string(), false));
         assert_eq!(m.push("N"), (String::new(), false));
         assert_eq!(m.push("Dxyz"), (String::new(), true));
@@ -311,7 +374,7 @@ mod tests {
     #[test]
     fn false_alarm_is_released() {
         let stops = vec!["END".to_string()];
-        let mut m = StopMatcher::new(&stops);
+        let mut m = StopMatcher::new(stops);
         assert_eq!(m.push("E"), (String::new(), false));
         assert_eq!(m.push("X"), ("EX".to_string(), false));
         assert_eq!(m.push("EN"), (String::new(), false));

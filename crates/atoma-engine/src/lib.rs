@@ -19,7 +19,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, Role};
-pub use engine::{Engine, EngineConfig, GenerationStream};
+pub use engine::{Engine, EngineConfig, EngineStats, GenerationStream};
 pub use error::{EngineError, Result};
 pub use generate::{
     FinishReason, Finished, GenerateRequest, GenerationEvent, Timings, TokenEvent, Usage,

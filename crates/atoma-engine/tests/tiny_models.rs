@@ -266,8 +266,15 @@ fn cancellation_and_dropped_listeners_stop_generation() {
 fn engine_streams_and_refuses_when_the_queue_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let lm = load(&write(dir.path(), &TinySpec::new(Architecture::Qwen2)));
-    let engine =
-        atoma_engine::Engine::start(lm, &atoma_engine::EngineConfig { queue_capacity: 1 }).unwrap();
+    let engine = atoma_engine::Engine::start(
+        lm,
+        &atoma_engine::EngineConfig {
+            queue_capacity: 1,
+            max_num_seqs: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut req = GenerateRequest::new(prompt(4), 200);
     req.ignore_eos = true;
     // Fill the worker and the queue; with capacity 1 a third request must be refused.

@@ -14,5 +14,6 @@ pub mod scheduler;
 
 pub use block_pool::{BlockId, BlockPool};
 pub use scheduler::{
-    PlanItem, Scheduler, SchedulerConfig, SchedulerError, SeqId, StepPlan, StepResult,
+    PlanItem, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqId, StepPlan,
+    StepResult,
 };

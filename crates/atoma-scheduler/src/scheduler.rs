@@ -115,6 +115,18 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     /// Running sequences, oldest first.
     running: Vec<SeqId>,
+    stats: SchedulerStats,
+}
+
+/// Running totals, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Planned steps.
+    pub steps: u64,
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub prefix_hit_tokens: u64,
+    /// Sequences preempted (to be recomputed).
+    pub preemptions: u64,
 }
 
 impl Scheduler {
@@ -126,12 +138,18 @@ impl Scheduler {
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            stats: SchedulerStats::default(),
         }
     }
 
     /// The block pool.
     pub fn pool(&self) -> &BlockPool {
         &self.pool
+    }
+
+    /// Totals since the start.
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -244,6 +262,7 @@ impl Scheduler {
                     seq.blocks.push(block);
                     seq.hashes.push(hash);
                     seq.computed += bs;
+                    self.stats.prefix_hit_tokens += bs as u64;
                 }
                 None => break,
             }
@@ -265,6 +284,7 @@ impl Scheduler {
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        self.stats.steps += 1;
         // 1. Decodes, oldest first; preempt the newest when out of blocks.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -280,6 +300,7 @@ impl Scheduler {
                 let victim = *self.running.last().unwrap_or(&id);
                 self.preempt(victim);
                 plan.preempted.push(victim);
+                self.stats.preemptions += 1;
                 if victim == id {
                     break;
                 }

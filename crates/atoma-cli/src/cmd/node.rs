@@ -63,7 +63,16 @@ pub struct EngineSection {
     /// Name the API serves it under (must match the task's model); default from the catalog.
     pub name: Option<String>,
     pub max_context: usize,
+    /// Requests that may wait to start; one more gets HTTP 429.
     pub queue_capacity: usize,
+    /// Requests generating at once (continuous batching).
+    pub max_num_seqs: usize,
+    /// Tokens per forward pass (decodes plus prefill chunks).
+    pub max_num_batched_tokens: usize,
+    /// Paged KV cache memory in MiB (at least one full context is always allocated).
+    pub kv_cache_mib: usize,
+    /// Compute a prompt prefix shared by several requests once.
+    pub prefix_caching: bool,
 }
 
 impl Default for NodeSection {
@@ -100,6 +109,10 @@ impl Default for EngineSection {
             name: None,
             max_context: 4096,
             queue_capacity: 64,
+            max_num_seqs: 32,
+            max_num_batched_tokens: 512,
+            kv_cache_mib: 512,
+            prefix_caching: true,
         }
     }
 }
@@ -147,6 +160,9 @@ impl Config {
         }
         if cfg.engine.max_context < 16 || cfg.engine.queue_capacity == 0 {
             bail!("engine.max_context must be at least 16 and engine.queue_capacity at least 1");
+        }
+        if cfg.engine.max_num_seqs == 0 || cfg.engine.max_num_batched_tokens == 0 {
+            bail!("engine.max_num_seqs and engine.max_num_batched_tokens must be at least 1");
         }
         Ok(cfg)
     }
@@ -233,7 +249,14 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         bind: cfg.api.bind,
         poll_interval: Duration::from_millis(cfg.ledger.poll_interval_ms.max(10)),
     };
-    let queue_capacity = cfg.engine.queue_capacity;
+    let engine_cfg = EngineConfig {
+        queue_capacity: cfg.engine.queue_capacity,
+        max_num_seqs: cfg.engine.max_num_seqs,
+        max_num_batched_tokens: cfg.engine.max_num_batched_tokens,
+        kv_cache_mib: cfg.engine.kv_cache_mib,
+        enable_prefix_caching: cfg.engine.prefix_caching,
+        ..EngineConfig::default()
+    };
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let load_name = name.clone();
     let loader = move || {
@@ -242,7 +265,7 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
                 "{} ({:?}, {} layers)",
                 lm.info.name, lm.info.config.arch, lm.info.config.n_layers
             );
-            let engine = Engine::start(lm, &EngineConfig { queue_capacity })?;
+            let engine = Engine::start(lm, &engine_cfg)?;
             backend.set(Arc::new(EngineBackend::new(engine, load_name.clone())));
             eprintln!("model loaded: {info}, served as `{load_name}`");
             Ok(())
