@@ -17,12 +17,12 @@ mod weights;
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, Module, Tensor};
 
 pub use config::{Activation, Architecture, ModelConfig};
 pub use paged::{BatchSeq, PagedKv};
-use weights::WeightLoader;
+use weights::{Linear, WeightLoader};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -49,23 +49,23 @@ struct Attention {
     /// Either separate Q, K, V projections or one fused QKV projection (Phi-3).
     qkv: Projection,
     bias: Option<(Tensor, Tensor, Tensor)>,
-    o: QMatMul,
+    o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
 }
 
 enum Projection {
-    Separate(QMatMul, QMatMul, QMatMul),
-    Fused(QMatMul),
+    Separate(Linear, Linear, Linear),
+    Fused(Linear),
 }
 
 enum Mlp {
     Separate {
-        gate: QMatMul,
-        up: QMatMul,
+        gate: Linear,
+        up: Linear,
     },
     /// Phi-3: one `ffn_up` whose first half is the gate.
-    FusedGateUp(QMatMul),
+    FusedGateUp(Linear),
 }
 
 struct Layer {
@@ -74,7 +74,7 @@ struct Layer {
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     mlp: Mlp,
-    down: QMatMul,
+    down: Linear,
     post_ffn_norm: Option<Tensor>,
     rope: usize,
     window: Option<usize>,
@@ -91,7 +91,7 @@ pub struct Model {
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     ropes: Vec<Rope>,
     device: Device,
     vocab_size: usize,
@@ -156,7 +156,7 @@ impl Model {
             w.matmul("output.weight", vocab_size, h)?
         } else {
             // Tied embeddings: the output head shares the embedding's quantized matrix.
-            QMatMul::from_arc(embed.clone())?
+            Linear::new(embed.clone())?
         };
         let norm = w.vector("output_norm.weight", h)?;
         let mut ropes: Vec<(f32, Rope)> = Vec::new();
@@ -221,7 +221,7 @@ impl Model {
                 post_attn_norm: w.opt_vector(&p("post_attention_norm.weight"), h)?,
                 ffn_norm: w.vector(&p("ffn_norm.weight"), h)?,
                 mlp,
-                down: QMatMul::from_arc(Arc::new(ffn_down))?,
+                down: Linear::new(Arc::new(ffn_down))?,
                 post_ffn_norm: w.opt_vector(&p("post_ffw_norm.weight"), h)?,
                 rope,
                 window: cfg.layer_window(i),

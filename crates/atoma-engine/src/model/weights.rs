@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -48,10 +48,10 @@ impl WeightLoader<'_> {
     }
 
     /// Reads a matrix used as `x @ W^T`, checking its `[out, in]` shape.
-    pub fn matmul(&mut self, name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
+    pub fn matmul(&mut self, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
         let t = self.qtensor(name)?;
         check_shape(name, t.shape().dims(), &[out_dim, in_dim])?;
-        Ok(QMatMul::from_arc(Arc::new(t))?)
+        Linear::new(Arc::new(t))
     }
 
     /// Reads a vector (norm weight or bias) as f32.
@@ -93,5 +93,38 @@ pub(crate) fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> R
             expected: expected.to_vec(),
             actual: actual.to_vec(),
         })
+    }
+}
+
+/// A quantized `x @ W^T` whose result for a row never depends on the other rows.
+///
+/// candle 0.11.1 runs Q6_K through repacked tiles when there are several rows and through the
+/// compact kernel for one row; the two round differently, so a request would decode differently
+/// alone (one row per step) than in a batch. For such weights a single row is run as two (the
+/// row twice) so it always takes the batched path. Every other type uses one code path for any
+/// number of rows.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    inner: QMatMul,
+    pad_single_row: bool,
+}
+
+impl Linear {
+    pub(crate) fn new(t: Arc<QTensor>) -> Result<Self> {
+        let pad_single_row = t.dtype() == GgmlDType::Q6K && t.device().is_cpu();
+        Ok(Self {
+            inner: QMatMul::from_arc(t)?,
+            pad_single_row,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.pad_single_row && x.rank() == 2 && x.dim(0)? == 1 {
+            let two = Tensor::cat(&[x, x], 0)?;
+            return self.inner.forward(&two)?.narrow(0, 0, 1);
+        }
+        self.inner.forward(x)
     }
 }
