@@ -114,6 +114,7 @@ fn main() {
                 stop: vec![],
                 presence_penalty: 0.0,
                 frequency_penalty: 0.0,
+                ignore_eos: false,
             };
             let _events: Vec<_> = Trivial
                 .prepare(req)

@@ -31,6 +31,8 @@ pub struct InferenceRequest {
     pub stop: Vec<String>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// Generate past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// What a backend reports while generating: one `Token` per generated token (its text may be

@@ -61,6 +61,10 @@ pub struct Common {
     pub seed: Option<u64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    /// Extension (as in vLLM and llama.cpp): keep generating past end-of-sequence tokens, for
+    /// benchmarks with fixed output lengths.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/chat/completions`.
@@ -151,6 +155,7 @@ fn check_common(model: String, prompt: Prompt, c: Common) -> Result<Checked, Api
             stop,
             presence_penalty,
             frequency_penalty,
+            ignore_eos: c.ignore_eos,
         },
         stream: c.stream,
         include_usage,

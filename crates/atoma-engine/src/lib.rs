@@ -26,6 +26,8 @@ pub use generate::{
     run_generation,
 };
 pub use loaded::{LoadedModel, ModelInfo};
-pub use model::{Architecture, BatchSeq, KvCache, LoadOptions, Model, ModelConfig, PagedKv};
+pub use model::{
+    Architecture, BatchSeq, KvCache, LoadOptions, Model, ModelConfig, PagedKv, cpu_matmul_kernel,
+};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TokenId, Tokenizer};

@@ -245,8 +245,13 @@ fn check_batch_invariance(name: &str) {
     assert_eq!(alone.len(), 24);
     let mut others = Vec::new();
     for i in 0..15u64 {
-        let text = format!("Request {i}: a list of {} things to do on a rainy day", i + 2);
-        let p = engine.model().tokenize_prompt(&text.repeat(1 + i as usize % 3));
+        let text = format!(
+            "Request {i}: a list of {} things to do on a rainy day",
+            i + 2
+        );
+        let p = engine
+            .model()
+            .tokenize_prompt(&text.repeat(1 + i as usize % 3));
         others.push(engine.submit(req(p, 8 + i as usize, i)).unwrap());
         if i == 6 {
             others.push(engine.submit(req(target_prompt.clone(), 24, 7)).unwrap());

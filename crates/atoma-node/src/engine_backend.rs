@@ -110,6 +110,7 @@ fn start(
 ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
     let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
     g.stop = req.stop;
+    g.ignore_eos = req.ignore_eos;
     g.sampling = SamplingParams {
         temperature: req.temperature,
         top_p: req.top_p,

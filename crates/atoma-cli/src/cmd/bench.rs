@@ -1,14 +1,16 @@
 //! `atoma bench`: prompt-processing (pp) and token-generation (tg) speed of the engine on a
 //! model, measured like llama-bench (random prompt tokens in one batch; single-token decodes from
-//! an empty cache), and llama-bench itself on the same file and thread count when it is found.
+//! an empty cache) on the serving path (batched forward over the paged KV cache), plus aggregate
+//! decode speed with several sequences per pass, and llama-bench itself on the same file and
+//! thread count when it is found.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use atoma_engine::KvCache;
 use atoma_engine::sampling::Rng;
+use atoma_engine::{BatchSeq, PagedKv};
 use atoma_models::ModelStore;
 
 use crate::cmd::generate::LoadArgs;
@@ -25,6 +27,9 @@ pub struct Args {
     /// Tokens per generation run.
     #[arg(long, short = 'n', default_value_t = 64)]
     pub gen_tokens: usize,
+    /// Also measure aggregate decode speed with this many sequences per pass (1: skip).
+    #[arg(long, short = 'b', default_value_t = 16)]
+    pub batch: usize,
     /// Measured repetitions (after one warm-up).
     #[arg(long, short, default_value_t = 3)]
     pub repetitions: usize,
@@ -71,33 +76,81 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
     eprintln!(
-        "atoma bench: {} ({}), {threads} threads, pp{} tg{}, {} repetitions + 1 warm-up",
+        "atoma bench: {} ({}), {threads} threads, Q8_0 kernel {}, pp{} tg{}, {} repetitions + 1 \
+         warm-up",
         lm.info.name,
         path.display(),
+        atoma_engine::cpu_matmul_kernel(),
         a.prompt_tokens,
         a.gen_tokens,
         a.repetitions
     );
+    // The serving path: the batched forward over the paged KV cache, as the node runs it.
+    let block = 16;
+    let per_seq_blocks = (a.prompt_tokens.max(a.gen_tokens) + 1).div_ceil(block);
+    let batch = a.batch.max(1);
+    let mut kv = PagedKv::new(model.config(), per_seq_blocks * batch, block);
+    let table = |seq: usize| -> Vec<u32> {
+        ((seq * per_seq_blocks) as u32..((seq + 1) * per_seq_blocks) as u32).collect()
+    };
     let mut pp = Vec::new();
     let mut tg = Vec::new();
+    let mut btg = Vec::new();
     for rep in 0..=a.repetitions {
         let prompt = tokens(a.prompt_tokens);
+        let t0 = table(0);
         let t = Instant::now();
-        model.forward(&prompt, &mut KvCache::default())?;
+        model.forward_paged(
+            &[BatchSeq {
+                tokens: &prompt,
+                start: 0,
+                block_table: &t0,
+                sample: true,
+            }],
+            &mut kv,
+        )?;
         let pp_rate = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
-        let mut cache = KvCache::default();
         let decode_ids = tokens(a.gen_tokens);
         let t = Instant::now();
-        for tok in &decode_ids {
-            model.forward(&[*tok], &mut cache)?;
+        for (pos, tok) in decode_ids.iter().enumerate() {
+            let one = [*tok];
+            model.forward_paged(
+                &[BatchSeq {
+                    tokens: &one,
+                    start: pos,
+                    block_table: &t0,
+                    sample: true,
+                }],
+                &mut kv,
+            )?;
         }
         let tg_rate = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        // Aggregate decode: `batch` sequences advancing one token each per pass.
+        let mut btg_rate = 0.0;
+        if batch > 1 {
+            let tables: Vec<Vec<u32>> = (0..batch).map(table).collect();
+            let ids: Vec<Vec<u32>> = (0..batch).map(|_| tokens(a.gen_tokens)).collect();
+            let t = Instant::now();
+            for pos in 0..a.gen_tokens {
+                let step: Vec<BatchSeq<'_>> = (0..batch)
+                    .map(|s| BatchSeq {
+                        tokens: &ids[s][pos..pos + 1],
+                        start: pos,
+                        block_table: &tables[s],
+                        sample: true,
+                    })
+                    .collect();
+                model.forward_paged(&step, &mut kv)?;
+            }
+            btg_rate = (a.gen_tokens * batch) as f64 / t.elapsed().as_secs_f64();
+        }
         if rep > 0 {
             pp.push(pp_rate);
             tg.push(tg_rate);
+            btg.push(btg_rate);
         }
     }
-    let (pp, tg) = (stat(&pp), stat(&tg));
+    let (pp, tg, btg) = (stat(&pp), stat(&tg), stat(&btg));
     println!("| engine | test | tokens/s |");
     println!("| --- | --- | --- |");
     println!(
@@ -108,6 +161,15 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
         "| atoma | tg{} | {:.1} ± {:.1} |",
         a.gen_tokens, tg.mean, tg.std
     );
+    if batch > 1 {
+        println!(
+            "| atoma | tg{} x {batch} sequences (aggregate) | {:.1} ± {:.1} ({:.2}x single) |",
+            a.gen_tokens,
+            btg.mean,
+            btg.std,
+            btg.mean / tg.mean
+        );
+    }
     if a.no_baseline {
         return Ok(());
     }

@@ -13,6 +13,7 @@
 pub mod config;
 mod paged;
 mod paged_attn;
+mod q8mm;
 mod weights;
 
 use std::sync::Arc;
@@ -506,6 +507,11 @@ impl Rope {
             sin: angles.sin()?.contiguous()?,
         })
     }
+}
+
+/// The CPU kernel the Q8_0 matmuls use on this machine (`avx512-vnni`, `avx2` or `scalar`).
+pub fn cpu_matmul_kernel() -> &'static str {
+    q8mm::kernel_name()
 }
 
 #[cfg(test)]

@@ -8,9 +8,21 @@
 //! bit-identical whatever batch it runs in. (A BLAS-style matmul does not promise this: its
 //! blocking, and so its summation order, changes with the matrix shape.)
 //!
-//! Work is split across threads by (token, head) pairs; each pair writes its own output slice.
+//! Work is split across candle's compute threads by (token, head) pairs; each pair writes its
+//! own output slice.
 
-use rayon::prelude::*;
+/// The output's base pointer, shared by the workers of one call (each writes its own rows).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so closures capture the whole (`Sync`) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// The geometry shared by all rows of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -124,9 +136,16 @@ pub(crate) fn paged_attention(
             pair(idx, o, &mut scores);
         }
     } else {
-        out.par_chunks_mut(d)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (idx, o)| pair(idx, o, scores));
+        // candle's persistent pool (cheap to wake for the many small calls of a decode step).
+        let base = OutPtr(out.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(pairs, |range| {
+            let mut scores = Vec::new();
+            for idx in range {
+                // SAFETY: pair `idx` owns out[idx*d..(idx+1)*d]; ranges are disjoint.
+                let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(idx * d), d) };
+                pair(idx, o, &mut scores);
+            }
+        });
     }
 }
 
