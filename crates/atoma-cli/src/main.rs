@@ -56,6 +56,9 @@ enum Command {
     Sign(cmd::client::SignArgs),
     /// Send a chat message to a node as the stack's owner and stream the answer.
     Chat(cmd::client::ChatArgs),
+    /// Serving benchmark against an OpenAI-compatible endpoint (an atoma node or llama-server):
+    /// TTFT, inter-token latency, TPOT and throughput over a concurrency sweep.
+    Loadgen(cmd::loadgen::Args),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::Keys(c) => cmd::keys::run(&home, c),
         Command::Sign(a) => cmd::client::sign(&home, &a),
         Command::Chat(a) => cmd::client::chat(&home, &a),
+        Command::Loadgen(a) => cmd::loadgen::run(&home, &store, &a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ pub mod client;
 pub mod db;
 pub mod generate;
 pub mod keys;
+pub mod loadgen;
 pub mod model;
 pub mod node;
 pub mod up;

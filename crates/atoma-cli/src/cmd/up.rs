@@ -27,6 +27,9 @@ pub struct UpArgs {
     pub model: String,
     #[arg(long, default_value = "127.0.0.1:3000")]
     pub bind: std::net::SocketAddr,
+    /// Compute units of the stack bought for the user (when a new one is bought).
+    #[arg(long, default_value_t = STACK_UNITS)]
+    pub stack_units: u64,
     /// Set everything up but do not run the node.
     #[arg(long)]
     pub no_run: bool,
@@ -100,7 +103,7 @@ pub fn run(home: &Home, store: &ModelStore, a: &UpArgs) -> anyhow::Result<()> {
                 address_of(&user),
                 &StackRequest {
                     task_small_id: task,
-                    num_compute_units: ComputeUnits(STACK_UNITS),
+                    num_compute_units: ComputeUnits(a.stack_units),
                     price_per_one_million_compute_units: Amount(PRICE),
                 },
             )?
@@ -125,12 +128,13 @@ pub fn run(home: &Home, store: &ModelStore, a: &UpArgs) -> anyhow::Result<()> {
     let home_flag = format!("--home {}", home.root.display());
     eprintln!(
         "\nlocal ledger ready: node {node} serves `{name}` on task {task}; user stack {stack} \
-         ({STACK_UNITS} compute units)\n\
+         ({} compute units)\n\
          config: {}\n\n\
          try, in another terminal:\n  \
          atoma {home_flag} chat \"What is the capital of France?\"\n  \
          eval \"$(atoma {home_flag} sign --curl {url}/v1/chat/completions --body \
          '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}')\"\n",
+        l.stack(StackSmallId(stack))?.num_compute_units.0,
         cfg_path.display()
     );
     if a.no_run {
