@@ -30,7 +30,7 @@ wait_up() { for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0;
 
 # atoma: a local ledger, a stack large enough for the whole sweep, the node on port 3100.
 $ATOMA --home "$HOME_DIR" --threads "$THREADS" up --model "$MODEL" --bind 127.0.0.1:3100 \
-  --stack-units 50000000 --no-run 2>/dev/null
+  --stack-units 1000000 --no-run 2>"$HOME_DIR/up.log" || { cat "$HOME_DIR/up.log" >&2; exit 1; }
 ATOMA__ENGINE__MAX_NUM_SEQS=32 $ATOMA --home "$HOME_DIR" --threads "$THREADS" node run \
   --config "$HOME_DIR/node.toml" 2>"$HOME_DIR/node.log" &
 NODE=$!

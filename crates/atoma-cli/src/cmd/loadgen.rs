@@ -227,7 +227,10 @@ pub fn run(home: &Home, store: &ModelStore, a: &Args) -> anyhow::Result<()> {
         let samples = samples.into_inner().expect("lock");
         let errors = errors.into_inner().expect("lock");
         if let Some(e) = errors.first() {
-            bail!("{} of {n} requests failed at concurrency {c}; first: {e}", errors.len());
+            bail!(
+                "{} of {n} requests failed at concurrency {c}; first: {e}",
+                errors.len()
+            );
         }
         let ms = |d: &Duration| d.as_secs_f64() * 1e3;
         let mut ttft: Vec<f64> = samples.iter().map(|s| ms(&s.ttft)).collect();

@@ -44,6 +44,13 @@ pub(crate) struct QueryRow<'a> {
     pub table: &'a [u32],
 }
 
+/// Per-thread buffers of one (token, head) pair.
+#[derive(Default)]
+struct Scratch {
+    offsets: Vec<usize>,
+    scores: Vec<f32>,
+}
+
 /// Dot product in 8 independent lanes, folded pairwise: the same order on every call.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -97,20 +104,27 @@ pub(crate) fn paged_attention(
     let kv_row = n_kv_heads * d;
     debug_assert_eq!(q.len(), n_heads * t * d);
     debug_assert_eq!(out.len(), t * n_heads * d);
-    let pair = |idx: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+    let pair = |idx: usize, o: &mut [f32], scratch: &mut Scratch| {
         let (ti, h) = (idx / n_heads, idx % n_heads);
         let row = rows[ti];
         let g = h / group;
         let qh = &q[(h * t + ti) * d..(h * t + ti + 1) * d];
         let first = window.map_or(0, |w| (row.pos + 1).saturating_sub(w));
-        let slot = |p: usize| {
-            let b = row.table[p / block_size] as usize;
-            (b * block_size + p % block_size) * kv_row + g * d
-        };
+        // Offsets of this head's K/V rows, walked block by block (one division per block).
+        let offsets = &mut scratch.offsets;
+        offsets.clear();
+        let mut p = first;
+        while p <= row.pos {
+            let bi = p / block_size;
+            let base = row.table[bi] as usize * block_size;
+            let end = ((bi + 1) * block_size).min(row.pos + 1);
+            offsets.extend((p..end).map(|pp| (base + pp - bi * block_size) * kv_row + g * d));
+            p = end;
+        }
+        let scores = &mut scratch.scores;
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for p in first..=row.pos {
-            let s = slot(p);
+        for &s in offsets.iter() {
             let x = dot(qh, &k_pool[s..s + d]) * scale;
             max = max.max(x);
             scores.push(x);
@@ -122,28 +136,27 @@ pub(crate) fn paged_attention(
         }
         let inv = 1.0 / sum;
         o.fill(0.0);
-        for (i, p) in (first..=row.pos).enumerate() {
-            let s = slot(p);
-            axpy(o, scores[i] * inv, &v_pool[s..s + d]);
+        for (&s, &w) in offsets.iter().zip(scores.iter()) {
+            axpy(o, w * inv, &v_pool[s..s + d]);
         }
     };
     let pairs = t * n_heads;
     // Below a few pairs of short rows, threads cost more than they save.
     let work: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * n_heads * d;
     if pairs == 1 || work < 1 << 15 {
-        let mut scores = Vec::new();
+        let mut scratch = Scratch::default();
         for (idx, o) in out.chunks_mut(d).enumerate() {
-            pair(idx, o, &mut scores);
+            pair(idx, o, &mut scratch);
         }
     } else {
         // candle's persistent pool (cheap to wake for the many small calls of a decode step).
         let base = OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(pairs, |range| {
-            let mut scores = Vec::new();
+            let mut scratch = Scratch::default();
             for idx in range {
                 // SAFETY: pair `idx` owns out[idx*d..(idx+1)*d]; ranges are disjoint.
                 let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(idx * d), d) };
-                pair(idx, o, &mut scores);
+                pair(idx, o, &mut scratch);
             }
         });
     }
