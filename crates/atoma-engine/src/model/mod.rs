@@ -509,6 +509,20 @@ impl Rope {
     }
 }
 
+/// An output buffer's base pointer shared by the workers of one kernel call (`q8mm`,
+/// `paged_attn`); each worker writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so closures capture the whole (`Sync`) wrapper.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The CPU kernel the Q8_0 matmuls use on this machine (`avx512-vnni`, `avx2` or `scalar`).
 pub fn cpu_matmul_kernel() -> &'static str {
     q8mm::kernel_name()

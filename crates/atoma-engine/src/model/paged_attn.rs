@@ -11,18 +11,7 @@
 //! Work is split across candle's compute threads by (token, head) pairs; each pair writes its
 //! own output slice.
 
-/// The output's base pointer, shared by the workers of one call (each writes its own rows).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the whole (`Sync`) wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
+use super::OutPtr;
 
 /// The geometry shared by all rows of one layer's attention.
 #[derive(Debug, Clone, Copy)]

@@ -26,6 +26,8 @@ use std::sync::OnceLock;
 
 use half::f16;
 
+use super::OutPtr;
+
 /// Values per Q8_0 block.
 pub(crate) const QK: usize = 32;
 /// Bytes per Q8_0 block: an f16 scale and 32 signed bytes.
@@ -129,19 +131,6 @@ fn quantize_rows(x: &[f32], k: usize) -> QuantRows {
         }
     }
     QuantRows { qs, d, corr }
-}
-
-/// Raw pointer that may cross threads: each worker writes a disjoint set of output elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the whole (`Sync`) wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `out[m, n] = x[m, k] @ W^T` where `w` holds `n` rows of `k / 32` raw Q8_0 blocks.
