@@ -78,6 +78,7 @@ fn paged_batches_match_the_reference_model() {
         }
         let mut step = 0;
         let mut worst = 0f32;
+        let (mut compared, mut flipped) = (0usize, 0usize);
         while seqs.iter().any(|s| s.done < s.tokens.len()) {
             step += 1;
             // Sequence 5 starts once sequence 4 has computed its first 8 positions, by taking
@@ -119,21 +120,34 @@ fn paged_batches_match_the_reference_model() {
             for (row, &(i, len)) in plan.iter().enumerate() {
                 let s = &mut seqs[i];
                 let pos = s.done + len - 1;
-                // Relative to the logits' scale: the paged attention sums in a different
-                // order than the reference's matmul, and a last-bit change can move one value
-                // across a rounding step of the next projection's 8-bit activations.
+                // Relative to the logits' scale. The paged attention sums in a different
+                // order than the reference's matmul; the last-bit differences almost always
+                // vanish in the next projection's 8-bit activation rounding (most positions
+                // match exactly), but now and then one value crosses a rounding step, which
+                // moves the logits by about 1% of their scale.
                 let scale = s.reference[pos].iter().fold(1f32, |m, x| m.max(x.abs()));
                 let d = max_diff(&logits[row], &s.reference[pos]) / scale;
                 worst = worst.max(d);
+                compared += 1;
+                if d > 1e-3 {
+                    flipped += 1;
+                }
                 assert!(
-                    d < 1e-2,
+                    d < 5e-2,
                     "{arch:?}: seq {i} position {pos} differs by {d} (step {step})"
                 );
                 s.done += len;
             }
         }
         assert!(step > 5, "several mixed steps ran");
-        eprintln!("{arch:?}: {step} steps, worst relative logit difference {worst:e}");
+        eprintln!(
+            "{arch:?}: {step} steps, worst relative logit difference {worst:e}, \
+             {flipped} of {compared} sampled positions off by more than 1e-3"
+        );
+        assert!(
+            flipped * 10 <= compared,
+            "{arch:?}: {flipped} of {compared} positions differ (a real mismatch, not a rounding flip)"
+        );
     }
 }
 

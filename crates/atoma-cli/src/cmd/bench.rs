@@ -76,7 +76,7 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
     eprintln!(
-        "atoma bench: {} ({}), {threads} threads, Q8_0 kernel {}, pp{} tg{}, {} repetitions + 1 \
+        "atoma bench: {} ({}), {threads} threads, quantized-matmul kernel {}, pp{} tg{}, {} repetitions + 1 \
          warm-up",
         lm.info.name,
         path.display(),

@@ -98,17 +98,12 @@ pub struct LoadArgs {
     /// Largest context to serve (caps RoPE tables and KV memory).
     #[arg(long, default_value_t = 8192)]
     pub max_context: usize,
-    /// Keep Q4_1/Q5_0/Q5_1 weights as shipped instead of requantizing them to Q8_0 (slower on
-    /// x86: candle has no SIMD kernel for them).
-    #[arg(long)]
-    pub no_requantize: bool,
 }
 
 impl LoadArgs {
     pub fn options(&self) -> LoadOptions {
         LoadOptions {
             max_context: Some(self.max_context),
-            requantize: !self.no_requantize,
         }
     }
 }

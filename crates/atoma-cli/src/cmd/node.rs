@@ -235,7 +235,6 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
     let path = store.resolve(&cfg.engine.model)?;
     let opts = LoadOptions {
         max_context: Some(cfg.engine.max_context),
-        requantize: true,
     };
     let name = cfg.served_name();
     let state = Meter::open(&home.state_path(), ids.clone())?;

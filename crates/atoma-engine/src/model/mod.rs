@@ -13,7 +13,7 @@
 pub mod config;
 mod paged;
 mod paged_attn;
-mod q8mm;
+mod qmm;
 mod weights;
 
 use std::sync::Arc;
@@ -33,15 +33,12 @@ use crate::gguf::GgufFile;
 pub struct LoadOptions {
     /// Cap on the served context length (default: 8192 or the model's, whichever is smaller).
     pub max_context: Option<usize>,
-    /// Requantize Q4_1/Q5_0/Q5_1 to Q8_0 at load (see `weights`). Default: on.
-    pub requantize: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             max_context: Some(8192),
-            requantize: true,
         }
     }
 }
@@ -144,7 +141,6 @@ impl Model {
         let mut w = WeightLoader {
             gguf,
             device,
-            requantize: opts.requantize,
             loaded: 0,
             on_tensor,
         };
@@ -509,7 +505,7 @@ impl Rope {
     }
 }
 
-/// An output buffer's base pointer shared by the workers of one kernel call (`q8mm`,
+/// An output buffer's base pointer shared by the workers of one kernel call (`qmm`,
 /// `paged_attn`); each worker writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub(crate) *mut f32);
@@ -523,9 +519,9 @@ impl OutPtr {
     }
 }
 
-/// The CPU kernel the Q8_0 matmuls use on this machine (`avx512-vnni`, `avx2` or `scalar`).
+/// The CPU kernel the quantized matmuls use on this machine (`avx512-vnni`, `avx2` or `scalar`).
 pub fn cpu_matmul_kernel() -> &'static str {
-    q8mm::kernel_name()
+    qmm::kernel_name()
 }
 
 #[cfg(test)]

@@ -1,9 +1,5 @@
-//! Loading weights from GGUF: quantized matrices, norms, biases, with load-time requantization.
-//!
-//! candle 0.11.1 has no x86 SIMD dot product for Q4_1, Q5_0 and Q5_1; those tensors run through
-//! scalar loops (measured 3-5x slower). We requantize them to Q8_0 when loading: Q8_0 has an AVX2
-//! kernel, the extra memory is small at these model sizes, and the values change by less than one
-//! Q8_0 step. `LoadOptions::requantize` turns this off.
+//! Loading weights from GGUF: quantized matrices, norms, biases; on the CPU, matrices are
+//! repacked for this crate's batched kernel (`qmm`).
 
 use std::sync::Arc;
 
@@ -13,11 +9,12 @@ use candle_core::{Device, Module, Tensor};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 
-/// Reads tensors from a GGUF file, requantizing slow types and reporting progress.
+use super::qmm::PackedMatrix;
+
+/// Reads tensors from a GGUF file, reporting progress.
 pub(crate) struct WeightLoader<'a> {
     pub gguf: &'a mut GgufFile,
     pub device: &'a Device,
-    pub requantize: bool,
     pub loaded: usize,
     pub on_tensor: &'a mut dyn FnMut(usize, usize),
 }
@@ -34,16 +31,11 @@ impl WeightLoader<'_> {
         self.gguf.has_tensor(name)
     }
 
-    /// Reads a quantized tensor, checking its type is runnable and requantizing slow ones.
+    /// Reads a quantized tensor, checking its type is runnable.
     pub fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         let t = self.gguf.tensor(name, self.device)?;
         self.count();
-        let dtype = t.dtype();
-        check_runnable(name, dtype)?;
-        if self.requantize && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
-            let deq = t.dequantize(self.device)?;
-            return Ok(QTensor::quantize(&deq, GgmlDType::Q8_0)?);
-        }
+        check_runnable(name, t.dtype())?;
         Ok(t)
     }
 
@@ -98,24 +90,16 @@ pub(crate) fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> R
 
 /// A quantized `x @ W^T` whose result for a row never depends on the other rows.
 ///
-/// - Q8_0 weights on the CPU (and Q4_1/Q5_0/Q5_1, requantized to Q8_0 at load) run through this
-///   crate's tiled kernel (`q8mm`), which reuses each weight block across a tile of rows, except
-///   where candle's own repacked VNNI tiles apply (inner dimension a multiple of 256, output a
-///   multiple of 16, a VNNI CPU): those are faster still, and candle picks them for any number of
-///   rows.
-/// - Other types run through candle. candle 0.11.1 runs Q6_K through repacked tiles when there
-///   are several rows and through the compact kernel for one row; the two round differently, so
-///   a request would decode differently alone (one row per step) than in a batch. For such
-///   weights a single row is run as two (the row twice) so it always takes the batched path.
+/// - On the CPU, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights are repacked at load
+///   (exactly: same values) into `qmm`'s column panels and run through its tiled kernel for any
+///   number of rows, single decodes included.
+/// - Other types and devices run through candle. candle 0.11.1 runs Q6_K through repacked tiles
+///   when there are several rows and through the compact kernel for one row; the two round
+///   differently, so for such weights a single row is run as two (the row twice) so it always
+///   takes the batched path. (On the CPU Q6_K is packed, so this only matters elsewhere.)
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    Q8 {
-        w: Arc<QTensor>,
-        n: usize,
-        k: usize,
-        /// candle's path, for single rows.
-        single: QMatMul,
-    },
+    Packed(Arc<PackedMatrix>),
     Candle {
         inner: QMatMul,
         pad_single_row: bool,
@@ -126,19 +110,11 @@ impl Linear {
     pub(crate) fn new(t: Arc<QTensor>) -> Result<Self> {
         let cpu = t.device().is_cpu();
         let (n, k) = t.shape().dims2()?;
-        if cpu
-            && t.dtype() == GgmlDType::Q8_0
-            && k.is_multiple_of(super::q8mm::QK)
-            && !super::q8mm::candle_repacks_q8_0(n, k)
-        {
-            return Ok(Self::Q8 {
-                single: QMatMul::from_arc(t.clone())?,
-                w: t,
-                n,
-                k,
-            });
+        if cpu && PackedMatrix::supports(t.dtype(), k) {
+            let packed = PackedMatrix::pack(t.dtype(), &t.data()?, n, k);
+            return Ok(Self::Packed(Arc::new(packed)));
         }
-        let pad_single_row = t.dtype() == GgmlDType::Q6K && cpu;
+        let pad_single_row = t.dtype() == GgmlDType::Q6K;
         Ok(Self::Candle {
             inner: QMatMul::from_arc(t)?,
             pad_single_row,
@@ -149,19 +125,22 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Q8 { w, n, k, single } => {
+            Self::Packed(w) => {
                 let (m, kx) = x.dims2()?;
-                if m == 1 {
-                    // Bit-identical to the tiled kernel (see `q8mm`), and faster for one row.
-                    return single.forward(x);
+                if kx != w.k() {
+                    candle_core::bail!("matmul: input has {kx} columns, the weight {}", w.k());
                 }
-                if kx != *k {
-                    candle_core::bail!("matmul: input has {kx} columns, the weight {k}");
+                let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+                let mut out = vec![0f32; m * w.n()];
+                {
+                    let (storage, layout) = x.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*storage else {
+                        candle_core::bail!("packed matmul: input is not on the CPU");
+                    };
+                    let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * kx];
+                    w.matmul(xs, &mut out);
                 }
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; m * n];
-                super::q8mm::matmul(&w.data()?, *n, *k, &xs, &mut out);
-                Tensor::from_vec(out, (m, *n), x.device())
+                Tensor::from_vec(out, (m, w.n()), x.device())
             }
             Self::Candle {
                 inner,
@@ -182,45 +161,59 @@ mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
 
-    /// The tiled kernel against candle's own Q8_0 matmul on the same quantized weights, for the
-    /// weight types that are requantized to Q8_0 at load as well: bit-identical, for any number
-    /// of rows (which lets single rows go through candle).
+    /// The packed path against the exact product with the dequantized weights, next to candle's
+    /// own quantized matmul: both quantize the activations (per 32 values here, per 256 for
+    /// candle's K-quants), and ours must be at least about as close.
     #[test]
-    fn tiled_q8_0_matches_candle() {
+    fn packed_linear_matches_the_exact_product_at_least_as_well_as_candle() {
         let dev = Device::Cpu;
-        let (n, k) = (37, 640);
+        let (n, k) = (37, 512);
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 2654435761usize % 1000) as f32 / 1000.0 - 0.5) * 0.2)
             .collect();
         let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-        for src in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0] {
-            let q = QTensor::quantize(&w, src).unwrap();
-            let q8 = if src == GgmlDType::Q8_0 {
-                q
-            } else {
-                QTensor::quantize(&q.dequantize(&dev).unwrap(), GgmlDType::Q8_0).unwrap()
-            };
-            let q8 = Arc::new(q8);
-            assert!(matches!(
-                Linear::new(q8.clone()).unwrap(),
-                Linear::Q8 { .. }
-            ));
-            let theirs = QMatMul::from_arc(q8.clone()).unwrap();
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let deq = q.dequantize(&dev).unwrap();
+            let ours = Linear::new(q.clone()).unwrap();
+            assert!(matches!(ours, Linear::Packed(_)), "{dtype:?} is not packed");
+            let theirs = QMatMul::from_arc(q).unwrap();
             for m in [1, 3, 16] {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| ((i * 40503 % 997) as f32 / 997.0 - 0.5) * 4.0)
                     .collect();
                 let x = Tensor::from_vec(x, (m, k), &dev).unwrap();
-                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let mut a = vec![0f32; m * n];
-                super::super::q8mm::matmul(&q8.data().unwrap(), n, k, &xs, &mut a);
-                let a: Vec<Vec<f32>> = a.chunks(n).map(<[f32]>::to_vec).collect();
-                let b = theirs.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-                for (ra, rb) in a.iter().zip(&b) {
-                    for (va, vb) in ra.iter().zip(rb) {
-                        assert_eq!(va.to_bits(), vb.to_bits(), "{src:?} m={m}: {va} vs {vb}");
-                    }
-                }
+                let exact = x.matmul(&deq.t().unwrap()).unwrap();
+                let err = |y: Tensor| -> f32 {
+                    (y - &exact)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                };
+                let scale = exact
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let e_ours = err(ours.forward(&x).unwrap());
+                let e_theirs = err(theirs.forward(&x).unwrap());
+                assert!(
+                    e_ours <= 0.02 * scale && e_ours <= 1.5 * e_theirs + 1e-3 * scale,
+                    "{dtype:?} m={m}: error {e_ours} (candle {e_theirs}, scale {scale})"
+                );
             }
         }
     }
