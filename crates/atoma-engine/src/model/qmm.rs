@@ -340,7 +340,7 @@ impl PackedMatrix {
         if m == 0 {
             return;
         }
-        let a = quantize_rows(x, k, self.sb, self.zero);
+        let a = quantize_rows(lvl, x, k, self.sb, self.zero);
         let ptr = OutPtr(out.as_mut_ptr());
         let tiles = n.div_ceil(PANEL * RP);
         // Enough chunks to balance the threads, few enough to amortize waking them.
@@ -434,16 +434,22 @@ struct QuantRows {
     sum: Vec<f32>,
 }
 
-fn quantize_rows(x: &[f32], k: usize, sb: usize, zero: i32) -> QuantRows {
+fn quantize_rows(lvl: Level, x: &[f32], k: usize, sb: usize, zero: i32) -> QuantRows {
     let mut qs = vec![0i8; x.len()];
     let mut d = vec![0f32; x.len() / QA];
+    let simd = lvl != Level::Scalar;
     for (bi, (xb, qb)) in x.chunks_exact(QA).zip(qs.chunks_exact_mut(QA)).enumerate() {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        for (q, v) in qb.iter_mut().zip(xb) {
-            *q = (v * inv).round() as i8;
-        }
+        let scale = if simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 was detected (`level`); both blocks hold 32 values.
+            unsafe {
+                quantize_block_avx2(xb, qb)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            quantize_block(xb, qb)
+        } else {
+            quantize_block(xb, qb)
+        };
         d[bi] = f16::from_f32(scale).to_f32();
     }
     let sums: Vec<i32> = qs
@@ -456,6 +462,49 @@ fn quantize_rows(x: &[f32], k: usize, sb: usize, zero: i32) -> QuantRows {
         sum: sums.iter().map(|&s| s as f32).collect(),
         qs,
         d,
+    }
+}
+
+/// Quantizes 32 values to bytes (`round(v / (amax / 127))`, ties to even); returns the scale.
+/// The AVX2 version below gives the same bytes (tested).
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    for (q, v) in qb.iter_mut().zip(xb) {
+        *q = (v * inv).round_ties_even() as i8;
+    }
+    scale
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(xb: &[f32], qb: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(xb.len() == QA && qb.len() == QA);
+    unsafe {
+        let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xb.as_ptr().add(8 * j)));
+        let sign = _mm256_set1_ps(-0.0);
+        let abs = |x: __m256| _mm256_andnot_ps(sign, x);
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+        let amax = _mm_cvtss_f32(m);
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        // cvtps rounds to nearest, ties to even (the default MXCSR mode).
+        let q: [__m256i; 4] = std::array::from_fn(|j| _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)));
+        // Pack 32 i32 to 32 i8; the packs interleave 128-bit lanes, the permute restores order.
+        let w01 = _mm256_packs_epi32(q[0], q[1]);
+        let w23 = _mm256_packs_epi32(q[2], q[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, b);
+        scale
     }
 }
 
@@ -799,6 +848,31 @@ mod tests {
                         ),
                     }
                 }
+            }
+        }
+    }
+
+    /// The vectorized activation quantization gives the scalar one's bytes and scale.
+    #[test]
+    fn activation_quantization_is_the_same_on_every_level() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            for seed in 0..50 {
+                let mut xb = pattern(QA, seed, 10.0 + seed as f32);
+                // Ties: values exactly half-way between two steps after scaling.
+                xb[0] = 127.0;
+                xb[1] = 0.5;
+                xb[2] = -2.5;
+                xb[3] = 3.5;
+                if seed == 7 {
+                    xb.iter_mut().for_each(|v| *v = 0.0);
+                }
+                let (mut a, mut b) = ([0i8; QA], [0i8; QA]);
+                let sa = quantize_block(&xb, &mut a);
+                // SAFETY: AVX2 detected above.
+                let sb = unsafe { quantize_block_avx2(&xb, &mut b) };
+                assert_eq!(a, b, "seed {seed}");
+                assert_eq!(sa.to_bits(), sb.to_bits());
             }
         }
     }
