@@ -6,7 +6,8 @@
 #
 # Needs llama-server from ../shared/tools/build-llama-server.sh (looked up in $LLAMA_SERVER,
 # ~/.cache/llama-baseline/bin, then PATH) and matplotlib for the plot (installed into .venv).
-# Writes bench/serving-<model>.{jsonl,md,png}.
+# Writes bench/serving-<model>.{jsonl,md,png}. ENGINES=atoma (or llama-server) runs one side only,
+# into bench/serving-<model>-<engine>.jsonl, for quick looks between full runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${1:-default}"
@@ -21,13 +22,15 @@ LLAMA_SERVER="${LLAMA_SERVER:-$HOME/.cache/llama-baseline/bin/llama-server}"
 [ -n "$LLAMA_SERVER" ] || { echo "llama-server not found: run ../shared/tools/build-llama-server.sh" >&2; exit 1; }
 export LD_LIBRARY_PATH="$(dirname "$LLAMA_SERVER"):${LD_LIBRARY_PATH:-}"
 mkdir -p bench
-OUT="bench/serving-$MODEL.jsonl"
+ENGINES="${ENGINES:-atoma,llama-server}"
+if [ "$ENGINES" = "atoma,llama-server" ]; then OUT="bench/serving-$MODEL.jsonl"; else OUT="bench/serving-$MODEL-$ENGINES.jsonl"; fi
 rm -f "$OUT"
 HOME_DIR="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$HOME_DIR"; }
 trap cleanup EXIT
 wait_up() { for _ in $(seq 1 600); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.5; done; echo "server at $1 did not come up" >&2; return 1; }
 
+if [[ ",$ENGINES," == *",atoma,"* ]]; then
 # atoma: a local ledger, a stack large enough for the whole sweep, the node on port 3100.
 $ATOMA --home "$HOME_DIR" --threads "$THREADS" up --model "$MODEL" --bind 127.0.0.1:3100 \
   --stack-units 1000000 --no-run 2>"$HOME_DIR/up.log" || { cat "$HOME_DIR/up.log" >&2; exit 1; }
@@ -40,6 +43,9 @@ for W in random shared-prefix; do
     --concurrency "$LEVELS" --rounds "$ROUNDS" --sign --label atoma --out "$OUT"
 done
 kill $NODE; wait $NODE 2>/dev/null || true
+fi
+
+if [[ ",$ENGINES," == *",llama-server,"* ]]; then
 
 # llama-server: one server per level with N = concurrency slots of 2048 tokens each.
 for C in ${LEVELS//,/ }; do
@@ -53,6 +59,7 @@ for C in ${LEVELS//,/ }; do
   done
   kill $LS; wait $LS 2>/dev/null || true
 done
+fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/pip install -q matplotlib==3.10.7

@@ -8,8 +8,10 @@
 //! bit-identical whatever batch it runs in. (A BLAS-style matmul does not promise this: its
 //! blocking, and so its summation order, changes with the matrix shape.)
 //!
-//! Work is split across candle's compute threads by (token, head) pairs; each pair writes its
-//! own output slice.
+//! Work is split across candle's compute threads by (token, KV head) tasks, which load each key
+//! and value once for all the query heads that share it (grouped-query attention), or by
+//! (token, head) when there are too few tasks to keep the threads busy; each task writes its own
+//! output slice, and the per-head arithmetic is the same either way.
 
 use super::OutPtr;
 
@@ -33,10 +35,11 @@ pub(crate) struct QueryRow<'a> {
     pub table: &'a [u32],
 }
 
-/// Per-thread buffers of one (token, head) pair.
+/// Per-thread buffers of one task.
 #[derive(Default)]
 struct Scratch {
     offsets: Vec<usize>,
+    /// `[head of the task][key]`.
     scores: Vec<f32>,
 }
 
@@ -55,6 +58,83 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         acc[l] = x.mul_add(*y, acc[l]);
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `exp(x)` for `x <= 0` (softmax numerators): Cephes' single-precision polynomial with fused
+/// multiply-adds, about 1 ulp. Written out so that the 8-lane version below gives the same bits
+/// (libm's `expf` is a function call per value, a visible share of decode-step time).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = x.max(EXP_MIN);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+const EXP_MIN: f32 = -87.0;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// `exp_neg` on 8 lanes (AVX2/FMA), the same operations in the same order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_neg8(v: &mut [f32]) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let x = _mm256_max_ps(_mm256_loadu_ps(v.as_ptr()), _mm256_set1_ps(EXP_MIN));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_P[0]);
+        for c in &EXP_P[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_storeu_ps(v.as_mut_ptr(), _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+    }
+}
+
+/// `v[i] = exp(v[i] - max)` in place.
+fn softmax_numerators(v: &mut [f32], max: f32) {
+    v.iter_mut().for_each(|x| *x -= max);
+    #[cfg(target_arch = "x86_64")]
+    if super::qmm::level() != super::qmm::Level::Scalar {
+        let mut chunks = v.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: AVX2 and FMA were detected; the chunk holds 8 values.
+            unsafe { exp_neg8(c) };
+        }
+        chunks
+            .into_remainder()
+            .iter_mut()
+            .for_each(|x| *x = exp_neg(*x));
+        return;
+    }
+    v.iter_mut().for_each(|x| *x = exp_neg(*x));
 }
 
 /// `out += w * v`.
@@ -93,13 +173,21 @@ pub(crate) fn paged_attention(
     let kv_row = n_kv_heads * d;
     debug_assert_eq!(q.len(), n_heads * t * d);
     debug_assert_eq!(out.len(), t * n_heads * d);
-    let pair = |idx: usize, o: &mut [f32], scratch: &mut Scratch| {
-        let (ti, h) = (idx / n_heads, idx % n_heads);
+    let threads = super::qmm::threads();
+    // Heads per task: a whole KV group (each key and value loaded once for the group) when
+    // there are enough tasks for the threads, else one head.
+    let hpt = if t * n_kv_heads >= 4 * threads {
+        group
+    } else {
+        1
+    };
+    let tasks_per_token = n_heads / hpt;
+    let task = |idx: usize, o: &mut [f32], scratch: &mut Scratch| {
+        let (ti, h0) = (idx / tasks_per_token, (idx % tasks_per_token) * hpt);
         let row = rows[ti];
-        let g = h / group;
-        let qh = &q[(h * t + ti) * d..(h * t + ti + 1) * d];
+        let g = h0 / group;
         let first = window.map_or(0, |w| (row.pos + 1).saturating_sub(w));
-        // Offsets of this head's K/V rows, walked block by block (one division per block).
+        // Offsets of this KV head's rows, walked block by block (one division per block).
         let offsets = &mut scratch.offsets;
         offsets.clear();
         let mut p = first;
@@ -110,42 +198,59 @@ pub(crate) fn paged_attention(
             offsets.extend((p..end).map(|pp| (base + pp - bi * block_size) * kv_row + g * d));
             p = end;
         }
+        let nk = offsets.len();
         let scores = &mut scratch.scores;
         scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for &s in offsets.iter() {
-            let x = dot(qh, &k_pool[s..s + d]) * scale;
-            max = max.max(x);
-            scores.push(x);
+        scores.resize(hpt * nk, 0.0);
+        let qs: Vec<&[f32]> = (h0..h0 + hpt)
+            .map(|h| &q[(h * t + ti) * d..(h * t + ti + 1) * d])
+            .collect();
+        for (j, &s) in offsets.iter().enumerate() {
+            let key = &k_pool[s..s + d];
+            for (hh, qh) in qs.iter().enumerate() {
+                scores[hh * nk + j] = dot(qh, key) * scale;
+            }
         }
-        let mut sum = 0f32;
-        for x in scores.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+        let mut inv = [0f32; 16];
+        let mut inv_vec = Vec::new();
+        let inv: &mut [f32] = if hpt <= 16 {
+            &mut inv[..hpt]
+        } else {
+            inv_vec.resize(hpt, 0.0);
+            &mut inv_vec
+        };
+        for (hh, sc) in scores.chunks_exact_mut(nk).enumerate() {
+            let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            softmax_numerators(sc, max);
+            let sum: f32 = sc.iter().fold(0f32, |a, x| a + x);
+            inv[hh] = 1.0 / sum;
         }
-        let inv = 1.0 / sum;
         o.fill(0.0);
-        for (&s, &w) in offsets.iter().zip(scores.iter()) {
-            axpy(o, w * inv, &v_pool[s..s + d]);
+        for (j, &s) in offsets.iter().enumerate() {
+            let value = &v_pool[s..s + d];
+            for (hh, oh) in o.chunks_exact_mut(d).enumerate() {
+                axpy(oh, scores[hh * nk + j] * inv[hh], value);
+            }
         }
     };
-    let pairs = t * n_heads;
-    // Below a few pairs of short rows, threads cost more than they save.
+    let tasks = t * tasks_per_token;
+    let span = hpt * d;
+    // Below a few tasks of short rows, threads cost more than they save.
     let work: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * n_heads * d;
-    if pairs == 1 || work < 1 << 15 {
+    if tasks == 1 || work < 1 << 15 {
         let mut scratch = Scratch::default();
-        for (idx, o) in out.chunks_mut(d).enumerate() {
-            pair(idx, o, &mut scratch);
+        for (idx, o) in out.chunks_mut(span).enumerate() {
+            task(idx, o, &mut scratch);
         }
     } else {
         // candle's persistent pool (cheap to wake for the many small calls of a decode step).
         let base = OutPtr(out.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(pairs, |range| {
+        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
             let mut scratch = Scratch::default();
             for idx in range {
-                // SAFETY: pair `idx` owns out[idx*d..(idx+1)*d]; ranges are disjoint.
-                let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(idx * d), d) };
-                pair(idx, o, &mut scratch);
+                // SAFETY: task `idx` owns out[idx*span..(idx+1)*span]; ranges are disjoint.
+                let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(idx * span), span) };
+                task(idx, o, &mut scratch);
             }
         });
     }
@@ -175,45 +280,77 @@ mod tests {
     #[test]
     fn matches_naive_attention_through_a_shuffled_table() {
         let (h, hkv, d, bs) = (4, 2, 12, 4);
-        let table = [5u32, 2, 7, 0];
+        let table = [5u32, 2, 7, 0, 3, 6, 1, 4];
         let slots = 8 * bs;
         let val = |i: usize| ((i * 7919 % 113) as f32 / 113.0) - 0.5;
         let k_pool: Vec<f32> = (0..slots * hkv * d).map(val).collect();
         let v_pool: Vec<f32> = (0..slots * hkv * d).map(|i| val(i + 31)).collect();
-        let positions = [3usize, 9, 13];
-        let t = positions.len();
-        let q: Vec<f32> = (0..h * t * d).map(|i| val(i + 5)).collect();
-        for window in [None, Some(5)] {
-            let shape = AttnShape {
-                n_heads: h,
-                n_kv_heads: hkv,
-                head_dim: d,
-                block_size: bs,
-                scale: 0.3,
-                window,
-            };
-            let rows: Vec<QueryRow<'_>> = positions
-                .iter()
-                .map(|&pos| QueryRow { pos, table: &table })
-                .collect();
-            let mut out = vec![0.0; t * h * d];
-            paged_attention(&shape, &q, &rows, &k_pool, &v_pool, &mut out);
-            for (ti, &pos) in positions.iter().enumerate() {
-                for hh in 0..h {
-                    let g = hh / (h / hkv);
-                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let at = |pool: &[f32], p: usize| {
-                        let s = table[p / bs] as usize * bs + p % bs;
-                        pool[s * hkv * d + g * d..s * hkv * d + (g + 1) * d].to_vec()
-                    };
-                    let ks: Vec<Vec<f32>> = (first..=pos).map(|p| at(&k_pool, p)).collect();
-                    let vs: Vec<Vec<f32>> = (first..=pos).map(|p| at(&v_pool, p)).collect();
-                    let qh = &q[(hh * t + ti) * d..(hh * t + ti + 1) * d];
-                    let want = naive(qh, &ks, &vs, 0.3);
-                    let got = &out[(ti * h + hh) * d..(ti * h + hh + 1) * d];
-                    for (a, b) in want.iter().zip(got) {
-                        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        // Few rows (a task per head) and many (a task per KV group).
+        let few = vec![3usize, 9, 13];
+        let many: Vec<usize> = (0..24).map(|i| (i * 5) % 31).collect();
+        for (positions, window) in [
+            (&few, None),
+            (&few, Some(5)),
+            (&many, None),
+            (&many, Some(7)),
+        ] {
+            let t = positions.len();
+            let q: Vec<f32> = (0..h * t * d).map(|i| val(i + 5)).collect();
+            {
+                let shape = AttnShape {
+                    n_heads: h,
+                    n_kv_heads: hkv,
+                    head_dim: d,
+                    block_size: bs,
+                    scale: 0.3,
+                    window,
+                };
+                let rows: Vec<QueryRow<'_>> = positions
+                    .iter()
+                    .map(|&pos| QueryRow { pos, table: &table })
+                    .collect();
+                let mut out = vec![0.0; t * h * d];
+                paged_attention(&shape, &q, &rows, &k_pool, &v_pool, &mut out);
+                for (ti, &pos) in positions.iter().enumerate() {
+                    for hh in 0..h {
+                        let g = hh / (h / hkv);
+                        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                        let at = |pool: &[f32], p: usize| {
+                            let s = table[p / bs] as usize * bs + p % bs;
+                            pool[s * hkv * d + g * d..s * hkv * d + (g + 1) * d].to_vec()
+                        };
+                        let ks: Vec<Vec<f32>> = (first..=pos).map(|p| at(&k_pool, p)).collect();
+                        let vs: Vec<Vec<f32>> = (first..=pos).map(|p| at(&v_pool, p)).collect();
+                        let qh = &q[(hh * t + ti) * d..(hh * t + ti + 1) * d];
+                        let want = naive(qh, &ks, &vs, 0.3);
+                        let got = &out[(ti * h + hh) * d..(ti * h + hh + 1) * d];
+                        for (a, b) in want.iter().zip(got) {
+                            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+                        }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_and_the_same_on_8_lanes() {
+        let xs: Vec<f32> = (0..4000)
+            .map(|i| -(i as f32) * 0.0237)
+            .chain([0.0, -87.5, -200.0])
+            .collect();
+        for &x in &xs {
+            let (a, b) = (exp_neg(x), x.exp());
+            assert!((a - b).abs() <= b * 3e-7 + 1e-37, "exp({x}): {a} vs {b}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            for c in xs.chunks_exact(8) {
+                let mut v = c.to_vec();
+                // SAFETY: AVX2 and FMA detected.
+                unsafe { exp_neg8(&mut v) };
+                for (x, e) in c.iter().zip(&v) {
+                    assert_eq!(e.to_bits(), exp_neg(*x).to_bits(), "exp({x})");
                 }
             }
         }

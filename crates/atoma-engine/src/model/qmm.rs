@@ -83,7 +83,7 @@ pub(crate) fn kernel_name() -> &'static str {
 }
 
 /// Compute threads (candle's count reads the environment and /proc on every call; once here).
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     static THREADS: OnceLock<usize> = OnceLock::new();
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
