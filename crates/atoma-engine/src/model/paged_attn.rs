@@ -57,7 +57,30 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
         acc[l] = x.mul_add(*y, acc[l]);
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    // The fold of `hsum8` below: halves, then pairs two apart, then the last two.
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// `dot` on AVX2/FMA for lengths that are a multiple of 8: the same lanes, the same fold.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(8));
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..a.len()).step_by(8) {
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            );
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
 }
 
 /// `exp(x)` for `x <= 0` (softmax numerators): Cephes' single-precision polynomial with fused
@@ -145,6 +168,42 @@ fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
     }
 }
 
+/// `o = sum_j w[j] * v_pool[offsets[j]..][..d]` with AVX2/FMA, keys in order: the same
+/// operations per element as repeated `axpy` from zero, with 64 outputs held in registers
+/// across the keys instead of stored and reloaded for every key.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f32]) {
+    use std::arch::x86_64::*;
+    let d = o.len();
+    debug_assert!(d.is_multiple_of(8) && offsets.len() == w.len());
+    let vp = v_pool.as_ptr();
+    unsafe {
+        let mut c0 = 0;
+        while c0 + 64 <= d {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (&s, &wj) in offsets.iter().zip(w) {
+                let wv = _mm256_set1_ps(wj);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vp.add(s + c0 + 8 * r)), *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(c0 + 8 * r), *a);
+            }
+            c0 += 64;
+        }
+        while c0 < d {
+            let mut a = _mm256_setzero_ps();
+            for (&s, &wj) in offsets.iter().zip(w) {
+                a = _mm256_fmadd_ps(_mm256_set1_ps(wj), _mm256_loadu_ps(vp.add(s + c0)), a);
+            }
+            _mm256_storeu_ps(o.as_mut_ptr().add(c0), a);
+            c0 += 8;
+        }
+    }
+}
+
 /// Attention for `rows.len()` query tokens.
 ///
 /// - `q`: `[H, T, D]` (head-major, as the projection produces it), already scaled by nothing;
@@ -169,6 +228,8 @@ pub(crate) fn paged_attention(
         window,
     } = *shape;
     let t = rows.len();
+    // Same layout for both pools: a key's bounds check covers its value (see `weighted_sum8`).
+    assert_eq!(k_pool.len(), v_pool.len(), "K and V pools differ in size");
     let group = n_heads / n_kv_heads;
     let kv_row = n_kv_heads * d;
     debug_assert_eq!(q.len(), n_heads * t * d);
@@ -205,10 +266,23 @@ pub(crate) fn paged_attention(
         let qs: Vec<&[f32]> = (h0..h0 + hpt)
             .map(|h| &q[(h * t + ti) * d..(h * t + ti + 1) * d])
             .collect();
+        #[cfg(target_arch = "x86_64")]
+        let simd = d.is_multiple_of(8) && super::qmm::level() != super::qmm::Level::Scalar;
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
         for (j, &s) in offsets.iter().enumerate() {
             let key = &k_pool[s..s + d];
             for (hh, qh) in qs.iter().enumerate() {
-                scores[hh * nk + j] = dot(qh, key) * scale;
+                #[cfg(target_arch = "x86_64")]
+                let x = if simd {
+                    // SAFETY: AVX2/FMA detected; lengths are d, a multiple of 8.
+                    unsafe { dot8(qh, key) }
+                } else {
+                    dot(qh, key)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let x = dot(qh, key);
+                scores[hh * nk + j] = x * scale;
             }
         }
         let mut inv = [0f32; 16];
@@ -224,6 +298,21 @@ pub(crate) fn paged_attention(
             softmax_numerators(sc, max);
             let sum: f32 = sc.iter().fold(0f32, |a, x| a + x);
             inv[hh] = 1.0 / sum;
+        }
+        if simd {
+            // The weights first (the same products as below), then one register-held pass.
+            for (hh, oh) in o.chunks_exact_mut(d).enumerate() {
+                let sc = &mut scores[hh * nk..(hh + 1) * nk];
+                sc.iter_mut().for_each(|x| *x *= inv[hh]);
+                debug_assert!(offsets.iter().all(|&s| s + d <= v_pool.len()));
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2/FMA detected; every offset + d is inside the pool (the offsets
+                // come from the block table, as for the keys above, which are bounds-checked).
+                unsafe {
+                    weighted_sum8(oh, offsets, sc, v_pool)
+                };
+            }
+            return;
         }
         o.fill(0.0);
         for (j, &s) in offsets.iter().enumerate() {
@@ -329,6 +418,76 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// One layer of SmolLM2-shaped decode attention at a long context (`cargo test --release -p
+    /// atoma-engine paged_attn::tests::timings -- --ignored --nocapture`); prints only.
+    #[test]
+    #[ignore = "benchmark: prints figures"]
+    #[allow(clippy::print_stderr)]
+    fn timings() {
+        let (h, hkv, d, bs) = (9, 3, 64, 16);
+        for (t, ctx) in [(1usize, 1100usize), (16, 200), (16, 1100)] {
+            let blocks = t * ctx.div_ceil(bs);
+            let pool: Vec<f32> = (0..blocks * bs * hkv * d)
+                .map(|i| (i % 13) as f32 * 0.01)
+                .collect();
+            let tables: Vec<Vec<u32>> = (0..t)
+                .map(|s| {
+                    (0..ctx.div_ceil(bs))
+                        .map(|b| (s * ctx.div_ceil(bs) + b) as u32)
+                        .collect()
+                })
+                .collect();
+            let rows: Vec<QueryRow<'_>> = tables
+                .iter()
+                .map(|tb| QueryRow {
+                    pos: ctx - 1,
+                    table: tb,
+                })
+                .collect();
+            let q: Vec<f32> = (0..h * t * d).map(|i| (i % 7) as f32 * 0.1).collect();
+            let shape = AttnShape {
+                n_heads: h,
+                n_kv_heads: hkv,
+                head_dim: d,
+                block_size: bs,
+                scale: 0.125,
+                window: None,
+            };
+            let mut out = vec![0f32; t * h * d];
+            paged_attention(&shape, &q, &rows, &pool, &pool, &mut out);
+            let reps = 200;
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                paged_attention(&shape, &q, &rows, &pool, &pool, &mut out);
+            }
+            let dt = start.elapsed().as_secs_f64() / reps as f64;
+            let macs = (t * h * ctx * d * 2) as f64;
+            eprintln!(
+                "t={t:<3} ctx={ctx:<5} {:>8.1} us  {:>5.1} GMAC/s",
+                dt * 1e6,
+                macs / dt / 1e9
+            );
+        }
+    }
+
+    #[test]
+    fn vector_dot_is_the_scalar_dot() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            for len in [8usize, 64, 128, 256] {
+                let a: Vec<f32> = (0..len)
+                    .map(|i| ((i * 7919 % 113) as f32 - 56.0) * 0.37)
+                    .collect();
+                let b: Vec<f32> = (0..len)
+                    .map(|i| ((i * 104729 % 97) as f32 - 48.0) * 1.3e-2)
+                    .collect();
+                // SAFETY: AVX2 and FMA detected.
+                let v = unsafe { dot8(&a, &b) };
+                assert_eq!(v.to_bits(), dot(&a, &b).to_bits(), "len {len}");
             }
         }
     }
