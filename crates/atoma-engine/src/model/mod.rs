@@ -14,6 +14,7 @@ pub mod config;
 mod paged;
 mod paged_attn;
 mod qmm;
+mod vmath;
 mod weights;
 
 use std::sync::Arc;
@@ -320,11 +321,13 @@ impl Model {
                 )
             }
         };
-        let act = match self.cfg.arch.activation() {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
+        let kind = match self.cfg.arch.activation() {
+            Activation::Silu => vmath::Gate::Silu,
+            Activation::GeluTanh => vmath::Gate::GeluTanh,
         };
-        let mut m = layer.down.forward(&(act * up)?)?;
+        let mut m = layer
+            .down
+            .forward(&vmath::gated_activation(kind, &gate, &up)?)?;
         if let Some(n) = &layer.post_ffn_norm {
             m = candle_nn::ops::rms_norm(&m, n, eps)?;
         }

@@ -14,6 +14,9 @@
 //! output slice, and the per-head arithmetic is the same either way.
 
 use super::OutPtr;
+use super::vmath::exp;
+#[cfg(target_arch = "x86_64")]
+use super::vmath::exp8;
 
 /// The geometry shared by all rows of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -83,64 +86,6 @@ unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `exp(x)` for `x <= 0` (softmax numerators): Cephes' single-precision polynomial with fused
-/// multiply-adds, about 1 ulp. Written out so that the 8-lane version below gives the same bits
-/// (libm's `expf` is a function call per value, a visible share of decode-step time).
-#[inline(always)]
-fn exp_neg(x: f32) -> f32 {
-    let x = x.max(EXP_MIN);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let r = n.mul_add(-LN2_HI, x);
-    let r = n.mul_add(-LN2_LO, r);
-    let mut p = EXP_P[0];
-    for c in &EXP_P[1..] {
-        p = p.mul_add(r, *c);
-    }
-    let y = p.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-const EXP_MIN: f32 = -87.0;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_P: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    0.166_666_65,
-    0.5,
-];
-
-/// `exp_neg` on 8 lanes (AVX2/FMA), the same operations in the same order.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_neg8(v: &mut [f32]) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let x = _mm256_max_ps(_mm256_loadu_ps(v.as_ptr()), _mm256_set1_ps(EXP_MIN));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-        let mut p = _mm256_set1_ps(EXP_P[0]);
-        for c in &EXP_P[1..] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
-        }
-        let y = _mm256_add_ps(
-            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-            _mm256_set1_ps(1.0),
-        );
-        let e = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_storeu_ps(v.as_mut_ptr(), _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-    }
-}
-
 /// `v[i] = exp(v[i] - max)` in place.
 fn softmax_numerators(v: &mut [f32], max: f32) {
     v.iter_mut().for_each(|x| *x -= max);
@@ -149,15 +94,15 @@ fn softmax_numerators(v: &mut [f32], max: f32) {
         let mut chunks = v.chunks_exact_mut(8);
         for c in &mut chunks {
             // SAFETY: AVX2 and FMA were detected; the chunk holds 8 values.
-            unsafe { exp_neg8(c) };
+            unsafe { exp8(c) };
         }
         chunks
             .into_remainder()
             .iter_mut()
-            .for_each(|x| *x = exp_neg(*x));
+            .for_each(|x| *x = exp(*x));
         return;
     }
-    v.iter_mut().for_each(|x| *x = exp_neg(*x));
+    v.iter_mut().for_each(|x| *x = exp(*x));
 }
 
 /// `out += w * v`.
@@ -488,29 +433,6 @@ mod tests {
                 // SAFETY: AVX2 and FMA detected.
                 let v = unsafe { dot8(&a, &b) };
                 assert_eq!(v.to_bits(), dot(&a, &b).to_bits(), "len {len}");
-            }
-        }
-    }
-
-    #[test]
-    fn exp_is_accurate_and_the_same_on_8_lanes() {
-        let xs: Vec<f32> = (0..4000)
-            .map(|i| -(i as f32) * 0.0237)
-            .chain([0.0, -87.5, -200.0])
-            .collect();
-        for &x in &xs {
-            let (a, b) = (exp_neg(x), x.exp());
-            assert!((a - b).abs() <= b * 3e-7 + 1e-37, "exp({x}): {a} vs {b}");
-        }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            for c in xs.chunks_exact(8) {
-                let mut v = c.to_vec();
-                // SAFETY: AVX2 and FMA detected.
-                unsafe { exp_neg8(&mut v) };
-                for (x, e) in c.iter().zip(&v) {
-                    assert_eq!(e.to_bits(), exp_neg(*x).to_bits(), "exp({x})");
-                }
             }
         }
     }
