@@ -29,7 +29,10 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<TokenId>,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
-    /// Number of top alternatives to report per token (0 = none).
+    /// Report each token's log-probability (`TokenEvent::logprob`). Off by default: on a
+    /// 262,144-token vocabulary it is a pass of `exp` over every logit, per token.
+    pub logprobs: bool,
+    /// Number of top alternatives to report per token (0 = none; more than 0 implies `logprobs`).
     pub top_logprobs: usize,
 }
 
@@ -43,6 +46,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: false,
             top_logprobs: 0,
         }
     }
@@ -95,7 +99,8 @@ pub struct TokenEvent {
     /// Text that became final with this token (may be empty: incomplete UTF-8, or held back
     /// while it could still turn into a stop string).
     pub text: String,
-    pub logprob: f32,
+    /// Log-probability under the model's raw distribution, when the request asked for it.
+    pub logprob: Option<f32>,
     pub top_logprobs: Vec<(TokenId, f32)>,
 }
 
@@ -132,6 +137,7 @@ pub(crate) struct Generation {
     eog: Vec<TokenId>,
     stop_token_ids: Vec<TokenId>,
     ignore_eos: bool,
+    logprobs: bool,
     top_logprobs: usize,
     max_new: usize,
     usage: Usage,
@@ -152,6 +158,7 @@ impl Generation {
             eog: lm.tokenizer.special().end_of_generation.clone(),
             stop_token_ids: req.stop_token_ids.clone(),
             ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs || req.top_logprobs > 0,
             top_logprobs: req.top_logprobs,
             max_new: max_new.min(req.max_tokens),
             usage: Usage {
@@ -180,7 +187,7 @@ impl Generation {
     ) -> (TokenEvent, Option<FinishReason>) {
         let s = self
             .sampler
-            .sample(logits, &self.context_ids, self.top_logprobs);
+            .sample(logits, &self.context_ids, self.logprobs, self.top_logprobs);
         self.first_token_at.get_or_insert_with(Instant::now);
         self.sampler.observe(s.token);
         self.context_ids.push(s.token);

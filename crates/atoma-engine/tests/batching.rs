@@ -36,7 +36,7 @@ fn collect(mut s: GenerationStream) -> (Vec<u32>, Vec<u32>, FinishReason) {
         match e {
             GenerationEvent::Token(t) => {
                 ids.push(t.id);
-                lps.push(t.logprob.to_bits());
+                lps.push(t.logprob.expect("asked for").to_bits());
             }
             GenerationEvent::Finished(f) => return (ids, lps, f.reason),
             GenerationEvent::Error(e) => panic!("{e}"),

@@ -219,6 +219,7 @@ fn check_batch_invariance(name: &str) {
             ..SamplingParams::default()
         };
         r.ignore_eos = true;
+        r.logprobs = true;
         r
     };
     let run = |s: atoma_engine::GenerationStream| {
@@ -226,7 +227,9 @@ fn check_batch_invariance(name: &str) {
         let mut out = Vec::new();
         while let Some(e) = s.next_blocking() {
             match e {
-                GenerationEvent::Token(t) => out.push((t.id, t.logprob.to_bits())),
+                GenerationEvent::Token(t) => {
+                    out.push((t.id, t.logprob.expect("asked for").to_bits()))
+                }
                 GenerationEvent::Finished(_) => break,
                 GenerationEvent::Error(e) => panic!("{e}"),
             }

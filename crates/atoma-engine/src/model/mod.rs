@@ -15,6 +15,7 @@ mod paged;
 mod paged_attn;
 mod qmm;
 mod vmath;
+pub(crate) use vmath::{exp as exp_scalar, exp_scaled, max as max_f32, sum_exp};
 mod weights;
 
 use std::sync::Arc;

@@ -45,30 +45,158 @@ const EXP_P: [f32; 6] = [
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn exp8(v: &mut [f32]) {
     use std::arch::x86_64::*;
-    unsafe {
-        let x = _mm256_min_ps(
-            _mm256_max_ps(_mm256_loadu_ps(v.as_ptr()), _mm256_set1_ps(EXP_MIN)),
-            _mm256_set1_ps(EXP_MAX),
-        );
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-        let mut p = _mm256_set1_ps(EXP_P[0]);
-        for c in &EXP_P[1..] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    assert!(v.len() >= 8);
+    // SAFETY: 8 values are there to load and store.
+    unsafe { _mm256_storeu_ps(v.as_mut_ptr(), exp_ps(_mm256_loadu_ps(v.as_ptr()))) }
+}
+
+/// `exp` of one register of 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn exp_ps(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN)),
+        _mm256_set1_ps(EXP_MAX),
+    );
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_P[0]);
+    for c in &EXP_P[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    let e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+/// `dst = exp(src / t - m)` elementwise, with NaN and infinite inputs giving 0 (sampling
+/// weights at temperature `t`, `m` the largest scaled logit). Same bits with or without AVX2.
+pub(crate) fn exp_scaled(src: &[f32], t: f32, m: f32, dst: &mut Vec<f32>) {
+    dst.clear();
+    dst.resize(src.len(), 0.0);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Scalar {
+        done = src.len() / 8 * 8;
+        // SAFETY: AVX2/FMA detected; both slices hold `done` values.
+        unsafe { exp_scaled8(&src[..done], t, m, &mut dst[..done]) };
+    }
+    for (d, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = if x.is_finite() { exp(x / t - m) } else { 0.0 };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_scaled8(src: &[f32], t: f32, m: f32, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (tv, mv) = (_mm256_set1_ps(t), _mm256_set1_ps(m));
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    for (s, d) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
+        // SAFETY: 8 values to load and store.
+        unsafe {
+            let x = _mm256_loadu_ps(s.as_ptr());
+            let e = exp_ps(_mm256_sub_ps(_mm256_div_ps(x, tv), mv));
+            // Finite: |x| < inf (false for NaN).
+            let finite = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0), x), inf, _CMP_LT_OQ);
+            _mm256_storeu_ps(d.as_mut_ptr(), _mm256_and_ps(e, finite));
         }
-        let y = _mm256_add_ps(
-            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-            _mm256_set1_ps(1.0),
+    }
+}
+
+/// The largest value of `v` (NaNs ignored; `-inf` for none): eight running maxima, which the
+/// compiler keeps in one vector register.
+pub(crate) fn max(v: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in m.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for &x in tail {
+        m[0] = if x > m[0] { x } else { m[0] };
+    }
+    m.into_iter()
+        .fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
+}
+
+/// `Σ exp(x - shift)` over the finite and `+inf` values of `x` (NaN and `-inf` add nothing),
+/// accumulated in f64 on eight lanes (lane `j` takes the elements at `j mod 8`), then the lanes
+/// in order: the same bits with or without AVX2.
+pub(crate) fn sum_exp(x: &[f32], shift: f32) -> f64 {
+    let n8 = x.len() / 8 * 8;
+    let mut lanes = [0f64; 8];
+    #[cfg(target_arch = "x86_64")]
+    let vector = level() != Level::Scalar;
+    #[cfg(not(target_arch = "x86_64"))]
+    let vector = false;
+    if vector {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2/FMA detected.
+        unsafe {
+            sum_exp8(&x[..n8], shift, &mut lanes)
+        };
+    } else {
+        for c in x[..n8].chunks_exact(8) {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l += exp_term(v, shift);
+            }
+        }
+    }
+    for (l, &v) in lanes.iter_mut().zip(&x[n8..]) {
+        *l += exp_term(v, shift);
+    }
+    lanes.iter().sum()
+}
+
+#[inline(always)]
+fn exp_term(v: f32, shift: f32) -> f64 {
+    if v.is_nan() || v == f32::NEG_INFINITY {
+        0.0
+    } else {
+        f64::from(exp(v - shift))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_exp8(x: &[f32], shift: f32, lanes: &mut [f64; 8]) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let (mut lo, mut hi) = (
+            _mm256_loadu_pd(lanes.as_ptr()),
+            _mm256_loadu_pd(lanes.as_ptr().add(4)),
         );
-        let e = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_storeu_ps(v.as_mut_ptr(), _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+        let s = _mm256_set1_ps(shift);
+        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in x.chunks_exact(8) {
+            let v = _mm256_loadu_ps(c.as_ptr());
+            let e = exp_ps(_mm256_sub_ps(v, s));
+            // Keep lanes that are neither NaN (unordered with itself) nor -inf.
+            let keep = _mm256_and_ps(
+                _mm256_cmp_ps(v, v, _CMP_ORD_Q),
+                _mm256_cmp_ps(v, neg_inf, _CMP_NEQ_OQ),
+            );
+            let ev = _mm256_and_ps(e, keep);
+            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(ev)));
+            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(ev, 1)));
+        }
+        _mm256_storeu_pd(lanes.as_mut_ptr(), lo);
+        _mm256_storeu_pd(lanes.as_mut_ptr().add(4), hi);
     }
 }
 
@@ -115,10 +243,7 @@ unsafe fn gated8(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {
                 )
             }
         };
-        let mut e = [0f32; 8];
-        _mm256_storeu_ps(e.as_mut_ptr(), arg);
-        exp8(&mut e);
-        let den = _mm256_add_ps(_mm256_set1_ps(1.0), _mm256_loadu_ps(e.as_ptr()));
+        let den = _mm256_add_ps(_mm256_set1_ps(1.0), exp_ps(arg));
         let y = _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u.as_ptr()));
         _mm256_storeu_ps(out.as_mut_ptr(), y);
     }
@@ -214,6 +339,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn max_and_sum_exp_match_their_definitions_on_every_level() {
+        let mut x: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37) % 101) as f32 * 0.31 - 15.0)
+            .collect();
+        x[5] = f32::NAN;
+        x[17] = f32::NEG_INFINITY;
+        x[1001] = f32::NEG_INFINITY;
+        let m = max(&x);
+        assert_eq!(
+            m,
+            x.iter()
+                .copied()
+                .filter(|v| !v.is_nan())
+                .fold(f32::NEG_INFINITY, f32::max)
+        );
+        let want: f64 = x
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|&v| f64::from(v - m).exp())
+            .sum();
+        let got = sum_exp(&x, m);
+        assert!((got - want).abs() <= want * 1e-6, "{got} vs {want}");
+        // The scalar lanes give the same bits as the vector path.
+        let mut lanes = [0f64; 8];
+        for (i, &v) in x.iter().enumerate() {
+            lanes[i % 8] += exp_term(v, m);
+        }
+        assert_eq!(got.to_bits(), lanes.iter().sum::<f64>().to_bits());
+        let mut e = Vec::new();
+        exp_scaled(&x, 0.7, m / 0.7, &mut e);
+        for (i, (&v, &got)) in x.iter().zip(&e).enumerate() {
+            let want = if v.is_finite() {
+                exp(v / 0.7 - m / 0.7)
+            } else {
+                0.0
+            };
+            assert_eq!(got.to_bits(), want.to_bits(), "element {i}");
+        }
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(max(&[f32::NAN, 1.0]), 1.0);
     }
 
     #[test]
