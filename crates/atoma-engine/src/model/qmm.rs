@@ -15,8 +15,11 @@
 //! weights of the file: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K. The bytes of 8
 //! consecutive output columns are interleaved in groups of 4 (`[group][column][4]`), so one
 //! 32-byte load holds 4 consecutive weights of 8 columns and a VNNI `vpdpbusd` with 4 broadcast
-//! activation bytes adds one 4-term dot product into each of 8 column lanes. The price is memory:
-//! one byte per weight plus 4 (or 8) bytes of scales per sub-block, against 4.5 bits for Q4_K.
+//! activation bytes adds one 4-term dot product into each of 8 column lanes. Types whose codes
+//! have 4 bits (Q4_0, Q4_1, Q4_K) store two groups per 32-byte load, one in each nibble: a
+//! single decode streams every weight from memory once, so bytes per weight set its speed. The
+//! price is memory for the others: one byte per weight, and for all 4 (or 8) bytes of f32
+//! scales per sub-block.
 //!
 //! Activations are quantized per row to 8 bits per 32 values (`scale = amax / 127`, rounded
 //! through f16 as in ggml's Q8_0). For each output the kernel computes, per weight sub-block, the
@@ -96,8 +99,12 @@ pub(crate) struct PackedMatrix {
     sb: usize,
     /// Zero point subtracted from every stored byte.
     zero: i32,
-    /// `[panel][sub-block][group of 4][column][4]` bytes.
+    /// `[panel][sub-block][group of 4][column][4]` bytes, or for 4-bit types (`nib`)
+    /// `[panel][sub-block][pair of groups][column][4]` bytes holding group `2h` in the low
+    /// nibble and group `2h + 1` in the high one.
     q: Vec<u8>,
+    /// Codes are 4-bit (Q4_0, Q4_1, Q4_K): two per byte, half the memory traffic.
+    nib: bool,
     /// `[panel][sub-block][column]` scales.
     scale: Vec<f32>,
     /// `[panel][sub-block][column]` offsets; empty for types without one.
@@ -149,6 +156,11 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
             (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
         )
     }
+}
+
+/// Whether `dtype`'s codes fit in 4 bits (stored two per byte).
+fn nibbles(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
 }
 
 /// Decodes one row of raw GGML blocks into bytes and per-sub-block scales and offsets.
@@ -272,6 +284,7 @@ impl PackedMatrix {
         };
         for col in 0..n {
             let codes = unpack_row(dtype, &raw[col * row_bytes..(col + 1) * row_bytes], k);
+            debug_assert!(!nibbles(dtype) || codes.q.iter().all(|&b| b < 16));
             let (p, c) = (col / PANEL, col % PANEL);
             for t in 0..nsb {
                 let o = (p * nsb + t) * PANEL + c;
@@ -286,12 +299,26 @@ impl PackedMatrix {
                 }
             }
         }
+        let nib = nibbles(dtype);
+        if nib {
+            // Each sub-block's 8 groups of 32 bytes become 4 pairs: low nibble = group 2h,
+            // high nibble = group 2h + 1.
+            let half = 4 * PANEL;
+            q = q
+                .chunks_exact(sb * PANEL)
+                .flat_map(|blk| {
+                    blk.chunks_exact(2 * half)
+                        .flat_map(|pair| (0..half).map(move |j| pair[j] | (pair[half + j] << 4)))
+                })
+                .collect();
+        }
         Self {
             n,
             k,
             sb,
             zero,
             q,
+            nib,
             scale,
             min,
             dtype,
@@ -316,7 +343,13 @@ impl PackedMatrix {
             let o = (p * nsb + t) * PANEL + c;
             for e in 0..self.sb {
                 let (g, l) = (e / 4, e % 4);
-                let byte = self.q[(p * nsb + t) * self.sb * PANEL + g * 4 * PANEL + c * 4 + l];
+                let byte = if self.nib {
+                    let b =
+                        self.q[(p * nsb + t) * self.sb * PANEL / 2 + g / 2 * 4 * PANEL + c * 4 + l];
+                    if g.is_multiple_of(2) { b & 0xF } else { b >> 4 }
+                } else {
+                    self.q[(p * nsb + t) * self.sb * PANEL + g * 4 * PANEL + c * 4 + l]
+                };
                 let mut v = self.scale[o] * (i32::from(byte) - self.zero) as f32;
                 if !self.min.is_empty() {
                     v += self.min[o];
@@ -385,26 +418,28 @@ impl PackedMatrix {
         out: *mut f32,
     ) {
         macro_rules! go {
-            ($f:ident, $sb:literal, $min:literal) => {
+            ($f:ident, $sb:literal, $min:literal, $nib:literal) => {
                 match (rm, np) {
-                    (4, 2) => $f::<4, 2, $sb, $min>(self, a, i, p, out),
-                    (3, 2) => $f::<3, 2, $sb, $min>(self, a, i, p, out),
-                    (2, 2) => $f::<2, 2, $sb, $min>(self, a, i, p, out),
-                    (1, 2) => $f::<1, 2, $sb, $min>(self, a, i, p, out),
-                    (4, _) => $f::<4, 1, $sb, $min>(self, a, i, p, out),
-                    (3, _) => $f::<3, 1, $sb, $min>(self, a, i, p, out),
-                    (2, _) => $f::<2, 1, $sb, $min>(self, a, i, p, out),
-                    _ => $f::<1, 1, $sb, $min>(self, a, i, p, out),
+                    (4, 2) => $f::<4, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (3, 2) => $f::<3, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (2, 2) => $f::<2, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (1, 2) => $f::<1, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (4, _) => $f::<4, 1, $sb, $min, $nib>(self, a, i, p, out),
+                    (3, _) => $f::<3, 1, $sb, $min, $nib>(self, a, i, p, out),
+                    (2, _) => $f::<2, 1, $sb, $min, $nib>(self, a, i, p, out),
+                    _ => $f::<1, 1, $sb, $min, $nib>(self, a, i, p, out),
                 }
             };
         }
         macro_rules! by_format {
             ($f:ident) => {
-                match (self.sb, self.min.is_empty()) {
-                    (32, true) => go!($f, 32, false),
-                    (32, false) => go!($f, 32, true),
-                    (16, true) => go!($f, 16, false),
-                    _ => go!($f, 16, true),
+                match (self.sb, self.min.is_empty(), self.nib) {
+                    (32, true, true) => go!($f, 32, false, true),
+                    (32, false, true) => go!($f, 32, true, true),
+                    (32, true, false) => go!($f, 32, false, false),
+                    (32, false, false) => go!($f, 32, true, false),
+                    (16, true, _) => go!($f, 16, false, false),
+                    _ => go!($f, 16, true, false),
                 }
             };
         }
@@ -509,7 +544,13 @@ unsafe fn quantize_block_avx2(xb: &[f32], qb: &mut [i8]) -> f32 {
 }
 
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile_scalar<const M: usize, const NP: usize, const SB: usize, const MIN: bool>(
+unsafe fn tile_scalar<
+    const M: usize,
+    const NP: usize,
+    const SB: usize,
+    const MIN: bool,
+    const NIB: bool,
+>(
     w: &PackedMatrix,
     a: &QuantRows,
     i: usize,
@@ -522,7 +563,20 @@ unsafe fn tile_scalar<const M: usize, const NP: usize, const SB: usize, const MI
     for t in 0..nsb {
         for pp in 0..NP {
             let base = ((p + pp) * nsb + t) * PANEL;
-            let qb = &w.q[((p + pp) * nsb + t) * SB * PANEL..][..SB * PANEL];
+            let blk = ((p + pp) * nsb + t) * SB * PANEL;
+            let qb = if NIB {
+                &w.q[blk / 2..][..SB * PANEL / 2]
+            } else {
+                &w.q[blk..][..SB * PANEL]
+            };
+            let byte = |g: usize, c: usize, l: usize| {
+                if NIB {
+                    let b = qb[g / 2 * 4 * PANEL + c * 4 + l];
+                    if g.is_multiple_of(2) { b & 0xF } else { b >> 4 }
+                } else {
+                    qb[g * 4 * PANEL + c * 4 + l]
+                }
+            };
             for r in 0..M {
                 let row = i + r;
                 let aq = &a.qs[row * k + t * SB..][..SB];
@@ -531,8 +585,7 @@ unsafe fn tile_scalar<const M: usize, const NP: usize, const SB: usize, const MI
                     let mut dot = a.corr[row * nsb + t];
                     for g in 0..SB / 4 {
                         for l in 0..4 {
-                            dot +=
-                                i32::from(qb[g * 4 * PANEL + c * 4 + l]) * i32::from(aq[g * 4 + l]);
+                            dot += i32::from(byte(g, c, l)) * i32::from(aq[g * 4 + l]);
                         }
                     }
                     let v = &mut acc[r][pp][c];
@@ -552,6 +605,31 @@ unsafe fn tile_scalar<const M: usize, const NP: usize, const SB: usize, const MI
                     unsafe { *out.add((i + r) * w.n + col) = acc[r][pp][c] };
                 }
             }
+        }
+    }
+}
+
+/// The 32 bytes of group `g` (4 weights of 8 columns) of the sub-block whose unpacked bytes
+/// start at `blk`: one load, or for nibbles one load of the pair and a mask (or shift and mask).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_group<const SB: usize, const NIB: bool>(
+    wq: *const u8,
+    blk: usize,
+    g: usize,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    unsafe {
+        if NIB {
+            let v = _mm256_loadu_si256(wq.add(blk / 2 + g / 2 * 4 * PANEL) as *const __m256i);
+            let v = if g.is_multiple_of(2) {
+                v
+            } else {
+                _mm256_srli_epi16(v, 4)
+            };
+            _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+        } else {
+            _mm256_loadu_si256(wq.add(blk + g * 4 * PANEL) as *const __m256i)
         }
     }
 }
@@ -588,7 +666,13 @@ unsafe fn store_tile<const M: usize, const NP: usize>(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-unsafe fn tile_vnni<const M: usize, const NP: usize, const SB: usize, const MIN: bool>(
+unsafe fn tile_vnni<
+    const M: usize,
+    const NP: usize,
+    const SB: usize,
+    const MIN: bool,
+    const NIB: bool,
+>(
     w: &PackedMatrix,
     a: &QuantRows,
     i: usize,
@@ -616,9 +700,7 @@ unsafe fn tile_vnni<const M: usize, const NP: usize, const SB: usize, const MIN:
             for g in 0..SB / 4 {
                 let mut wv = [_mm256_setzero_si256(); NP];
                 for pp in 0..NP {
-                    wv[pp] = _mm256_loadu_si256(
-                        wq.add(((p + pp) * nsb + t) * SB * PANEL + g * 4 * PANEL) as *const __m256i,
-                    );
+                    wv[pp] = load_group::<SB, NIB>(wq, ((p + pp) * nsb + t) * SB * PANEL, g);
                 }
                 for r in 0..M {
                     let av = _mm256_set1_epi32(std::ptr::read_unaligned(
@@ -662,7 +744,13 @@ unsafe fn tile_vnni<const M: usize, const NP: usize, const SB: usize, const MIN:
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const M: usize, const NP: usize, const SB: usize, const MIN: bool>(
+unsafe fn tile_avx2<
+    const M: usize,
+    const NP: usize,
+    const SB: usize,
+    const MIN: bool,
+    const NIB: bool,
+>(
     w: &PackedMatrix,
     a: &QuantRows,
     i: usize,
@@ -686,9 +774,7 @@ unsafe fn tile_avx2<const M: usize, const NP: usize, const SB: usize, const MIN:
                 let mut wabs = [_mm256_setzero_si256(); NP];
                 for pp in 0..NP {
                     // q - zero fits in i8 for every format (-128..=127).
-                    let raw = _mm256_loadu_si256(
-                        wq.add(((p + pp) * nsb + t) * SB * PANEL + g * 4 * PANEL) as *const __m256i,
-                    );
+                    let raw = load_group::<SB, NIB>(wq, ((p + pp) * nsb + t) * SB * PANEL, g);
                     wv[pp] = _mm256_sub_epi8(raw, zero);
                     wabs[pp] = _mm256_sign_epi8(wv[pp], wv[pp]);
                 }
@@ -889,6 +975,8 @@ mod tests {
             (GgmlDType::Q8_0, 49152, 576),
             (GgmlDType::Q5_0, 2048, 640),
             (GgmlDType::Q4K, 640, 1024),
+            (GgmlDType::Q4_1, 1536, 576),
+            (GgmlDType::Q4_1, 4608, 576),
             (GgmlDType::Q6K, 640, 2048),
             (GgmlDType::Q8_0, 262144, 640),
         ];
