@@ -78,6 +78,11 @@ pub struct Args {
     /// Stack to charge (default: the session's).
     #[arg(long)]
     pub stack: Option<u64>,
+    /// Seed of the prompts. Prompts depend only on the seed, the level and the request index, so
+    /// both engines get the same ones; change it to repeat a run against a server whose prefix
+    /// cache still holds the previous run's prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Label of the engine in the results (e.g. atoma, llama-server).
     #[arg(long, default_value = "atoma")]
     pub label: String,
@@ -178,7 +183,7 @@ pub fn run(home: &Home, store: &ModelStore, a: &Args) -> anyhow::Result<()> {
         // Distinct prompts per request (seeded, so both engines get the same ones).
         let bodies: Vec<(String, Value)> = (0..n)
             .map(|i| {
-                let mut r = Rng::new(1000 * c as u64 + i as u64);
+                let mut r = Rng::new(a.seed.wrapping_mul(1 << 32) + 1000 * c as u64 + i as u64);
                 let mut body = match a.workload {
                     Workload::Random => (
                         "/v1/completions",

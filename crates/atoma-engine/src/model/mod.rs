@@ -376,17 +376,9 @@ impl Model {
         if let Some(n) = &layer.attn.k_norm {
             k = candle_nn::ops::rms_norm(&k, n, cfg.rms_eps as f32)?;
         }
-        let (q, k) = if cfg.arch.rope_neox() {
-            (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
-            )
-        };
+        let interleaved = !cfg.arch.rope_neox();
+        let q = vmath::rope(&q, cos, sin, interleaved)?;
+        let k = vmath::rope(&k, cos, sin, interleaved)?;
         Ok((q, k, v))
     }
 

@@ -60,8 +60,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
         acc[l] = x.mul_add(*y, acc[l]);
     }
-    // The fold of `hsum8` below: halves, then pairs two apart, then the last two.
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    // The fold of the transposing reduction in `dots8` below: neighbours, then pairs, then halves.
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
 /// `dot` on AVX2/FMA for lengths that are a multiple of 8: the same lanes, the same fold.
@@ -79,10 +79,82 @@ unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
                 acc,
             );
         }
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        // (a0+a1, a2+a3, .., a4+a5, a6+a7, ..), then ((a0+a1)+(a2+a3), .., (a4+a5)+(a6+a7), ..).
+        let h = _mm256_hadd_ps(acc, acc);
+        let h = _mm256_hadd_ps(h, h);
+        let s = _mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
         _mm_cvtss_f32(s)
+    }
+}
+
+/// Eight dot products of `q` with the keys at `k_pool[offsets[j]..]`, `d` long, returned in
+/// one register: 8 independent FMA chains (one per key) instead of one dependent chain per key,
+/// and one transposing reduction for all eight (the fold of `dot`, so the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots8(q: &[f32], k_pool: &[f32], offsets: &[usize; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    debug_assert!(d.is_multiple_of(8));
+    debug_assert!(offsets.iter().all(|&s| s + d <= k_pool.len()));
+    unsafe {
+        let kp = k_pool.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..d).step_by(8) {
+            let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+            for (a, &s) in acc.iter_mut().zip(offsets) {
+                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(s + c)), *a);
+            }
+        }
+        // Lane pairs of keys (0,1), (2,3): per 128-bit half [k0 a01, k0 a23, k1 a01, k1 a23].
+        let t01 = _mm256_hadd_ps(acc[0], acc[1]);
+        let t23 = _mm256_hadd_ps(acc[2], acc[3]);
+        let t45 = _mm256_hadd_ps(acc[4], acc[5]);
+        let t67 = _mm256_hadd_ps(acc[6], acc[7]);
+        // Per half: [k0, k1, k2, k3] (a01+a23 in the low half, a45+a67 in the high one).
+        let u0 = _mm256_hadd_ps(t01, t23);
+        let u1 = _mm256_hadd_ps(t45, t67);
+        // Low halves + high halves: keys 0-3 from u0, 4-7 from u1.
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(u0, u1, 0x20),
+            _mm256_permute2f128_ps(u0, u1, 0x31),
+        )
+    }
+}
+
+/// `scores[h * nk + j] = dot(qs[h], key j) * scale` for all keys of a task and every query head
+/// of its group, eight keys at a time: the heads take turns on each block of eight keys, so a key
+/// comes from memory once for the whole group and stays in L1 for the others.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores8(
+    qs: &[&[f32]],
+    k_pool: &[f32],
+    offsets: &[usize],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let nk = offsets.len();
+    debug_assert_eq!(qs.len() * nk, scores.len());
+    unsafe {
+        let sv = _mm256_set1_ps(scale);
+        let mut blocks = offsets.chunks_exact(8);
+        let mut j = 0;
+        for b in &mut blocks {
+            let b: &[usize; 8] = b.try_into().expect("8 offsets");
+            for (hh, q) in qs.iter().enumerate() {
+                let v = _mm256_mul_ps(dots8(q, k_pool, b), sv);
+                _mm256_storeu_ps(scores.as_mut_ptr().add(hh * nk + j), v);
+            }
+            j += 8;
+        }
+        for &s in blocks.remainder() {
+            for (hh, q) in qs.iter().enumerate() {
+                scores[hh * nk + j] = dot8(q, &k_pool[s..s + q.len()]) * scale;
+            }
+            j += 1;
+        }
     }
 }
 
@@ -118,7 +190,10 @@ fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
 /// across the keys instead of stored and reloaded for every key.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f32]) {
+///
+/// With `resume`, the sums continue from the values already in `o` (the keys so far): the same
+/// sequence of operations as one call over all the keys.
+unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f32], resume: bool) {
     use std::arch::x86_64::*;
     let d = o.len();
     debug_assert!(d.is_multiple_of(8) && offsets.len() == w.len());
@@ -127,6 +202,11 @@ unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f
         let mut c0 = 0;
         while c0 + 64 <= d {
             let mut acc = [_mm256_setzero_ps(); 8];
+            if resume {
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(o.as_ptr().add(c0 + 8 * r));
+                }
+            }
             for (&s, &wj) in offsets.iter().zip(w) {
                 let wv = _mm256_set1_ps(wj);
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -139,7 +219,11 @@ unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f
             c0 += 64;
         }
         while c0 < d {
-            let mut a = _mm256_setzero_ps();
+            let mut a = if resume {
+                _mm256_loadu_ps(o.as_ptr().add(c0))
+            } else {
+                _mm256_setzero_ps()
+            };
             for (&s, &wj) in offsets.iter().zip(w) {
                 a = _mm256_fmadd_ps(_mm256_set1_ps(wj), _mm256_loadu_ps(vp.add(s + c0)), a);
             }
@@ -200,6 +284,12 @@ pub(crate) fn paged_attention(
         while p <= row.pos {
             let bi = p / block_size;
             let base = row.table[bi] as usize * block_size;
+            // The whole block lies inside the pools, so every offset below does (the vector
+            // paths read through raw pointers).
+            assert!(
+                (base + block_size) * kv_row <= k_pool.len(),
+                "block outside the pool"
+            );
             let end = ((bi + 1) * block_size).min(row.pos + 1);
             offsets.extend((p..end).map(|pp| (base + pp - bi * block_size) * kv_row + g * d));
             p = end;
@@ -215,19 +305,20 @@ pub(crate) fn paged_attention(
         let simd = d.is_multiple_of(8) && super::qmm::level() != super::qmm::Level::Scalar;
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
-        for (j, &s) in offsets.iter().enumerate() {
-            let key = &k_pool[s..s + d];
-            for (hh, qh) in qs.iter().enumerate() {
-                #[cfg(target_arch = "x86_64")]
-                let x = if simd {
-                    // SAFETY: AVX2/FMA detected; lengths are d, a multiple of 8.
-                    unsafe { dot8(qh, key) }
-                } else {
-                    dot(qh, key)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let x = dot(qh, key);
-                scores[hh * nk + j] = x * scale;
+        if simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2/FMA detected; d is a multiple of 8; every offset + d is inside both
+            // pools (checked block by block where the offsets are made).
+            unsafe {
+                scores8(&qs, k_pool, offsets, scale, scores)
+            };
+        }
+        for (hh, qh) in qs.iter().enumerate() {
+            let sc = &mut scores[hh * nk..(hh + 1) * nk];
+            if !simd {
+                for (x, &s) in sc.iter_mut().zip(offsets.iter()) {
+                    *x = dot(qh, &k_pool[s..s + d]) * scale;
+                }
             }
         }
         let mut inv = [0f32; 16];
@@ -245,17 +336,30 @@ pub(crate) fn paged_attention(
             inv[hh] = 1.0 / sum;
         }
         if simd {
-            // The weights first (the same products as below), then one register-held pass.
-            for (hh, oh) in o.chunks_exact_mut(d).enumerate() {
-                let sc = &mut scores[hh * nk..(hh + 1) * nk];
+            // The weights first (the same products as below), then register-held passes over
+            // blocks of keys, the heads taking turns on each block so that its values come from
+            // memory once for the group.
+            for (hh, sc) in scores.chunks_exact_mut(nk.max(1)).enumerate() {
                 sc.iter_mut().for_each(|x| *x *= inv[hh]);
-                debug_assert!(offsets.iter().all(|&s| s + d <= v_pool.len()));
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2/FMA detected; every offset + d is inside the pool (the offsets
-                // come from the block table, as for the keys above, which are bounds-checked).
-                unsafe {
-                    weighted_sum8(oh, offsets, sc, v_pool)
-                };
+            }
+            debug_assert!(offsets.iter().all(|&s| s + d <= v_pool.len()));
+            const KEYS: usize = 64;
+            for k0 in (0..nk).step_by(KEYS) {
+                let k1 = (k0 + KEYS).min(nk);
+                for (hh, oh) in o.chunks_exact_mut(d).enumerate() {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2/FMA detected; every offset + d is inside the pools (checked
+                    // block by block where the offsets are made; both pools have the same size).
+                    unsafe {
+                        weighted_sum8(
+                            oh,
+                            &offsets[k0..k1],
+                            &scores[hh * nk + k0..hh * nk + k1],
+                            v_pool,
+                            k0 > 0,
+                        )
+                    };
+                }
             }
             return;
         }
@@ -313,20 +417,29 @@ mod tests {
 
     #[test]
     fn matches_naive_attention_through_a_shuffled_table() {
-        let (h, hkv, d, bs) = (4, 2, 12, 4);
-        let table = [5u32, 2, 7, 0, 3, 6, 1, 4];
-        let slots = 8 * bs;
+        // d = 12: the scalar path; d = 64: the vector path where the CPU has it (keys in blocks
+        // of 8 with a tail, values in blocks of 64 keys, so up to 200 keys cross both).
+        for (d, bs, nb) in [(12usize, 4usize, 8usize), (64, 16, 13)] {
+            matches_naive(d, bs, nb);
+        }
+    }
+
+    fn matches_naive(d: usize, bs: usize, nb: usize) {
+        let (h, hkv) = (6, 2);
+        let table: Vec<u32> = (0..nb).map(|b| ((b * 5 + 3) % nb) as u32).collect();
+        let slots = nb * bs;
         let val = |i: usize| ((i * 7919 % 113) as f32 / 113.0) - 0.5;
         let k_pool: Vec<f32> = (0..slots * hkv * d).map(val).collect();
         let v_pool: Vec<f32> = (0..slots * hkv * d).map(|i| val(i + 31)).collect();
         // Few rows (a task per head) and many (a task per KV group).
-        let few = vec![3usize, 9, 13];
-        let many: Vec<usize> = (0..24).map(|i| (i * 5) % 31).collect();
+        let few = vec![3usize, 9, slots - 1];
+        let many: Vec<usize> = (0..24).map(|i| (i * 37 + 5) % slots).collect();
         for (positions, window) in [
             (&few, None),
             (&few, Some(5)),
             (&many, None),
             (&many, Some(7)),
+            (&many, Some(90)),
         ] {
             let t = positions.len();
             let q: Vec<f32> = (0..h * t * d).map(|i| val(i + 5)).collect();
@@ -345,6 +458,23 @@ mod tests {
                     .collect();
                 let mut out = vec![0.0; t * h * d];
                 paged_attention(&shape, &q, &rows, &k_pool, &v_pool, &mut out);
+                // Alone, each row gives the same bits (nothing depends on the other rows).
+                for (ti, row) in rows.iter().enumerate() {
+                    let q1: Vec<f32> = (0..h)
+                        .flat_map(|hh| q[(hh * t + ti) * d..(hh * t + ti + 1) * d].to_vec())
+                        .collect();
+                    let mut o1 = vec![0.0; h * d];
+                    paged_attention(
+                        &shape,
+                        &q1,
+                        std::slice::from_ref(row),
+                        &k_pool,
+                        &v_pool,
+                        &mut o1,
+                    );
+                    let got = &out[ti * h * d..(ti + 1) * h * d];
+                    assert!(o1.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits()));
+                }
                 for (ti, &pos) in positions.iter().enumerate() {
                     for hh in 0..h {
                         let g = hh / (h / hkv);
@@ -359,7 +489,7 @@ mod tests {
                         let want = naive(qh, &ks, &vs, 0.3);
                         let got = &out[(ti * h + hh) * d..(ti * h + hh + 1) * d];
                         for (a, b) in want.iter().zip(got) {
-                            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+                            assert!((a - b).abs() < 1e-5, "d {d}: {a} vs {b}");
                         }
                     }
                 }
@@ -433,6 +563,23 @@ mod tests {
                 // SAFETY: AVX2 and FMA detected.
                 let v = unsafe { dot8(&a, &b) };
                 assert_eq!(v.to_bits(), dot(&a, &b).to_bits(), "len {len}");
+            }
+            // Eight keys at a time plus a tail, scattered through a pool.
+            for (d, nk) in [(8usize, 3usize), (64, 8), (64, 21), (256, 17)] {
+                let pool: Vec<f32> = (0..64 * d)
+                    .map(|i| ((i * 7919 % 113) as f32 - 56.0) * 0.037)
+                    .collect();
+                let q: Vec<f32> = (0..d)
+                    .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.21)
+                    .collect();
+                let offsets: Vec<usize> = (0..nk).map(|j| (j * 37 % 64) * d).collect();
+                let mut got = vec![0f32; nk];
+                // SAFETY: AVX2 and FMA detected; every offset + d is inside the pool.
+                unsafe { scores8(&[&q], &pool, &offsets, 0.125, &mut got) };
+                for (j, &s) in offsets.iter().enumerate() {
+                    let want = dot(&q, &pool[s..s + d]) * 0.125;
+                    assert_eq!(got[j].to_bits(), want.to_bits(), "d {d} key {j}");
+                }
             }
         }
     }

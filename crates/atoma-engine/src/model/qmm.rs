@@ -361,20 +361,47 @@ impl PackedMatrix {
     }
 
     /// `out[m, n] = x[m, k] @ W^T`.
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], out: &mut [f32]) {
         self.matmul_with(level(), x, out);
     }
 
+    #[cfg(test)]
     pub(crate) fn matmul_with(&self, lvl: Level, x: &[f32], out: &mut [f32]) {
+        assert!(x.len().is_multiple_of(self.k), "activation size");
+        assert_eq!(out.len(), x.len() / self.k * self.n, "output size");
+        // SAFETY: `out` holds the m x n outputs (checked above).
+        unsafe { self.matmul_raw(lvl, x, out.as_mut_ptr()) }
+    }
+
+    /// `x @ W^T` into a new vector, without zeroing it first: the tiles store every output
+    /// (zeroing a prefill step's outputs was a serial memset on the engine thread while the other
+    /// compute threads waited).
+    pub(crate) fn matmul_vec(&self, x: &[f32]) -> Vec<f32> {
+        assert!(x.len().is_multiple_of(self.k), "activation size");
+        let len = x.len() / self.k * self.n;
+        let mut out = Vec::<f32>::with_capacity(len);
+        // SAFETY: the buffer holds `len` = m x n values; `matmul_raw` stores every one of them
+        // (every row block times every panel, the last panel cut at column n), so all `len`
+        // elements are initialized before `set_len`.
+        unsafe {
+            self.matmul_raw(level(), x, out.as_mut_ptr());
+            out.set_len(len);
+        }
+        out
+    }
+
+    /// # Safety
+    /// `out` must be valid for writes of `x.len() / k * n` values. Every one of them is written.
+    unsafe fn matmul_raw(&self, lvl: Level, x: &[f32], out: *mut f32) {
         let (n, k) = (self.n, self.k);
         assert!(x.len().is_multiple_of(k), "activation size");
         let m = x.len() / k;
-        assert_eq!(out.len(), m * n, "output size");
         if m == 0 {
             return;
         }
         let a = quantize_rows(lvl, x, k, self.sb, self.zero);
-        let ptr = OutPtr(out.as_mut_ptr());
+        let ptr = OutPtr(out);
         let tiles = n.div_ceil(PANEL * RP);
         // Enough chunks to balance the threads, few enough to amortize waking them.
         let chunks = (threads() * 4).min(tiles).max(1);

@@ -274,44 +274,154 @@ fn gated_slice(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {
 
 /// `act(gate) * up` for two `[rows, n]` f32 tensors on the CPU; other devices and dtypes go
 /// through candle's ops.
+///
+/// The rows are read in place from the tensors' storage (the gate and up halves of a fused
+/// projection are column ranges of one `[rows, 2n]` tensor, so neither is contiguous): this runs
+/// on every layer of every step, and the copies it used to make were serial work while the other
+/// compute threads waited.
 pub(crate) fn gated_activation(
     kind: Gate,
     gate: &Tensor,
     up: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    if !gate.device().is_cpu() || gate.dtype() != candle_core::DType::F32 {
+    let rows_of = |t: &Tensor| -> Option<(usize, usize, usize, usize)> {
+        // (rows, n, row stride, start) for a row-major tensor with unit column stride.
+        let (rows, n) = t.dims2().ok()?;
+        let l = t.layout();
+        let st = l.stride();
+        (st[1] == 1 || n <= 1).then_some((rows, n, st[0], l.start_offset()))
+    };
+    let plain = gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32;
+    let (Some((rows, n, gs, g0)), Some((rows_u, n_u, us, u0)), true) = (
+        rows_of(gate),
+        rows_of(up),
+        plain && up.dtype() == candle_core::DType::F32,
+    ) else {
         let act = match kind {
             Gate::Silu => candle_nn::ops::silu(gate)?,
             Gate::GeluTanh => gate.gelu()?,
         };
         return act * up;
+    };
+    if (rows, n) != (rows_u, n_u) {
+        candle_core::bail!("gated activation: gate {rows}x{n}, up {rows_u}x{n_u}");
     }
-    let g = gate.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.flatten_all()?.to_vec1::<f32>()?;
-    if g.len() != u.len() {
-        candle_core::bail!(
-            "gated activation: {} gate values, {} up values",
-            g.len(),
-            u.len()
-        );
+    let (gst, _) = gate.storage_and_layout();
+    let (ust, _) = up.storage_and_layout();
+    let (candle_core::Storage::Cpu(gc), candle_core::Storage::Cpu(uc)) = (&*gst, &*ust) else {
+        candle_core::bail!("gated activation: tensors are not on the CPU");
+    };
+    let (gv, uv) = (gc.as_slice::<f32>()?, uc.as_slice::<f32>()?);
+    // Check every row once here, so the parallel part below cannot fail.
+    let fits =
+        |len: usize, base: usize, stride: usize| rows == 0 || base + (rows - 1) * stride + n <= len;
+    if !fits(gv.len(), g0, gs) || !fits(uv.len(), u0, us) {
+        candle_core::bail!("gated activation: rows outside the storage");
     }
-    let mut out = vec![0f32; g.len()];
+    let len = rows * n;
+    let mut out = vec![0f32; len];
+    let base = super::OutPtr(out.as_mut_ptr());
+    // Work items: (row, chunk of CHUNK columns).
     const CHUNK: usize = 8192;
-    if g.len() <= CHUNK {
-        gated_slice(kind, &g, &u, &mut out);
+    let per_row = n.div_ceil(CHUNK).max(1);
+    let item = |i: usize| {
+        let (r, c) = (i / per_row, i % per_row);
+        let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+        let gr = &gv[g0 + r * gs..][a..b];
+        let ur = &uv[u0 + r * us..][a..b];
+        // SAFETY: item i owns out[r*n + a .. r*n + b]; items are disjoint and inside `len`.
+        let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(r * n + a), b - a) };
+        gated_slice(kind, gr, ur, o);
+    };
+    let items = rows * per_row;
+    if len <= CHUNK {
+        (0..items).for_each(item);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| range.for_each(item));
+    }
+    Tensor::from_vec(out, (rows, n), gate.device())
+}
+
+/// Rotary position embedding of `x` (`[1, H, T, D]`) by the per-token `cos`/`sin` rows
+/// (`[T, D/2]`): pairs `(2i, 2i+1)` when `interleaved`, else `(i, i + D/2)` (GPT-NeoX). The
+/// same expressions as candle's `rope_i`/`rope`, so the same bits; but candle forks its rayon
+/// pool for every call, which on a 2-core box competes with the spinning compute threads and
+/// costs more than the arithmetic of a decode step. Small inputs run inline; large ones on the
+/// compute threads, a head per work item.
+pub(crate) fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> candle_core::Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let fallback = || {
+        if interleaved {
+            candle_nn::rotary_emb::rope_i(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, cos, sin)
+        }
+    };
+    if !(f32_cpu(x) && f32_cpu(cos) && f32_cpu(sin)) {
+        return fallback();
+    }
+    let (b, h, t, d) = x.dims4()?;
+    if b != 1 || !d.is_multiple_of(2) || cos.dims2()? != (t, d / 2) || sin.dims2()? != (t, d / 2) {
+        return fallback();
+    }
+    let (xs, cs, ss) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let slice = |t: &Tensor, n: usize| -> candle_core::Result<Vec<f32>> {
+        // Borrowing would need the three storages' guards alive together; these are small
+        // next to x except at long prefills, and x itself is read in place below.
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        debug_assert_eq!(v.len(), n);
+        Ok(v)
+    };
+    let (cv, sv) = (slice(&cs, t * d / 2)?, slice(&ss, t * d / 2)?);
+    let (st, layout) = xs.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*st else {
+        candle_core::bail!("rope: input is not on the CPU");
+    };
+    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..][..h * t * d];
+    let mut out = vec![0f32; h * t * d];
+    let half = d / 2;
+    let head = |hi: usize, o: &mut [f32]| {
+        let xh = &src[hi * t * d..(hi + 1) * t * d];
+        for ti in 0..t {
+            let (c, s) = (
+                &cv[ti * half..(ti + 1) * half],
+                &sv[ti * half..(ti + 1) * half],
+            );
+            let xr = &xh[ti * d..(ti + 1) * d];
+            let or = &mut o[ti * d..(ti + 1) * d];
+            for i in 0..half {
+                let (i1, i2) = if interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
+                or[i1] = xr[i1] * c[i] - xr[i2] * s[i];
+                or[i2] = xr[i1] * s[i] + xr[i2] * c[i];
+            }
+        }
+    };
+    if h * t * d < 1 << 16 {
+        for (hi, o) in out.chunks_mut(t * d).enumerate() {
+            head(hi, o);
+        }
     } else {
         let base = super::OutPtr(out.as_mut_ptr());
-        let n = g.len();
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |range| {
-            for c in range {
-                let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                // SAFETY: chunk c owns out[a..b]; chunks are disjoint.
-                let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(a), b - a) };
-                gated_slice(kind, &g[a..b], &u[a..b], o);
+        candle_core::utils::barrier_pool().execute_chunked(h, |range| {
+            for hi in range {
+                // SAFETY: head hi owns out[hi*t*d..(hi+1)*t*d]; heads are disjoint.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(base.get().add(hi * t * d), t * d) };
+                head(hi, o);
             }
         });
     }
-    Tensor::from_vec(out, gate.shape(), gate.device())
+    drop(st);
+    Tensor::from_vec(out, (1, h, t, d), x.device())
 }
 
 #[cfg(test)]
@@ -382,6 +492,37 @@ mod tests {
         }
         assert_eq!(max(&[]), f32::NEG_INFINITY);
         assert_eq!(max(&[f32::NAN, 1.0]), 1.0);
+    }
+
+    #[test]
+    fn rope_gives_candles_bits_both_layouts_small_and_large() {
+        let dev = candle_core::Device::Cpu;
+        // t = 3 runs inline, t = 300 on the compute threads.
+        for (h, t, d) in [(3usize, 3usize, 8usize), (4, 300, 64)] {
+            let x: Vec<f32> = (0..h * t * d)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
+                .collect();
+            let x = Tensor::from_vec(x, (1, h, t, d), &dev).unwrap();
+            let ang: Vec<f32> = (0..t * d / 2).map(|i| i as f32 * 0.011).collect();
+            let ang = Tensor::from_vec(ang, (t, d / 2), &dev).unwrap();
+            let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+            for interleaved in [true, false] {
+                let got = rope(&x, &cos, &sin, interleaved).unwrap();
+                let want = if interleaved {
+                    candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap()
+                } else {
+                    candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap()
+                };
+                let (g, w) = (
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                assert!(
+                    g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{h}x{t}x{d} {interleaved}"
+                );
+            }
+        }
     }
 
     #[test]

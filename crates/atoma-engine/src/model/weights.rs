@@ -131,15 +131,14 @@ impl Module for Linear {
                     candle_core::bail!("matmul: input has {kx} columns, the weight {}", w.k());
                 }
                 let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
-                let mut out = vec![0f32; m * w.n()];
-                {
+                let out = {
                     let (storage, layout) = x.storage_and_layout();
                     let candle_core::Storage::Cpu(cpu) = &*storage else {
                         candle_core::bail!("packed matmul: input is not on the CPU");
                     };
                     let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * kx];
-                    w.matmul(xs, &mut out);
-                }
+                    w.matmul_vec(xs)
+                };
                 Tensor::from_vec(out, (m, w.n()), x.device())
             }
             Self::Candle {
