@@ -29,7 +29,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::error::{EngineError, Result};
 use crate::generate::{FinishReason, GenerateRequest, Generation, GenerationEvent, validate};
 use crate::loaded::LoadedModel;
-use crate::model::{BatchSeq, PagedKv};
+use crate::model::{BatchSeq, KvDtype, PagedKv};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Compute a prompt prefix shared by several requests once.
     pub enable_prefix_caching: bool,
+    /// Element type of the KV cache.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +62,7 @@ impl Default for EngineConfig {
             kv_cache_blocks: None,
             block_size: 16,
             enable_prefix_caching: true,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -72,7 +75,7 @@ impl EngineConfig {
         if let Some(n) = self.kv_cache_blocks {
             return n.max(1);
         }
-        let per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4;
+        let per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * self.kv_dtype.size();
         let per_block = per_token * self.block_size.max(1);
         let budget = self.kv_cache_mib * 1024 * 1024 / per_block.max(1);
         budget.max(cfg.context.div_ceil(self.block_size.max(1)))
@@ -129,7 +132,7 @@ impl Engine {
         }
         let model = Arc::new(model);
         let blocks = cfg.kv_blocks(&model);
-        let kv = PagedKv::new(model.model.config(), blocks, cfg.block_size);
+        let kv = PagedKv::with_dtype(model.model.config(), blocks, cfg.block_size, cfg.kv_dtype);
         tracing::info!(
             blocks,
             block_size = cfg.block_size,

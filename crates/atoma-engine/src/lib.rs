@@ -27,7 +27,8 @@ pub use generate::{
 };
 pub use loaded::{LoadedModel, ModelInfo};
 pub use model::{
-    Architecture, BatchSeq, KvCache, LoadOptions, Model, ModelConfig, PagedKv, cpu_matmul_kernel,
+    Architecture, BatchSeq, KvCache, KvDtype, LoadOptions, Model, ModelConfig, PagedKv,
+    cpu_matmul_kernel,
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TokenId, Tokenizer};

@@ -8,7 +8,7 @@
 
 use atoma_engine::sampling::Rng;
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
-use atoma_engine::{Architecture, BatchSeq, KvCache, LoadOptions, LoadedModel, PagedKv};
+use atoma_engine::{Architecture, BatchSeq, KvCache, KvDtype, LoadOptions, LoadedModel, PagedKv};
 
 const BS: usize = 4;
 
@@ -34,6 +34,17 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn paged_batches_match_the_reference_model() {
+    paged_batches_match(KvDtype::F32);
+}
+
+/// The default f16 pools: each key and value is rounded to half precision once, so the logits
+/// move off the f32 reference by more than rounding flips, but must stay close.
+#[test]
+fn f16_paged_batches_stay_close_to_the_reference_model() {
+    paged_batches_match(KvDtype::F16);
+}
+
+fn paged_batches_match(dtype: KvDtype) {
     let dir = tempfile::tempdir().unwrap();
     for arch in [
         Architecture::Llama,
@@ -45,7 +56,7 @@ fn paged_batches_match_the_reference_model() {
         write_tiny_gguf(&path, &TinySpec::new(arch)).unwrap();
         let lm = LoadedModel::load(&path, &LoadOptions::default(), &mut |_, _| {}).unwrap();
         let model = &lm.model;
-        let mut kv = PagedKv::new(model.config(), 96, BS);
+        let mut kv = PagedKv::with_dtype(model.config(), 96, BS, dtype);
         // A shuffled free list: tables are non-contiguous and out of order.
         let mut free: Vec<u32> = (0..96).collect();
         let mut rng = Rng::new(arch as u64 + 1);
@@ -141,11 +152,13 @@ fn paged_batches_match_the_reference_model() {
         }
         assert!(step > 5, "several mixed steps ran");
         eprintln!(
-            "{arch:?}: {step} steps, worst relative logit difference {worst:e}, \
+            "{arch:?} {dtype:?}: {step} steps, worst relative logit difference {worst:e}, \
              {flipped} of {compared} sampled positions off by more than 1e-3"
         );
+        // f16 pools move every position a little (printed above); the bound per position
+        // still holds, which a wrong slot or table would break by far.
         assert!(
-            flipped * 10 <= compared,
+            dtype == KvDtype::F16 || flipped * 10 <= compared,
             "{arch:?}: {flipped} of {compared} positions differ (a real mismatch, not a rounding flip)"
         );
     }

@@ -73,6 +73,8 @@ pub struct EngineSection {
     pub kv_cache_mib: usize,
     /// Compute a prompt prefix shared by several requests once.
     pub prefix_caching: bool,
+    /// KV cache element type: `f16` (half the memory and memory traffic) or `f32`.
+    pub kv_dtype: atoma_engine::KvDtype,
 }
 
 impl Default for NodeSection {
@@ -113,6 +115,7 @@ impl Default for EngineSection {
             max_num_batched_tokens: 512,
             kv_cache_mib: 512,
             prefix_caching: true,
+            kv_dtype: atoma_engine::KvDtype::default(),
         }
     }
 }
@@ -254,6 +257,7 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         max_num_batched_tokens: cfg.engine.max_num_batched_tokens,
         kv_cache_mib: cfg.engine.kv_cache_mib,
         enable_prefix_caching: cfg.engine.prefix_caching,
+        kv_dtype: cfg.engine.kv_dtype,
         ..EngineConfig::default()
     };
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();

@@ -24,7 +24,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, Module, Tensor};
 
 pub use config::{Activation, Architecture, ModelConfig};
-pub use paged::{BatchSeq, PagedKv};
+pub use paged::{BatchSeq, KvDtype, PagedKv};
 use weights::{Linear, WeightLoader};
 
 use crate::error::{EngineError, Result};

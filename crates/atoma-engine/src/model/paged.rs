@@ -8,38 +8,109 @@
 //! the attention math are the reference model's own, so a differential test against
 //! `Model::forward` checks exactly the paging.
 //!
-//! The pools live in host memory as `f32` rows; attention (`paged_attn`) reads each sequence's
-//! keys and values in place through its block table, in a fixed order per query row, so a
-//! sequence's output does not depend on the rest of the batch.
+//! The pools live in host memory as `f16` rows by default (as llama.cpp's KV cache; half the
+//! memory, and half the bytes every decode step streams from memory, which is what attention
+//! at 16 concurrent sequences waits on) or `f32` (`KvDtype::F32`, exact against the reference
+//! model). Attention (`paged_attn`) reads each sequence's keys and values in place through its
+//! block table, in a fixed order per query row, so a sequence's output does not depend on the
+//! rest of the batch; a row is rounded to f16 once, when it is written, so every reader sees
+//! the same values.
 
 use candle_core::{Module, Tensor};
+use half::f16;
 
-use super::paged_attn::{AttnShape, QueryRow, paged_attention};
+use super::paged_attn::{AttnShape, KvElem, QueryRow, paged_attention};
 use super::{Model, ModelConfig};
 use crate::error::{EngineError, Result};
 
-/// Per-layer K and V pools: `[num_blocks * block_size, n_kv_heads * head_dim]` rows of f32.
+/// Element type of the KV pools.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// Half precision (the default): half the memory and memory traffic of `f32`.
+    #[default]
+    F16,
+    /// Single precision: the reference model's own values.
+    F32,
+}
+
+impl KvDtype {
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            _ => Err(format!("unknown KV cache type `{s}` (expected f16 or f32)")),
+        }
+    }
+}
+
+/// Per-layer pools of one element type: `k[layer]`, `v[layer]`.
+#[derive(Debug, Clone)]
+enum Pools {
+    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+}
+
+/// Per-layer K and V pools: `[num_blocks * block_size, n_kv_heads * head_dim]` rows.
 #[derive(Debug, Clone)]
 pub struct PagedKv {
     block_size: usize,
     num_blocks: usize,
     row: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    dtype: KvDtype,
+    pools: Pools,
 }
 
 impl PagedKv {
-    /// Pools of `num_blocks` blocks of `block_size` slots for every layer of `cfg`.
+    /// Pools of `num_blocks` blocks of `block_size` slots for every layer of `cfg`, in the
+    /// default element type (f16).
     pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        Self::with_dtype(cfg, num_blocks, block_size, KvDtype::default())
+    }
+
+    /// Pools of `num_blocks` blocks of `block_size` slots, holding `dtype` values.
+    pub fn with_dtype(
+        cfg: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDtype,
+    ) -> Self {
         let row = cfg.n_kv_heads * cfg.head_dim;
-        let slots = num_blocks * block_size;
+        let n = num_blocks * block_size * row;
+        let layers = cfg.n_layers;
+        let pools = match dtype {
+            KvDtype::F16 => Pools::F16 {
+                k: vec![vec![f16::ZERO; n]; layers],
+                v: vec![vec![f16::ZERO; n]; layers],
+            },
+            KvDtype::F32 => Pools::F32 {
+                k: vec![vec![0.0; n]; layers],
+                v: vec![vec![0.0; n]; layers],
+            },
+        };
         Self {
             block_size,
             num_blocks,
             row,
-            k: vec![vec![0.0; slots * row]; cfg.n_layers],
-            v: vec![vec![0.0; slots * row]; cfg.n_layers],
+            dtype,
+            pools,
         }
+    }
+
+    /// Element type of the pools.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     /// Slots per block.
@@ -49,7 +120,11 @@ impl PagedKv {
 
     /// Bytes of KV memory held.
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * self.num_blocks * self.block_size * self.row * 4
+        let layers = match &self.pools {
+            Pools::F16 { k, .. } => k.len(),
+            Pools::F32 { k, .. } => k.len(),
+        };
+        2 * layers * self.num_blocks * self.block_size * self.row * self.dtype.size()
     }
 
     fn slot(&self, table: &[u32], pos: usize) -> Result<usize> {
@@ -147,8 +222,6 @@ impl Model {
             x = self.layer_forward(layer, &x, &mut |l, h| {
                 let (cos, sin) = &tables[l.rope];
                 let (q, k, v) = self.project_qkv(l, h, cos, sin)?;
-                write_rows(&mut kv.k[li], &k, &slots, kv.row)?;
-                write_rows(&mut kv.v[li], &v, &slots, kv.row)?;
                 let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 let shape = AttnShape {
                     n_heads: nh,
@@ -159,7 +232,18 @@ impl Model {
                     window: l.window,
                 };
                 let mut out = vec![0f32; t * nh * hd];
-                paged_attention(&shape, &q, &rows, &kv.k[li], &kv.v[li], &mut out);
+                match &mut kv.pools {
+                    Pools::F16 { k: kp, v: vp } => {
+                        write_rows(&mut kp[li], &k, &slots, kv.row)?;
+                        write_rows(&mut vp[li], &v, &slots, kv.row)?;
+                        paged_attention(&shape, &q, &rows, &kp[li], &vp[li], &mut out);
+                    }
+                    Pools::F32 { k: kp, v: vp } => {
+                        write_rows(&mut kp[li], &k, &slots, kv.row)?;
+                        write_rows(&mut vp[li], &v, &slots, kv.row)?;
+                        paged_attention(&shape, &q, &rows, &kp[li], &vp[li], &mut out);
+                    }
+                }
                 let out = Tensor::from_vec(out, (t, nh * hd), dev)?;
                 Ok(l.attn.o.forward(&out)?)
             })?;
@@ -179,7 +263,7 @@ impl Model {
 }
 
 /// Writes `t`'s rows (`[1, Hkv, T, D]` → one `Hkv*D` row per token) into `pool` at `slots`.
-fn write_rows(pool: &mut [f32], t: &Tensor, slots: &[usize], row: usize) -> Result<()> {
+fn write_rows<T: KvElem>(pool: &mut [T], t: &Tensor, slots: &[usize], row: usize) -> Result<()> {
     let rows = t
         .squeeze(0)?
         .transpose(0, 1)?
@@ -187,7 +271,10 @@ fn write_rows(pool: &mut [f32], t: &Tensor, slots: &[usize], row: usize) -> Resu
         .flatten_all()?
         .to_vec1::<f32>()?;
     for (i, &slot) in slots.iter().enumerate() {
-        pool[slot * row..(slot + 1) * row].copy_from_slice(&rows[i * row..(i + 1) * row]);
+        let src = &rows[i * row..(i + 1) * row];
+        for (d, &x) in pool[slot * row..(slot + 1) * row].iter_mut().zip(src) {
+            *d = T::from_f32(x);
+        }
     }
     Ok(())
 }

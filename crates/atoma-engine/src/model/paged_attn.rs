@@ -38,6 +38,69 @@ pub(crate) struct QueryRow<'a> {
     pub table: &'a [u32],
 }
 
+/// A stored key/value element: `f32`, or `f16` (half the memory and half the bytes each step
+/// reads; the conversion to `f32` is exact, so every path sees the same values).
+pub(crate) trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    /// Whether this CPU can run the vector path for this type.
+    fn vector_ok() -> bool;
+    /// Eight elements at `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p` is valid for 8 reads; the CPU has AVX2 (and F16C for `f16`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn vector_ok() -> bool {
+        super::qmm::level() != super::qmm::Level::Scalar
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable values and AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn vector_ok() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            super::qmm::level() != super::qmm::Level::Scalar
+                && *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable values and F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
 /// Per-thread buffers of one task.
 #[derive(Default)]
 struct Scratch {
@@ -48,17 +111,17 @@ struct Scratch {
 
 /// Dot product in 8 independent lanes, folded pairwise: the same order on every call.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+            acc[l] = x[l].mul_add(y[l].to_f32(), acc[l]);
         }
     }
     for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        acc[l] = x.mul_add(*y, acc[l]);
+        acc[l] = x.mul_add(y.to_f32(), acc[l]);
     }
     // The fold of the transposing reduction in `dots8` below: neighbours, then pairs, then halves.
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
@@ -66,8 +129,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `dot` on AVX2/FMA for lengths that are a multiple of 8: the same lanes, the same fold.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot8<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     use std::arch::x86_64::*;
     debug_assert!(a.len() == b.len() && a.len().is_multiple_of(8));
     unsafe {
@@ -75,7 +138,7 @@ unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
         for i in (0..a.len()).step_by(8) {
             acc = _mm256_fmadd_ps(
                 _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
+                T::load8(b.as_ptr().add(i)),
                 acc,
             );
         }
@@ -91,8 +154,12 @@ unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
 /// one register: 8 independent FMA chains (one per key) instead of one dependent chain per key,
 /// and one transposing reduction for all eight (the fold of `dot`, so the same bits).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots8(q: &[f32], k_pool: &[f32], offsets: &[usize; 8]) -> std::arch::x86_64::__m256 {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots8<T: KvElem>(
+    q: &[f32],
+    k_pool: &[T],
+    offsets: &[usize; 8],
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let d = q.len();
     debug_assert!(d.is_multiple_of(8));
@@ -103,7 +170,7 @@ unsafe fn dots8(q: &[f32], k_pool: &[f32], offsets: &[usize; 8]) -> std::arch::x
         for c in (0..d).step_by(8) {
             let qv = _mm256_loadu_ps(q.as_ptr().add(c));
             for (a, &s) in acc.iter_mut().zip(offsets) {
-                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(s + c)), *a);
+                *a = _mm256_fmadd_ps(qv, T::load8(kp.add(s + c)), *a);
             }
         }
         // Lane pairs of keys (0,1), (2,3): per 128-bit half [k0 a01, k0 a23, k1 a01, k1 a23].
@@ -126,10 +193,10 @@ unsafe fn dots8(q: &[f32], k_pool: &[f32], offsets: &[usize; 8]) -> std::arch::x
 /// of its group, eight keys at a time: the heads take turns on each block of eight keys, so a key
 /// comes from memory once for the whole group and stays in L1 for the others.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores8(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores8<T: KvElem>(
     qs: &[&[f32]],
-    k_pool: &[f32],
+    k_pool: &[T],
     offsets: &[usize],
     scale: f32,
     scores: &mut [f32],
@@ -179,21 +246,27 @@ fn softmax_numerators(v: &mut [f32], max: f32) {
 
 /// `out += w * v`.
 #[inline(always)]
-fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
+fn axpy<T: KvElem>(out: &mut [f32], w: f32, v: &[T]) {
     for (o, x) in out.iter_mut().zip(v) {
-        *o = w.mul_add(*x, *o);
+        *o = w.mul_add(x.to_f32(), *o);
     }
 }
 
 /// `o = sum_j w[j] * v_pool[offsets[j]..][..d]` with AVX2/FMA, keys in order: the same
 /// operations per element as repeated `axpy` from zero, with 64 outputs held in registers
 /// across the keys instead of stored and reloaded for every key.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
 ///
 /// With `resume`, the sums continue from the values already in `o` (the keys so far): the same
 /// sequence of operations as one call over all the keys.
-unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f32], resume: bool) {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum8<T: KvElem>(
+    o: &mut [f32],
+    offsets: &[usize],
+    w: &[f32],
+    v_pool: &[T],
+    resume: bool,
+) {
     use std::arch::x86_64::*;
     let d = o.len();
     debug_assert!(d.is_multiple_of(8) && offsets.len() == w.len());
@@ -210,7 +283,7 @@ unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f
             for (&s, &wj) in offsets.iter().zip(w) {
                 let wv = _mm256_set1_ps(wj);
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vp.add(s + c0 + 8 * r)), *a);
+                    *a = _mm256_fmadd_ps(wv, T::load8(vp.add(s + c0 + 8 * r)), *a);
                 }
             }
             for (r, a) in acc.iter().enumerate() {
@@ -225,7 +298,7 @@ unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f
                 _mm256_setzero_ps()
             };
             for (&s, &wj) in offsets.iter().zip(w) {
-                a = _mm256_fmadd_ps(_mm256_set1_ps(wj), _mm256_loadu_ps(vp.add(s + c0)), a);
+                a = _mm256_fmadd_ps(_mm256_set1_ps(wj), T::load8(vp.add(s + c0)), a);
             }
             _mm256_storeu_ps(o.as_mut_ptr().add(c0), a);
             c0 += 8;
@@ -240,12 +313,12 @@ unsafe fn weighted_sum8(o: &mut [f32], offsets: &[usize], w: &[f32], v_pool: &[f
 /// - `out`: `[T, H * D]`.
 ///
 /// Each row attends to positions `max(0, pos + 1 - window) ..= pos` of its own sequence.
-pub(crate) fn paged_attention(
+pub(crate) fn paged_attention<T: KvElem>(
     shape: &AttnShape,
     q: &[f32],
     rows: &[QueryRow<'_>],
-    k_pool: &[f32],
-    v_pool: &[f32],
+    k_pool: &[T],
+    v_pool: &[T],
     out: &mut [f32],
 ) {
     let AttnShape {
@@ -302,7 +375,7 @@ pub(crate) fn paged_attention(
             .map(|h| &q[(h * t + ti) * d..(h * t + ti + 1) * d])
             .collect();
         #[cfg(target_arch = "x86_64")]
-        let simd = d.is_multiple_of(8) && super::qmm::level() != super::qmm::Level::Scalar;
+        let simd = d.is_multiple_of(8) && T::vector_ok();
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
         if simd {
@@ -419,18 +492,23 @@ mod tests {
     fn matches_naive_attention_through_a_shuffled_table() {
         // d = 12: the scalar path; d = 64: the vector path where the CPU has it (keys in blocks
         // of 8 with a tail, values in blocks of 64 keys, so up to 200 keys cross both).
+        // Both pool types: f16 values are widened exactly, so the same 1e-5 bound holds against
+        // a naive attention over the stored (rounded) values.
         for (d, bs, nb) in [(12usize, 4usize, 8usize), (64, 16, 13)] {
-            matches_naive(d, bs, nb);
+            matches_naive::<f32>(d, bs, nb);
+            matches_naive::<half::f16>(d, bs, nb);
         }
     }
 
-    fn matches_naive(d: usize, bs: usize, nb: usize) {
+    fn matches_naive<T: KvElem>(d: usize, bs: usize, nb: usize) {
         let (h, hkv) = (6, 2);
         let table: Vec<u32> = (0..nb).map(|b| ((b * 5 + 3) % nb) as u32).collect();
         let slots = nb * bs;
         let val = |i: usize| ((i * 7919 % 113) as f32 / 113.0) - 0.5;
-        let k_pool: Vec<f32> = (0..slots * hkv * d).map(val).collect();
-        let v_pool: Vec<f32> = (0..slots * hkv * d).map(|i| val(i + 31)).collect();
+        let k_pool: Vec<T> = (0..slots * hkv * d).map(|i| T::from_f32(val(i))).collect();
+        let v_pool: Vec<T> = (0..slots * hkv * d)
+            .map(|i| T::from_f32(val(i + 31)))
+            .collect();
         // Few rows (a task per head) and many (a task per KV group).
         let few = vec![3usize, 9, slots - 1];
         let many: Vec<usize> = (0..24).map(|i| (i * 37 + 5) % slots).collect();
@@ -479,9 +557,12 @@ mod tests {
                     for hh in 0..h {
                         let g = hh / (h / hkv);
                         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                        let at = |pool: &[f32], p: usize| {
+                        let at = |pool: &[T], p: usize| {
                             let s = table[p / bs] as usize * bs + p % bs;
-                            pool[s * hkv * d + g * d..s * hkv * d + (g + 1) * d].to_vec()
+                            pool[s * hkv * d + g * d..s * hkv * d + (g + 1) * d]
+                                .iter()
+                                .map(|x| x.to_f32())
+                                .collect::<Vec<f32>>()
                         };
                         let ks: Vec<Vec<f32>> = (first..=pos).map(|p| at(&k_pool, p)).collect();
                         let vs: Vec<Vec<f32>> = (first..=pos).map(|p| at(&v_pool, p)).collect();
@@ -497,17 +578,31 @@ mod tests {
         }
     }
 
-    /// One layer of SmolLM2-shaped decode attention at a long context (`cargo test --release -p
-    /// atoma-engine paged_attn::tests::timings -- --ignored --nocapture`); prints only.
+    /// One layer of SmolLM2-shaped decode attention at a long context, f32 and f16 pools
+    /// (`cargo test --release -p atoma-engine paged_attn::tests::timings -- --ignored
+    /// --nocapture`); prints only. The pools of 30 layers are cycled through, as in a real step,
+    /// so they come from memory rather than cache.
     #[test]
     #[ignore = "benchmark: prints figures"]
-    #[allow(clippy::print_stderr)]
     fn timings() {
-        let (h, hkv, d, bs) = (9, 3, 64, 16);
+        timings_of::<f32>("f32");
+        timings_of::<half::f16>("f16");
+    }
+
+    #[allow(clippy::print_stderr)]
+    fn timings_of<T: KvElem>(name: &str) {
+        let (h, hkv, d, bs, layers) = (9, 3, 64, 16, 30);
         for (t, ctx) in [(1usize, 1100usize), (16, 200), (16, 1100)] {
             let blocks = t * ctx.div_ceil(bs);
-            let pool: Vec<f32> = (0..blocks * bs * hkv * d)
-                .map(|i| (i % 13) as f32 * 0.01)
+            let pools: Vec<(Vec<T>, Vec<T>)> = (0..layers)
+                .map(|l| {
+                    let p = |o: usize| {
+                        (0..blocks * bs * hkv * d)
+                            .map(|i| T::from_f32(((i + o) % 13) as f32 * 0.01))
+                            .collect::<Vec<T>>()
+                    };
+                    (p(l), p(l + 5))
+                })
                 .collect();
             let tables: Vec<Vec<u32>> = (0..t)
                 .map(|s| {
@@ -533,16 +628,20 @@ mod tests {
                 window: None,
             };
             let mut out = vec![0f32; t * h * d];
-            paged_attention(&shape, &q, &rows, &pool, &pool, &mut out);
-            let reps = 200;
+            for (k, v) in &pools {
+                paged_attention(&shape, &q, &rows, k, v, &mut out);
+            }
+            let reps = 10;
             let start = std::time::Instant::now();
             for _ in 0..reps {
-                paged_attention(&shape, &q, &rows, &pool, &pool, &mut out);
+                for (k, v) in &pools {
+                    paged_attention(&shape, &q, &rows, k, v, &mut out);
+                }
             }
-            let dt = start.elapsed().as_secs_f64() / reps as f64;
+            let dt = start.elapsed().as_secs_f64() / (reps * layers) as f64;
             let macs = (t * h * ctx * d * 2) as f64;
             eprintln!(
-                "t={t:<3} ctx={ctx:<5} {:>8.1} us  {:>5.1} GMAC/s",
+                "{name} t={t:<3} ctx={ctx:<5} {:>8.1} us per layer  {:>5.1} GMAC/s",
                 dt * 1e6,
                 macs / dt / 1e9
             );
@@ -552,7 +651,10 @@ mod tests {
     #[test]
     fn vector_dot_is_the_scalar_dot() {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             for len in [8usize, 64, 128, 256] {
                 let a: Vec<f32> = (0..len)
                     .map(|i| ((i * 7919 % 113) as f32 - 56.0) * 0.37)
@@ -564,7 +666,7 @@ mod tests {
                 let v = unsafe { dot8(&a, &b) };
                 assert_eq!(v.to_bits(), dot(&a, &b).to_bits(), "len {len}");
             }
-            // Eight keys at a time plus a tail, scattered through a pool.
+            // Eight keys at a time plus a tail, scattered through a pool (f32 and f16).
             for (d, nk) in [(8usize, 3usize), (64, 8), (64, 21), (256, 17)] {
                 let pool: Vec<f32> = (0..64 * d)
                     .map(|i| ((i * 7919 % 113) as f32 - 56.0) * 0.037)
@@ -579,6 +681,13 @@ mod tests {
                 for (j, &s) in offsets.iter().enumerate() {
                     let want = dot(&q, &pool[s..s + d]) * 0.125;
                     assert_eq!(got[j].to_bits(), want.to_bits(), "d {d} key {j}");
+                }
+                let pool16: Vec<half::f16> = pool.iter().map(|&x| half::f16::from_f32(x)).collect();
+                // SAFETY: AVX2, FMA and F16C detected; every offset + d is inside the pool.
+                unsafe { scores8(&[&q], &pool16, &offsets, 0.125, &mut got) };
+                for (j, &s) in offsets.iter().enumerate() {
+                    let want = dot(&q, &pool16[s..s + d]) * 0.125;
+                    assert_eq!(got[j].to_bits(), want.to_bits(), "f16 d {d} key {j}");
                 }
             }
         }
