@@ -75,7 +75,7 @@ impl EngineConfig {
         if let Some(n) = self.kv_cache_blocks {
             return n.max(1);
         }
-        let per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * self.kv_dtype.size();
+        let per_token = PagedKv::token_bytes(cfg, self.kv_dtype);
         let per_block = per_token * self.block_size.max(1);
         let budget = self.kv_cache_mib * 1024 * 1024 / per_block.max(1);
         budget.max(cfg.context.div_ceil(self.block_size.max(1)))

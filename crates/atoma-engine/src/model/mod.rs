@@ -501,6 +501,21 @@ impl Rope {
     }
 }
 
+/// The f32 values of a CPU tensor's storage from its layout's start offset, read in place (the
+/// caller indexes them by the layout's strides). `what` names the operation in the error.
+pub(crate) fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("{what}: the input is not on the CPU");
+    };
+    cpu.as_slice::<f32>()?
+        .get(layout.start_offset()..)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: layout outside the storage")))
+}
+
 /// An output buffer's base pointer shared by the workers of one kernel call (`qmm`,
 /// `paged_attn`); each worker writes a disjoint set of elements.
 #[derive(Clone, Copy)]

@@ -44,17 +44,6 @@ impl KvDtype {
     }
 }
 
-impl std::str::FromStr for KvDtype {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f16" => Ok(Self::F16),
-            "f32" => Ok(Self::F32),
-            _ => Err(format!("unknown KV cache type `{s}` (expected f16 or f32)")),
-        }
-    }
-}
-
 /// Per-layer pools of one element type: `k[layer]`, `v[layer]`.
 #[derive(Debug, Clone)]
 enum Pools {
@@ -111,6 +100,11 @@ impl PagedKv {
     /// Element type of the pools.
     pub fn dtype(&self) -> KvDtype {
         self.dtype
+    }
+
+    /// Bytes of K and V, over all layers, for one token of `cfg` stored as `dtype`.
+    pub fn token_bytes(cfg: &ModelConfig, dtype: KvDtype) -> usize {
+        2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.size()
     }
 
     /// Slots per block.
@@ -232,17 +226,32 @@ impl Model {
                     window: l.window,
                 };
                 let mut out = vec![0f32; t * nh * hd];
+                let row = kv.row;
                 match &mut kv.pools {
-                    Pools::F16 { k: kp, v: vp } => {
-                        write_rows(&mut kp[li], &k, &slots, kv.row)?;
-                        write_rows(&mut vp[li], &v, &slots, kv.row)?;
-                        paged_attention(&shape, &q, &rows, &kp[li], &vp[li], &mut out);
-                    }
-                    Pools::F32 { k: kp, v: vp } => {
-                        write_rows(&mut kp[li], &k, &slots, kv.row)?;
-                        write_rows(&mut vp[li], &v, &slots, kv.row)?;
-                        paged_attention(&shape, &q, &rows, &kp[li], &vp[li], &mut out);
-                    }
+                    Pools::F16 { k: kp, v: vp } => store_and_attend(
+                        &mut kp[li],
+                        &mut vp[li],
+                        row,
+                        &k,
+                        &v,
+                        &slots,
+                        &shape,
+                        &q,
+                        &rows,
+                        &mut out,
+                    )?,
+                    Pools::F32 { k: kp, v: vp } => store_and_attend(
+                        &mut kp[li],
+                        &mut vp[li],
+                        row,
+                        &k,
+                        &v,
+                        &slots,
+                        &shape,
+                        &q,
+                        &rows,
+                        &mut out,
+                    )?,
                 }
                 let out = Tensor::from_vec(out, (t, nh * hd), dev)?;
                 Ok(l.attn.o.forward(&out)?)
@@ -260,6 +269,27 @@ impl Model {
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, cfg.rms_eps as f32)?;
         Ok(self.output.forward(&x)?)
     }
+}
+
+/// One layer's pools of either element type: this step's K/V rows into their slots, then the
+/// attention of every query row.
+#[allow(clippy::too_many_arguments)]
+fn store_and_attend<T: KvElem>(
+    k_pool: &mut [T],
+    v_pool: &mut [T],
+    row: usize,
+    k: &Tensor,
+    v: &Tensor,
+    slots: &[usize],
+    shape: &AttnShape,
+    q: &[f32],
+    rows: &[QueryRow<'_>],
+    out: &mut [f32],
+) -> Result<()> {
+    write_rows(k_pool, k, slots, row)?;
+    write_rows(v_pool, v, slots, row)?;
+    paged_attention(shape, q, rows, k_pool, v_pool, out);
+    Ok(())
 }
 
 /// Writes `t`'s rows (`[1, Hkv, T, D]` → one `Hkv*D` row per token) into `pool` at `slots`.

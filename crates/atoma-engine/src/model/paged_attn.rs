@@ -43,8 +43,6 @@ pub(crate) struct QueryRow<'a> {
 pub(crate) trait KvElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
-    /// Whether this CPU can run the vector path for this type.
-    fn vector_ok() -> bool;
     /// Eight elements at `p` widened to f32.
     ///
     /// # Safety
@@ -61,9 +59,6 @@ impl KvElem for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
-    }
-    fn vector_ok() -> bool {
-        super::qmm::level() != super::qmm::Level::Scalar
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -82,16 +77,6 @@ impl KvElem for half::f16 {
     fn from_f32(x: f32) -> Self {
         half::f16::from_f32(x)
     }
-    fn vector_ok() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            super::qmm::level() != super::qmm::Level::Scalar
-                && *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
@@ -99,6 +84,19 @@ impl KvElem for half::f16 {
         // SAFETY: the caller guarantees 8 readable values and F16C.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
+}
+
+/// Whether the vector paths can run: AVX2/FMA (the kernels' level) and F16C, which they are
+/// compiled with for either element type.
+fn vector_ok() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        super::qmm::level() != super::qmm::Level::Scalar
+            && *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Per-thread buffers of one task.
@@ -375,20 +373,18 @@ pub(crate) fn paged_attention<T: KvElem>(
             .map(|h| &q[(h * t + ti) * d..(h * t + ti + 1) * d])
             .collect();
         #[cfg(target_arch = "x86_64")]
-        let simd = d.is_multiple_of(8) && T::vector_ok();
+        let simd = d.is_multiple_of(8) && vector_ok();
         #[cfg(not(target_arch = "x86_64"))]
         let simd = false;
         if simd {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2/FMA detected; d is a multiple of 8; every offset + d is inside both
-            // pools (checked block by block where the offsets are made).
+            // SAFETY: AVX2/FMA/F16C detected; d is a multiple of 8; every offset + d is inside
+            // both pools (checked block by block where the offsets are made).
             unsafe {
                 scores8(&qs, k_pool, offsets, scale, scores)
             };
-        }
-        for (hh, qh) in qs.iter().enumerate() {
-            let sc = &mut scores[hh * nk..(hh + 1) * nk];
-            if !simd {
+        } else {
+            for (qh, sc) in qs.iter().zip(scores.chunks_exact_mut(nk.max(1))) {
                 for (x, &s) in sc.iter_mut().zip(offsets.iter()) {
                     *x = dot(qh, &k_pool[s..s + d]) * scale;
                 }

@@ -158,6 +158,18 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Code `l` of column `c` in group `g` of one packed sub-block `qb` (its bytes, halved for
+/// nibbles): the layout of `PackedMatrix::q`, read one value at a time.
+#[inline(always)]
+fn code_at(qb: &[u8], nib: bool, g: usize, c: usize, l: usize) -> u8 {
+    if nib {
+        let b = qb[g / 2 * 4 * PANEL + c * 4 + l];
+        if g.is_multiple_of(2) { b & 0xF } else { b >> 4 }
+    } else {
+        qb[g * 4 * PANEL + c * 4 + l]
+    }
+}
+
 /// Whether `dtype`'s codes fit in 4 bits (stored two per byte).
 fn nibbles(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
@@ -343,13 +355,13 @@ impl PackedMatrix {
             let o = (p * nsb + t) * PANEL + c;
             for e in 0..self.sb {
                 let (g, l) = (e / 4, e % 4);
-                let byte = if self.nib {
-                    let b =
-                        self.q[(p * nsb + t) * self.sb * PANEL / 2 + g / 2 * 4 * PANEL + c * 4 + l];
-                    if g.is_multiple_of(2) { b & 0xF } else { b >> 4 }
+                let blk = (p * nsb + t) * self.sb * PANEL;
+                let qb = if self.nib {
+                    &self.q[blk / 2..]
                 } else {
-                    self.q[(p * nsb + t) * self.sb * PANEL + g * 4 * PANEL + c * 4 + l]
+                    &self.q[blk..]
                 };
+                let byte = code_at(qb, self.nib, g, c, l);
                 let mut v = self.scale[o] * (i32::from(byte) - self.zero) as f32;
                 if !self.min.is_empty() {
                     v += self.min[o];
@@ -596,14 +608,7 @@ unsafe fn tile_scalar<
             } else {
                 &w.q[blk..][..SB * PANEL]
             };
-            let byte = |g: usize, c: usize, l: usize| {
-                if NIB {
-                    let b = qb[g / 2 * 4 * PANEL + c * 4 + l];
-                    if g.is_multiple_of(2) { b & 0xF } else { b >> 4 }
-                } else {
-                    qb[g * 4 * PANEL + c * 4 + l]
-                }
-            };
+            let byte = |g: usize, c: usize, l: usize| code_at(qb, NIB, g, c, l);
             for r in 0..M {
                 let row = i + r;
                 let aq = &a.qs[row * k + t * SB..][..SB];

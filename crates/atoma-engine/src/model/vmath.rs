@@ -284,15 +284,14 @@ pub(crate) fn gated_activation(
     gate: &Tensor,
     up: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let rows_of = |t: &Tensor| -> Option<(usize, usize, usize, usize)> {
-        // (rows, n, row stride, start) for a row-major tensor with unit column stride.
+    let rows_of = |t: &Tensor| -> Option<(usize, usize, usize)> {
+        // (rows, n, row stride) for a row-major tensor with unit column stride.
         let (rows, n) = t.dims2().ok()?;
-        let l = t.layout();
-        let st = l.stride();
-        (st[1] == 1 || n <= 1).then_some((rows, n, st[0], l.start_offset()))
+        let st = t.layout().stride();
+        (st[1] == 1 || n <= 1).then_some((rows, n, st[0]))
     };
     let plain = gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32;
-    let (Some((rows, n, gs, g0)), Some((rows_u, n_u, us, u0)), true) = (
+    let (Some((rows, n, gs)), Some((rows_u, n_u, us)), true) = (
         rows_of(gate),
         rows_of(up),
         plain && up.dtype() == candle_core::DType::F32,
@@ -306,16 +305,13 @@ pub(crate) fn gated_activation(
     if (rows, n) != (rows_u, n_u) {
         candle_core::bail!("gated activation: gate {rows}x{n}, up {rows_u}x{n_u}");
     }
-    let (gst, _) = gate.storage_and_layout();
-    let (ust, _) = up.storage_and_layout();
-    let (candle_core::Storage::Cpu(gc), candle_core::Storage::Cpu(uc)) = (&*gst, &*ust) else {
-        candle_core::bail!("gated activation: tensors are not on the CPU");
-    };
-    let (gv, uv) = (gc.as_slice::<f32>()?, uc.as_slice::<f32>()?);
+    let (gst, gl) = gate.storage_and_layout();
+    let (ust, ul) = up.storage_and_layout();
+    let gv = super::cpu_f32(&gst, gl, "gated activation")?;
+    let uv = super::cpu_f32(&ust, ul, "gated activation")?;
     // Check every row once here, so the parallel part below cannot fail.
-    let fits =
-        |len: usize, base: usize, stride: usize| rows == 0 || base + (rows - 1) * stride + n <= len;
-    if !fits(gv.len(), g0, gs) || !fits(uv.len(), u0, us) {
+    let fits = |len: usize, stride: usize| rows == 0 || (rows - 1) * stride + n <= len;
+    if !fits(gv.len(), gs) || !fits(uv.len(), us) {
         candle_core::bail!("gated activation: rows outside the storage");
     }
     let len = rows * n;
@@ -327,8 +323,8 @@ pub(crate) fn gated_activation(
     let item = |i: usize| {
         let (r, c) = (i / per_row, i % per_row);
         let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-        let gr = &gv[g0 + r * gs..][a..b];
-        let ur = &uv[u0 + r * us..][a..b];
+        let gr = &gv[r * gs..][a..b];
+        let ur = &uv[r * us..][a..b];
         // SAFETY: item i owns out[r*n + a .. r*n + b]; items are disjoint and inside `len`.
         let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(r * n + a), b - a) };
         gated_slice(kind, gr, ur, o);
@@ -369,22 +365,16 @@ pub(crate) fn rope(
     if b != 1 || !d.is_multiple_of(2) || cos.dims2()? != (t, d / 2) || sin.dims2()? != (t, d / 2) {
         return fallback();
     }
+    // All three read in place (`contiguous` is free for the contiguous tensors we get).
     let (xs, cs, ss) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
-    let slice = |t: &Tensor, n: usize| -> candle_core::Result<Vec<f32>> {
-        // Borrowing would need the three storages' guards alive together; these are small
-        // next to x except at long prefills, and x itself is read in place below.
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
-        debug_assert_eq!(v.len(), n);
-        Ok(v)
-    };
-    let (cv, sv) = (slice(&cs, t * d / 2)?, slice(&ss, t * d / 2)?);
-    let (st, layout) = xs.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*st else {
-        candle_core::bail!("rope: input is not on the CPU");
-    };
-    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..][..h * t * d];
-    let mut out = vec![0f32; h * t * d];
+    let (xst, xl) = xs.storage_and_layout();
+    let (cst, cl) = cs.storage_and_layout();
+    let (sst, sl) = ss.storage_and_layout();
     let half = d / 2;
+    let src = &super::cpu_f32(&xst, xl, "rope")?[..h * t * d];
+    let cv = &super::cpu_f32(&cst, cl, "rope")?[..t * half];
+    let sv = &super::cpu_f32(&sst, sl, "rope")?[..t * half];
+    let mut out = vec![0f32; h * t * d];
     let head = |hi: usize, o: &mut [f32]| {
         let xh = &src[hi * t * d..(hi + 1) * t * d];
         for ti in 0..t {
@@ -420,7 +410,6 @@ pub(crate) fn rope(
             }
         });
     }
-    drop(st);
     Tensor::from_vec(out, (1, h, t, d), x.device())
 }
 

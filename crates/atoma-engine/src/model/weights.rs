@@ -133,11 +133,7 @@ impl Module for Linear {
                 let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
                 let out = {
                     let (storage, layout) = x.storage_and_layout();
-                    let candle_core::Storage::Cpu(cpu) = &*storage else {
-                        candle_core::bail!("packed matmul: input is not on the CPU");
-                    };
-                    let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * kx];
-                    w.matmul_vec(xs)
+                    w.matmul_vec(&super::cpu_f32(&storage, layout, "packed matmul")?[..m * kx])
                 };
                 Tensor::from_vec(out, (m, w.n()), x.device())
             }
