@@ -76,6 +76,7 @@ fn main() {
             price_per_one_million_compute_units: Amount(1),
             escrowed: Amount(1),
             is_claimed: false,
+            created_at_epoch: 0,
         })
         .unwrap();
     let app = router(AppState::new(

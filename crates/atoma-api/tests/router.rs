@@ -112,6 +112,7 @@ fn fixture(delay_ms: u64) -> Fixture {
         price_per_one_million_compute_units: Amount(1),
         escrowed: Amount(1),
         is_claimed: false,
+        created_at_epoch: 0,
     };
     meter.upsert_task(TaskSmallId(1), Some("tiny")).unwrap();
     meter.upsert_stack(&stack(1, 10_000, ME)).unwrap();
@@ -467,6 +468,7 @@ async fn two_hundred_concurrent_requests_on_a_small_stack() {
             price_per_one_million_compute_units: Amount(1),
             escrowed: Amount(1),
             is_claimed: false,
+            created_at_epoch: 0,
         })
         .unwrap();
     let f = Arc::new(f);

@@ -1,11 +1,16 @@
 //! The ledger's events: one closed enum, variant and field names as the Atoma contract emits
 //! them (module `db`), so a Sui backend and the embedded one feed the node the same values.
 //!
+//! Events the contract does not have (collateral, slashing, reputation, expiry, parameters) get
+//! names in the same style; the settlement events carry, after the contract's fields, where the
+//! stack's log is stored (`docs/protocol.md`).
+//!
 //! Every event has a sequence number; a follower reads `events_after(cursor)` and stores the last
 //! sequence it handled, so it can resume after a restart without missing or repeating events.
 
 use serde::{Deserialize, Serialize};
 
+use crate::settlement::{Hash32, LedgerParams};
 use crate::types::{
     Address, Amount, ComputeUnits, NodeSmallId, SecurityLevel, StackSmallId, TaskRole, TaskSmallId,
 };
@@ -76,11 +81,88 @@ pub enum LedgerEvent {
         num_compute_units: ComputeUnits,
         price_per_one_million_compute_units: Amount,
     },
+    /// A ConfidentialCompute stack claimed directly (`claim_funds_for_stacks`).
     ClaimedStackEvent {
         stack_small_id: StackSmallId,
         selected_node_id: NodeSmallId,
         num_claimed_compute_units: ComputeUnits,
         user_refund_amount: Amount,
+    },
+    /// `try_settle_stack`: a ticket opened. `committed_stack_proof` and `stack_merkle_leaf` are
+    /// both the log's Merkle root (attestors re-derive the same root; there is no per-attestor
+    /// leaf); the last four fields say where the log is and until when it may be disputed.
+    StackTrySettleEvent {
+        stack_small_id: StackSmallId,
+        selected_node_id: NodeSmallId,
+        requested_attestation_nodes: Vec<NodeSmallId>,
+        committed_stack_proof: Hash32,
+        stack_merkle_leaf: Hash32,
+        num_claimed_compute_units: ComputeUnits,
+        leaf_count: u64,
+        blob_id: String,
+        blob_hash: Hash32,
+        dispute_settled_at_epoch: u64,
+    },
+    NewStackSettlementAttestationEvent {
+        stack_small_id: StackSmallId,
+        attestation_node_id: NodeSmallId,
+        committed_stack_proof: Hash32,
+        stack_merkle_leaf: Hash32,
+    },
+    /// Every requested node attested: the ticket may be claimed from `dispute_settled_at_epoch`.
+    StackSettlementTicketEvent {
+        stack_small_id: StackSmallId,
+        selected_node_id: NodeSmallId,
+        num_claimed_compute_units: ComputeUnits,
+        requested_attestation_nodes: Vec<NodeSmallId>,
+        dispute_settled_at_epoch: u64,
+        committed_stack_proof: Hash32,
+    },
+    /// `claim_funds`: the node was paid, attestors shared their pool, the owner was refunded.
+    StackSettlementTicketClaimedEvent {
+        stack_small_id: StackSmallId,
+        selected_node_id: NodeSmallId,
+        attestation_nodes: Vec<NodeSmallId>,
+        num_claimed_compute_units: ComputeUnits,
+        user_refund_amount: Amount,
+        node_fee: Amount,
+        attestor_share: Amount,
+    },
+    StackAttestationDisputeEvent {
+        stack_small_id: StackSmallId,
+        attestation_commitment: Hash32,
+        attestation_node_id: NodeSmallId,
+        original_node_id: NodeSmallId,
+        original_commitment: Hash32,
+    },
+    /// An unsettled stack closed by its owner after expiry, fully refunded.
+    StackExpiredEvent {
+        stack_small_id: StackSmallId,
+        owner: Address,
+        user_refund_amount: Amount,
+    },
+    NodeCollateralDepositedEvent {
+        node_small_id: NodeSmallId,
+        amount: Amount,
+        collateral: Amount,
+    },
+    NodeCollateralWithdrawnEvent {
+        node_small_id: NodeSmallId,
+        amount: Amount,
+        collateral: Amount,
+    },
+    /// Collateral taken into the treasury (`reason`: `attestation_timeout`).
+    NodeSlashedEvent {
+        node_small_id: NodeSmallId,
+        amount: Amount,
+        reason: String,
+    },
+    NodeReputationUpdatedEvent {
+        node_small_id: NodeSmallId,
+        reputation_score: u8,
+    },
+    LedgerParamsUpdatedEvent {
+        params: LedgerParams,
     },
 }
 
@@ -97,6 +179,17 @@ impl LedgerEvent {
             Self::NodeUnsubscribedFromTaskEvent { .. } => "NodeUnsubscribedFromTaskEvent",
             Self::StackCreatedEvent { .. } => "StackCreatedEvent",
             Self::ClaimedStackEvent { .. } => "ClaimedStackEvent",
+            Self::StackTrySettleEvent { .. } => "StackTrySettleEvent",
+            Self::NewStackSettlementAttestationEvent { .. } => "NewStackSettlementAttestationEvent",
+            Self::StackSettlementTicketEvent { .. } => "StackSettlementTicketEvent",
+            Self::StackSettlementTicketClaimedEvent { .. } => "StackSettlementTicketClaimedEvent",
+            Self::StackAttestationDisputeEvent { .. } => "StackAttestationDisputeEvent",
+            Self::StackExpiredEvent { .. } => "StackExpiredEvent",
+            Self::NodeCollateralDepositedEvent { .. } => "NodeCollateralDepositedEvent",
+            Self::NodeCollateralWithdrawnEvent { .. } => "NodeCollateralWithdrawnEvent",
+            Self::NodeSlashedEvent { .. } => "NodeSlashedEvent",
+            Self::NodeReputationUpdatedEvent { .. } => "NodeReputationUpdatedEvent",
+            Self::LedgerParamsUpdatedEvent { .. } => "LedgerParamsUpdatedEvent",
         }
     }
 }

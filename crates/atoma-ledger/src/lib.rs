@@ -1,6 +1,12 @@
 //! The Atoma contract semantics behind one trait: nodes and their badges, models with echelons,
 //! tasks, node subscriptions to tasks, stacks (prepaid compute units sold to one sampled node),
-//! balances and fees in integer base units, and a typed, sequenced event log.
+//! collateral, settlement (tickets with a committed request log, attestations, claims, stack
+//! expiry), reputation, an epoch clock, balances and fees in integer base units, and a typed,
+//! sequenced event log.
+//!
+//! Money is double-entry: every movement debits one account (a balance, a stack's escrow, a
+//! node's collateral, the treasury, or the faucet) and credits another in the same transaction,
+//! so `totals().is_conserved()` holds after every operation, refused ones included.
 //!
 //! Backends: `SqliteLedger` (embedded; one machine, tests, a local devnet) here, and a Sui
 //! backend later. Every backend must pass `conformance::run_all`. Ledger calls are rare (buying a
@@ -8,20 +14,28 @@
 //! Per-request metering is not the ledger's job: the node keeps it in its own store.
 //!
 //! Fixed from the reference contract: a stack's node is sampled only among nodes subscribed to
-//! its task at a price within the buyer's cap and with enough capacity, and a failed purchase
-//! changes nothing (the whole operation is one transaction).
+//! its task at a price within the buyer's cap, with enough capacity, collateral and reputation;
+//! attestors are sampled without replacement and never include the settling node, with the
+//! probability roll the right way round; attestors are paid from the 0.012× pool the buyer paid
+//! for them, not from other stacks' escrow; a failed operation changes nothing (every operation
+//! is one transaction).
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod events;
+pub mod settlement;
 mod sqlite;
 pub mod types;
 
 pub use events::{EventCursor, EventRecord, LedgerEvent};
+pub use settlement::{
+    ClaimOutcome, Hash32, LedgerParams, MoneyTotals, SettlementTicket, StackCommitment,
+};
 pub use sqlite::SqliteLedger;
 pub use types::{
     Address, Amount, COMPUTE_UNITS_PER_STACK, ComputeUnits, NewTask, Node, NodeSmallId,
-    SecurityLevel, Stack, StackRequest, StackSmallId, Subscription, Task, TaskRole, TaskSmallId,
+    REPUTATION_SCORE_START, Reputation, SecurityLevel, Stack, StackRequest, StackSmallId,
+    Subscription, Task, TaskRole, TaskSmallId,
 };
 
 /// Why a ledger operation was refused.
@@ -73,6 +87,75 @@ pub enum LedgerError {
     },
     #[error("insufficient balance: {needed} needed, {available} available")]
     InsufficientBalance { needed: u64, available: u64 },
+    #[error("node {node} has {have} collateral, {need} needed")]
+    InsufficientCollateral {
+        node: NodeSmallId,
+        have: u64,
+        need: u64,
+    },
+    #[error("node {node}'s collateral is locked: {reason}")]
+    CollateralLocked { node: NodeSmallId, reason: String },
+    #[error("{sender} does not own stack {stack}")]
+    NotStackOwner {
+        sender: Address,
+        stack: StackSmallId,
+    },
+    #[error("stack {stack} was sold to node {selected}, not node {node}")]
+    NodeNotSelectedForStack {
+        stack: StackSmallId,
+        node: NodeSmallId,
+        selected: NodeSmallId,
+    },
+    #[error("claiming {claimed} compute units of stack {stack}, which has {units}")]
+    TooManyComputeUnits {
+        stack: StackSmallId,
+        claimed: u64,
+        units: u64,
+    },
+    #[error("stack {0} already has a settlement ticket")]
+    TicketExists(StackSmallId),
+    #[error("stack {0} has no settlement ticket")]
+    NoTicket(StackSmallId),
+    #[error("stack {0} is already claimed")]
+    StackAlreadyClaimed(StackSmallId),
+    #[error("stack {stack}'s task has security level {level:?}; this needs {needed}")]
+    WrongSecurityLevel {
+        stack: StackSmallId,
+        level: SecurityLevel,
+        needed: &'static str,
+    },
+    #[error("stack {stack} can be claimed from epoch {from}, it is epoch {epoch}")]
+    DisputeWindowOpen {
+        stack: StackSmallId,
+        from: u64,
+        epoch: u64,
+    },
+    #[error("stack {stack}'s dispute window closed before epoch {until}, it is epoch {epoch}")]
+    DisputeWindowClosed {
+        stack: StackSmallId,
+        until: u64,
+        epoch: u64,
+    },
+    #[error("node {node} was not asked to attest stack {stack}")]
+    NotRequestedAttestor {
+        stack: StackSmallId,
+        node: NodeSmallId,
+    },
+    #[error("node {node} already attested stack {stack}")]
+    AlreadyAttested {
+        stack: StackSmallId,
+        node: NodeSmallId,
+    },
+    #[error("stack {0}'s settlement is in dispute")]
+    InDispute(StackSmallId),
+    #[error("stack {stack} expires at epoch {at}, it is epoch {epoch}")]
+    NotExpired {
+        stack: StackSmallId,
+        at: u64,
+        epoch: u64,
+    },
+    #[error("{0} is not available yet")]
+    NotYet(&'static str),
     #[error("ledger storage: {0}")]
     Storage(String),
 }
@@ -138,4 +221,100 @@ pub trait Ledger: Send + Sync {
     fn subscriptions(&self, task: TaskSmallId) -> Result<Vec<Subscription>>;
     /// Up to `limit` events after `cursor`, oldest first.
     fn events_after(&self, cursor: EventCursor, limit: usize) -> Result<Vec<EventRecord>>;
+
+    // --- epochs and parameters ---
+
+    /// The current epoch.
+    fn epoch(&self) -> Result<u64>;
+    /// Moves the clock one epoch forward (local ledgers and test doubles). Returns the new epoch.
+    fn advance_epoch(&self) -> Result<u64>;
+    fn params(&self) -> Result<LedgerParams>;
+    /// Replaces the parameters (the ledger's administrator). Changing `epoch_ms` keeps the
+    /// current epoch and counts from now.
+    fn set_params(&self, sender: Address, params: &LedgerParams) -> Result<()>;
+
+    // --- collateral ---
+
+    /// Moves `amount` from the owner's balance into the node's collateral. Returns the new total.
+    fn deposit_collateral(
+        &self,
+        sender: Address,
+        node: NodeSmallId,
+        amount: Amount,
+    ) -> Result<Amount>;
+    /// Moves `amount` of collateral back to the owner's balance; refused while the node has an
+    /// open ticket, as seller or as requested attestor, or a dispute. Returns what is left.
+    fn withdraw_collateral(
+        &self,
+        sender: Address,
+        node: NodeSmallId,
+        amount: Amount,
+    ) -> Result<Amount>;
+
+    // --- settlement ---
+
+    /// Opens the stack's settlement ticket: by its selected node only, `claimed` at most the
+    /// stack's units, one ticket per stack, not for ConfidentialCompute stacks. For
+    /// SamplingConsensus tasks it may sample attestation nodes. Emits `StackTrySettleEvent`.
+    fn try_settle_stack(
+        &self,
+        sender: Address,
+        node: NodeSmallId,
+        stack: StackSmallId,
+        claimed: ComputeUnits,
+        commitment: &StackCommitment,
+    ) -> Result<SettlementTicket>;
+    /// A requested attestor confirms the commitment, before the window ends. Once all have,
+    /// the ticket is claimable at once. A different commitment opens a dispute instead.
+    fn submit_stack_settlement_attestation(
+        &self,
+        sender: Address,
+        node: NodeSmallId,
+        stack: StackSmallId,
+        committed_stack_proof: Hash32,
+    ) -> Result<SettlementTicket>;
+    /// A requested attestor disputes the commitment (it found a different result), before the
+    /// window ends. The ticket cannot be claimed until the dispute is resolved.
+    fn start_attestation_dispute(
+        &self,
+        sender: Address,
+        node: NodeSmallId,
+        stack: StackSmallId,
+        attestation_commitment: Hash32,
+    ) -> Result<()>;
+    /// Resolves a dispute from an oracle's re-execution (the "Verification" work; `NotYet`).
+    fn resolve_attestation_dispute(
+        &self,
+        sender: Address,
+        oracle: NodeSmallId,
+        stack: StackSmallId,
+        node_was_honest: bool,
+    ) -> Result<()>;
+    /// The selected node claims settled tickets after their window: it is paid its fee,
+    /// attestors that attested share their pool, requested attestors that did not are slashed,
+    /// and the owner is refunded the rest of the escrow. All stacks or none.
+    fn claim_funds(
+        &self,
+        sender: Address,
+        node: NodeSmallId,
+        stacks: &[StackSmallId],
+    ) -> Result<Vec<ClaimOutcome>>;
+    /// ConfidentialCompute stacks: claim `claimed` units directly, without ticket or window.
+    fn claim_funds_for_stacks(
+        &self,
+        sender: Address,
+        node: NodeSmallId,
+        claims: &[(StackSmallId, ComputeUnits)],
+    ) -> Result<Vec<ClaimOutcome>>;
+    /// The owner closes a stack nobody settled within `stack_expiry_epochs`: full refund.
+    fn close_expired_stack(&self, sender: Address, stack: StackSmallId) -> Result<Amount>;
+    /// The stack's settlement ticket, if one was opened (kept after the claim).
+    fn ticket(&self, stack: StackSmallId) -> Result<Option<SettlementTicket>>;
+    /// Open tickets (not claimed) that name `node` as seller or requested attestor.
+    fn open_tickets_of(&self, node: NodeSmallId) -> Result<Vec<SettlementTicket>>;
+
+    // --- money ---
+
+    /// Totals by kind of account, for the conservation check.
+    fn totals(&self) -> Result<MoneyTotals>;
 }

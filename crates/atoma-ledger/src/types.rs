@@ -44,7 +44,7 @@ pub struct ComputeUnits(pub u64);
 /// The hard-coded capacity a node offers per stack, as in the contract.
 pub const COMPUTE_UNITS_PER_STACK: ComputeUnits = ComputeUnits(1_000_000);
 
-/// Starting reputation of a node (the contract never changes it yet).
+/// Starting reputation of a node.
 pub const REPUTATION_SCORE_START: u8 = 50;
 
 /// A 32-byte Sui address, written `0x` + 64 hex digits.
@@ -162,16 +162,49 @@ impl SecurityLevel {
         }
     }
 
-    /// What a buyer pays for `units` at `price` per million units: SamplingConsensus pays
-    /// 1.212× up front (1.2× for the node, 0.012× for attestors), as in the contract.
+    /// What a buyer pays into escrow for `units` at `price` per million units: SamplingConsensus
+    /// pays 1.212× up front (1.2× for the node, 0.012× for attestors), as in the contract. One
+    /// floor over the whole product, so that the node's fee and the attestors' pool on any
+    /// claimed part never exceed it (`floor(a) + floor(b) <= floor(a + b)`).
     pub fn stack_fee(self, price_per_million: Amount, units: ComputeUnits) -> Option<Amount> {
-        let base = u128::from(price_per_million.0) * u128::from(units.0) / 1_000_000;
-        let fee = match self {
-            Self::SamplingConsensus => base * 1212 / 1000,
-            _ => base,
+        let permille = match self {
+            Self::SamplingConsensus => SAMPLING_CONSENSUS_NODE_PERMILLE + ATTESTOR_POOL_PERMILLE,
+            _ => 1000,
         };
-        u64::try_from(fee).ok().map(Amount)
+        permille_of_price(price_per_million, units, permille)
     }
+
+    /// The selected node's fee for `claimed` units: 1.2× the price for SamplingConsensus (the
+    /// contract's `calculate_stack_fee_amount`), the price otherwise.
+    pub fn node_fee(self, price_per_million: Amount, claimed: ComputeUnits) -> Option<Amount> {
+        let permille = match self {
+            Self::SamplingConsensus => SAMPLING_CONSENSUS_NODE_PERMILLE,
+            _ => 1000,
+        };
+        permille_of_price(price_per_million, claimed, permille)
+    }
+
+    /// The pool shared by the attestors that attested `claimed` units (0.012× the price;
+    /// SamplingConsensus only).
+    pub fn attestor_pool(self, price_per_million: Amount, claimed: ComputeUnits) -> Option<Amount> {
+        match self {
+            Self::SamplingConsensus => {
+                permille_of_price(price_per_million, claimed, ATTESTOR_POOL_PERMILLE)
+            }
+            _ => Some(Amount(0)),
+        }
+    }
+}
+
+/// What SamplingConsensus pays the selected node, in permille of the price.
+pub const SAMPLING_CONSENSUS_NODE_PERMILLE: u64 = 1200;
+/// What SamplingConsensus sets aside for attestors, in permille of the price.
+pub const ATTESTOR_POOL_PERMILLE: u64 = 12;
+
+/// `floor(price × units × permille / (10^6 × 1000))`, or `None` if it does not fit in a u64.
+fn permille_of_price(price: Amount, units: ComputeUnits, permille: u64) -> Option<Amount> {
+    let v = u128::from(price.0) * u128::from(units.0) * u128::from(permille) / 1_000_000_000;
+    u64::try_from(v).ok().map(Amount)
 }
 
 /// A registered node.
@@ -181,8 +214,40 @@ pub struct Node {
     /// The address that registered it and owns its badge.
     pub owner: Address,
     pub badge_id: String,
+    /// 0–100, derived from `record` (`Reputation::score`).
     pub reputation_score: u8,
     pub is_disabled: bool,
+    /// Collateral locked by the node: what a timeout or a lost dispute costs it.
+    pub collateral: Amount,
+    /// What settlement outcomes have recorded about the node.
+    pub record: Reputation,
+}
+
+/// Per-node counters that settlement outcomes update, and the score derived from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Reputation {
+    /// Stacks the node settled and claimed without dispute.
+    pub settled_on_time: u64,
+    /// Attestations it submitted when asked, within the window.
+    pub attestations_made: u64,
+    /// Attestations it was asked for and did not submit in time.
+    pub attestations_missed: u64,
+    /// Disputes decided against it.
+    pub disputes_lost: u64,
+}
+
+impl Reputation {
+    /// The 0–100 score: `REPUTATION_SCORE_START` (50) for a new node, rising towards 100 with
+    /// good outcomes (`+50 × good / (good + 20)`, so twenty of them are worth +25) and falling
+    /// by 10 per missed attestation and by 40 per lost dispute.
+    pub fn score(&self) -> u8 {
+        let good = u128::from(self.settled_on_time) + u128::from(self.attestations_made);
+        let bonus = 50 * good / (good + 20);
+        let penalty =
+            10 * u128::from(self.attestations_missed) + 40 * u128::from(self.disputes_lost);
+        let s = (u128::from(REPUTATION_SCORE_START) + bonus).saturating_sub(penalty);
+        s.min(100) as u8
+    }
 }
 
 /// A task: role, optional model, security level.
@@ -197,6 +262,9 @@ pub struct Task {
     pub is_deprecated: bool,
     /// Nodes allowed to subscribe when the task is not public.
     pub whitelist: Vec<NodeSmallId>,
+    /// Collateral a node needs to be sold stacks of this task or to attest them (the ledger's
+    /// `min_collateral` applies too; the larger wins).
+    pub minimum_collateral: Amount,
 }
 
 /// What a task creator asks for.
@@ -207,6 +275,8 @@ pub struct NewTask {
     pub security_level: SecurityLevel,
     pub minimum_reputation_score: u8,
     pub is_public: bool,
+    /// See `Task::minimum_collateral`.
+    pub minimum_collateral: Amount,
 }
 
 /// A node's offer on a task.
@@ -231,7 +301,10 @@ pub struct Stack {
     pub price_per_one_million_compute_units: Amount,
     /// What the buyer paid into escrow.
     pub escrowed: Amount,
+    /// Claimed by its node, or closed by its owner after expiry: no more service.
     pub is_claimed: bool,
+    /// The epoch it was bought in (expiry counts from it).
+    pub created_at_epoch: u64,
 }
 
 /// What a stack buyer asks for.

@@ -60,6 +60,7 @@ fn market(ledger: &SqliteLedger, node_key: &Keypair, user: &Keypair) -> (NodeSma
                 security_level: SecurityLevel::NoSecurity,
                 minimum_reputation_score: 0,
                 is_public: true,
+                minimum_collateral: atoma_ledger::Amount(0),
             },
         )
         .unwrap()

@@ -21,6 +21,7 @@ fn stack(id: u64, units: u64, node: NodeSmallId) -> Stack {
         price_per_one_million_compute_units: Amount(1_000),
         escrowed: Amount(1),
         is_claimed: false,
+        created_at_epoch: 0,
     }
 }
 
@@ -200,6 +201,7 @@ fn follows_the_ledger_from_a_durable_cursor() {
                 security_level: SecurityLevel::NoSecurity,
                 minimum_reputation_score: 0,
                 is_public: true,
+                minimum_collateral: atoma_ledger::Amount(0),
             },
         )
         .unwrap()

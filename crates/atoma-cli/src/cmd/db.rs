@@ -147,6 +147,7 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
                     security_level: level,
                     minimum_reputation_score: min_reputation,
                     is_public: !private,
+                    minimum_collateral: atoma_ledger::Amount(0),
                 },
             )?;
             json(&t);

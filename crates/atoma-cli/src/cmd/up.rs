@@ -76,6 +76,7 @@ pub fn run(home: &Home, store: &ModelStore, a: &UpArgs) -> anyhow::Result<()> {
                     security_level: SecurityLevel::NoSecurity,
                     minimum_reputation_score: 0,
                     is_public: true,
+                    minimum_collateral: atoma_ledger::Amount(0),
                 },
             )?
             .small_id

@@ -1,8 +1,14 @@
 //! The conformance suite every `Ledger` backend must pass: the contract's rules for nodes,
-//! tasks, subscriptions and stacks, exact balances under concurrent purchases, and an event log
-//! that a follower can read in order and resume from a cursor.
+//! tasks, subscriptions and stacks, exact balances under concurrent purchases, an event log
+//! that a follower can read in order and resume from a cursor (this file); settlement,
+//! attestation, claims, collateral, expiry and reputation with every refusal leaving the state
+//! unchanged (`settlement`); and conservation of money under random operation sequences
+//! (`conservation`).
 //!
 //! Use: `atoma_ledger::conformance::run_all(&|| Box::new(MyLedger::new()))`.
+
+pub mod conservation;
+pub mod settlement;
 
 use std::collections::BTreeSet;
 
@@ -11,19 +17,20 @@ use crate::*;
 /// A fresh, empty ledger per call.
 pub type Factory<'a> = &'a (dyn Fn() -> Box<dyn Ledger> + Sync);
 
-fn addr(n: u8) -> Address {
+pub(crate) fn addr(n: u8) -> Address {
     let mut a = [0u8; 32];
     a[31] = n;
     Address(a)
 }
 
-fn chat_task(model: &str) -> NewTask {
+pub(crate) fn chat_task(model: &str) -> NewTask {
     NewTask {
         role: TaskRole::ChatCompletion,
         model_name: Some(model.to_string()),
         security_level: SecurityLevel::NoSecurity,
         minimum_reputation_score: 0,
         is_public: true,
+        minimum_collateral: Amount(0),
     }
 }
 
@@ -36,6 +43,8 @@ pub fn run_all(make: Factory<'_>) {
     failed_purchases_change_nothing(make().as_ref());
     concurrent_purchases_keep_balances_exact(make().as_ref());
     events_follow_with_a_cursor(make().as_ref());
+    settlement::run_all(make);
+    conservation::random_sequences_conserve_money(make, 0..16, 150);
 }
 
 pub fn ids_are_sequential_from_one(l: &dyn Ledger) {
