@@ -1,39 +1,5 @@
-//! Signing responses as the reference node does: `response_hash` = base64(Blake2b-256 of the
-//! compact JSON without the two fields) and `signature` = the node's Sui signature over that hash,
-//! both added to the JSON object.
+//! Signing responses as the reference node does (`response_hash` and `signature` added to the
+//! JSON); the implementation lives in `atoma_crypto::signed_json`, shared with the request log
+//! and its verifiers.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
-use serde_json::Value;
-
-use atoma_crypto::{Keypair, blake2b256};
-
-/// Adds `response_hash` and `signature` to `body`; returns it and the raw hash.
-pub fn sign_json(keys: &Keypair, mut body: Value) -> (Value, [u8; 32]) {
-    let hash = blake2b256(body.to_string().as_bytes());
-    if let Value::Object(map) = &mut body {
-        map.insert("response_hash".into(), Value::String(B64.encode(hash)));
-        map.insert("signature".into(), Value::String(keys.sign(&hash)));
-    }
-    (body, hash)
-}
-
-/// Checks a signed body: recomputes the hash without the two fields and verifies the signature.
-/// Returns the signer's address.
-pub fn verify_json(body: &Value) -> Result<[u8; 32], String> {
-    let mut v = body.clone();
-    let map = v.as_object_mut().ok_or("not a JSON object")?;
-    let sig = map
-        .remove("signature")
-        .and_then(|s| s.as_str().map(str::to_string))
-        .ok_or("no signature")?;
-    let claimed = map
-        .remove("response_hash")
-        .and_then(|s| s.as_str().map(str::to_string))
-        .ok_or("no response_hash")?;
-    let hash = blake2b256(v.to_string().as_bytes());
-    if B64.encode(hash) != claimed {
-        return Err("response_hash does not match the body".into());
-    }
-    atoma_crypto::verify(&sig, &hash).map_err(|e| e.to_string())
-}
+pub use atoma_crypto::signed_json::{check_json, sign_json, verify_json};

@@ -6,6 +6,9 @@
 //! - Hashes: Blake2b-256, as the reference protocol uses for request bodies (`X-Signature` signs
 //!   the 32-byte hash itself, no intent wrapper) and responses (`response_hash`).
 
+pub mod merkle;
+pub mod signed_json;
+
 use std::path::Path;
 
 use base64::Engine as _;
