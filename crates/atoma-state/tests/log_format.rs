@@ -218,6 +218,7 @@ fn decoding_is_strict() {
 
 #[test]
 #[ignore = "prints the vector table for docs/protocol.md"]
+#[allow(clippy::print_stdout)]
 fn print_vectors() {
     for (name, value) in vectors() {
         println!("| {name} | `{value}` |");
