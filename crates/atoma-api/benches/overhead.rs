@@ -35,18 +35,25 @@ impl InferenceBackend for Trivial {
     fn queue_depth(&self) -> usize {
         0
     }
-    fn prepare(&self, _: InferenceRequest) -> Result<Prepared, BackendError> {
-        Ok(Prepared::new(8, || {
-            Ok(futures_util::stream::iter([
-                BackendEvent::Token("ok".into()),
-                BackendEvent::Done {
-                    finish_reason: "stop".into(),
-                    prompt_tokens: 8,
-                    completion_tokens: 1,
-                },
-            ])
-            .boxed())
-        }))
+    fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
+        Ok(Prepared::new(
+            8,
+            atoma_api::Execution::from_request(&req),
+            || {
+                Ok(futures_util::stream::iter([
+                    BackendEvent::Token {
+                        id: 1,
+                        text: "ok".into(),
+                    },
+                    BackendEvent::Done {
+                        finish_reason: "stop".into(),
+                        prompt_tokens: 8,
+                        completion_tokens: 1,
+                    },
+                ])
+                .boxed())
+            },
+        ))
     }
 }
 

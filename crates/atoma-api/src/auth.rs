@@ -29,6 +29,8 @@ pub struct Signed {
     pub stack: StackSmallId,
     /// Blake2b-256 of the body: the signed message and the request-log key.
     pub request_hash: [u8; 32],
+    /// The `X-Signature` header as sent (kept in the request log).
+    pub signature: String,
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -61,5 +63,6 @@ pub fn authenticate(headers: &HeaderMap, body: &[u8]) -> Result<Signed, ApiError
         signer: address_hex(&signer),
         stack: StackSmallId(stack),
         request_hash,
+        signature: sig.to_string(),
     })
 }

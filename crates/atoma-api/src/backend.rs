@@ -3,6 +3,8 @@
 
 use futures_util::stream::BoxStream;
 
+pub use atoma_state::log::SamplingRecord;
+
 /// One chat turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatTurn {
@@ -39,7 +41,10 @@ pub struct InferenceRequest {
 /// empty while held back), then exactly one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendEvent {
-    Token(String),
+    Token {
+        id: u32,
+        text: String,
+    },
     /// Text that completes without a new token (e.g. released when generation ends).
     Text(String),
     Done {
@@ -65,11 +70,51 @@ pub enum BackendError {
 
 type Start = Box<dyn FnOnce() -> Result<BoxStream<'static, BackendEvent>, BackendError> + Send>;
 
+/// How a request will run, as its log record keeps it for verification by re-execution:
+/// the prompt's token ids, the seed (drawn by the backend when the request gave none), the
+/// sampling parameters after defaults, the model file's digest and the engine's determinism
+/// class (what a verifier's build and device must match to reproduce the bits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Execution {
+    pub prompt_token_ids: Vec<u32>,
+    pub seed: u64,
+    pub sampling: SamplingRecord,
+    pub model_sha256: [u8; 32],
+    pub determinism_class: String,
+}
+
+impl Execution {
+    /// An execution with nothing known but the request's own fields (backends that cannot
+    /// say more, such as test doubles).
+    pub fn from_request(req: &InferenceRequest) -> Self {
+        Self {
+            prompt_token_ids: Vec::new(),
+            seed: req.seed.unwrap_or(0),
+            sampling: SamplingRecord {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                top_k: 0,
+                min_p: 0.0,
+                repetition_penalty: 1.0,
+                presence_penalty: req.presence_penalty,
+                frequency_penalty: req.frequency_penalty,
+                max_tokens: req.max_tokens,
+                stop: req.stop.clone(),
+                ignore_eos: req.ignore_eos,
+            },
+            model_sha256: [0; 32],
+            determinism_class: String::new(),
+        }
+    }
+}
+
 /// A request the backend has validated and tokenized but not started: the API reserves compute
 /// units for `prompt_tokens` in between, and the prompt is tokenized only once.
 pub struct Prepared {
     /// Tokens of the rendered prompt.
     pub prompt_tokens: u64,
+    /// How it will run (for the request log).
+    pub execution: Execution,
     start: Start,
 }
 
@@ -82,13 +127,17 @@ impl std::fmt::Debug for Prepared {
 }
 
 impl Prepared {
-    /// A prepared request whose generation `start` begins.
+    /// A prepared request whose generation `start` begins, run as `execution` says; the
+    /// prompt's token count is `prompt_tokens` (for backends without token ids, the ids in
+    /// `execution` may be empty).
     pub fn new(
         prompt_tokens: u64,
+        execution: Execution,
         start: impl FnOnce() -> Result<BoxStream<'static, BackendEvent>, BackendError> + Send + 'static,
     ) -> Self {
         Self {
             prompt_tokens,
+            execution,
             start: Box::new(start),
         }
     }

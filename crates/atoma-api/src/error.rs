@@ -103,7 +103,7 @@ impl From<BackendError> for ApiError {
 impl From<MeterError> for ApiError {
     fn from(e: MeterError) -> Self {
         match e {
-            MeterError::Exhausted { .. } | MeterError::Claimed(_) => {
+            MeterError::Exhausted { .. } | MeterError::Claimed(_) | MeterError::Settling(_) => {
                 Self::StackExhausted(e.to_string())
             }
             MeterError::Replay(_) => Self::Unauthorized(format!(

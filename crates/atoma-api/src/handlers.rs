@@ -13,12 +13,14 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::json;
 
+use atoma_state::log::ResponseRecord;
 use atoma_state::meter::MeterError;
 
 use crate::auth::authenticate;
 use crate::backend::BackendEvent;
 use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, Checked, CompletionRequest};
+use crate::record::RequestLog;
 use crate::sign::sign_json;
 use crate::{AppState, metrics, stream};
 
@@ -112,6 +114,11 @@ async fn serve(
     }
     let prepared = backend.prepare(req.clone())?;
     let prompt_tokens = prepared.prompt_tokens;
+    let log = RequestLog {
+        body: body.clone(),
+        signature: signed.signature.clone(),
+        execution: prepared.execution.clone(),
+    };
     let units = prompt_tokens + u64::from(req.max_tokens);
     let meter = s.inner.meter.clone();
     let model = req.model.clone();
@@ -153,6 +160,7 @@ async fn serve(
         model: req.model,
         kind,
         prompt_tokens,
+        seed: log.execution.seed,
     };
     if checked.stream {
         return Ok(stream::sse(
@@ -161,18 +169,21 @@ async fn serve(
             events,
             reservation,
             checked.include_usage,
+            log,
         ));
     }
     let t0 = Instant::now();
     let mut events = events;
     let mut text = String::new();
+    let mut output_ids = Vec::new();
     let mut done = None;
     while let Some(ev) = events.next().await {
         match ev {
-            BackendEvent::Token(t) => {
+            BackendEvent::Token { id, text: t } => {
                 if text.is_empty() && !t.is_empty() {
                     metrics::time_to_first_token(t0.elapsed().as_secs_f64());
                 }
+                output_ids.push(id);
                 text.push_str(&t);
             }
             BackendEvent::Text(t) => text.push_str(&t),
@@ -200,13 +211,30 @@ async fn serve(
         "model": meta.model,
         "choices": [choice],
         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+        "seed": meta.seed,
     });
     let (body, hash) = sign_json(&s.inner.keys, body);
-    tokio::task::spawn_blocking(move || reservation.settle(p, c, hash))
+    let text = body.to_string();
+    let settled = log.settled(
+        ResponseRecord::Json(text.clone()),
+        hash,
+        output_ids,
+        &finish,
+        (p, c),
+    );
+    tokio::task::spawn_blocking(move || reservation.settle(settled))
         .await
         .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
     metrics::usage(p, c);
-    Ok(Json(body).into_response())
+    // The bytes logged are the bytes sent.
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        text,
+    )
+        .into_response())
 }
 
 pub(crate) async fn models(State(s): State<AppState>) -> Response {

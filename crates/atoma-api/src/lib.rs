@@ -13,6 +13,7 @@ pub mod error;
 mod handlers;
 pub mod metrics;
 pub mod openai;
+mod record;
 pub mod sign;
 mod stream;
 
@@ -26,7 +27,8 @@ use atoma_crypto::Keypair;
 use atoma_state::meter::Meter;
 
 pub use backend::{
-    BackendError, BackendEvent, ChatTurn, InferenceBackend, InferenceRequest, Prepared, Prompt,
+    BackendError, BackendEvent, ChatTurn, Execution, InferenceBackend, InferenceRequest, Prepared,
+    Prompt, SamplingRecord,
 };
 pub use error::ApiError;
 

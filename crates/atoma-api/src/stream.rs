@@ -1,7 +1,8 @@
 //! Server-sent events for `stream: true`: one signed JSON chunk per piece of text, a final chunk
 //! with the finish reason, an optional usage chunk (`stream_options.include_usage`), then
-//! `[DONE]`. The stack is settled when the stream ends; if the client goes away first, dropping
-//! the stream cancels generation and charges only the tokens generated so far.
+//! `[DONE]`. The stack is settled when the stream ends, with the request's log record (every
+//! chunk as sent); if the client goes away first, dropping the stream cancels generation and
+//! charges only the tokens generated so far, logging the chunks that were produced.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -14,10 +15,12 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{Value, json};
 
 use atoma_crypto::Keypair;
+use atoma_state::log::{ResponseRecord, stream_hash};
 use atoma_state::meter::Reservation;
 
 use crate::backend::BackendEvent;
 use crate::handlers::Kind;
+use crate::record::RequestLog;
 use crate::sign::sign_json;
 use crate::{AppState, metrics};
 
@@ -29,10 +32,12 @@ pub(crate) struct Meta {
     pub model: String,
     pub kind: Kind,
     pub prompt_tokens: u64,
+    /// The sampler's seed, returned to the client.
+    pub seed: u64,
 }
 
 /// Hash of a whole stream, for the request log: Blake2b-256 over the concatenated hashes of its
-/// chunks, in order.
+/// chunks, in order (`atoma_state::log::stream_hash`).
 #[derive(Debug, Default)]
 struct RunningHash(Vec<u8>);
 
@@ -42,7 +47,7 @@ impl RunningHash {
     }
 
     fn finish(&self) -> [u8; 32] {
-        atoma_crypto::blake2b256(&self.0)
+        stream_hash(&self.0)
     }
 }
 
@@ -54,6 +59,10 @@ struct State {
     include_usage: bool,
     completion_tokens: u64,
     hash: RunningHash,
+    /// Every chunk as sent, and the generated token ids, for the log record.
+    chunks: Vec<String>,
+    output_ids: Vec<u32>,
+    log: RequestLog,
     pending: VecDeque<Event>,
     started: Instant,
     first_token: bool,
@@ -85,15 +94,22 @@ impl State {
         if let Some(u) = usage {
             body["usage"] = u;
         }
+        if finish.is_some() {
+            body["seed"] = json!(self.meta.seed);
+        }
         let (body, h) = sign_json(&self.keys, body);
         self.hash.push(h);
-        Event::default().data(body.to_string())
+        let text = body.to_string();
+        let event = Event::default().data(&text);
+        self.chunks.push(text);
+        event
     }
 
     fn on_event(&mut self, ev: BackendEvent) {
         match ev {
-            BackendEvent::Token(t) => {
+            BackendEvent::Token { id, text: t } => {
                 self.completion_tokens += 1;
+                self.output_ids.push(id);
                 if !t.is_empty() {
                     if !self.first_token {
                         self.first_token = true;
@@ -123,7 +139,7 @@ impl State {
                     self.pending.push_back(e);
                 }
                 self.pending.push_back(Event::default().data("[DONE]"));
-                self.settle(prompt_tokens, completion_tokens);
+                self.settle(prompt_tokens, completion_tokens, &finish_reason);
                 self.finished = true;
             }
             BackendEvent::Error(msg) => {
@@ -142,9 +158,16 @@ impl State {
         }
     }
 
-    fn settle(&mut self, prompt: u64, completion: u64) {
+    fn settle(&mut self, prompt: u64, completion: u64, finish_reason: &str) {
         if let Some(r) = self.reservation.take() {
-            match r.settle(prompt, completion, self.hash.finish()) {
+            let settled = self.log.settled(
+                ResponseRecord::Stream(std::mem::take(&mut self.chunks)),
+                self.hash.finish(),
+                std::mem::take(&mut self.output_ids),
+                finish_reason,
+                (prompt, completion),
+            );
+            match r.settle(settled) {
                 Ok(()) => metrics::usage(prompt, completion),
                 Err(e) => tracing::error!(error = %e, "cannot settle a stream's usage"),
             }
@@ -158,7 +181,7 @@ impl Drop for State {
         if self.reservation.is_some() {
             let (p, c) = (self.meta.prompt_tokens, self.completion_tokens);
             tracing::info!(id = %self.meta.id, completion_tokens = c, "client disconnected mid-stream");
-            self.settle(p, c);
+            self.settle(p, c, "cancelled");
         }
     }
 }
@@ -190,6 +213,7 @@ pub(crate) fn sse(
     backend_events: BoxStream<'static, BackendEvent>,
     reservation: Reservation,
     include_usage: bool,
+    log: RequestLog,
 ) -> Response {
     let keys = s.inner.keys.clone();
     let state = State {
@@ -200,6 +224,9 @@ pub(crate) fn sse(
         include_usage,
         completion_tokens: 0,
         hash: RunningHash::default(),
+        chunks: Vec::new(),
+        output_ids: Vec::new(),
+        log,
         pending: VecDeque::new(),
         started: Instant::now(),
         first_token: false,

@@ -53,7 +53,8 @@ impl InferenceBackend for Trivial {
         let prompt = text.split_whitespace().count() as u64 + 3;
         let overloaded = self.overloaded.load(Ordering::Relaxed);
         let delay = self.delay;
-        Ok(Prepared::new(prompt, move || {
+        let execution = atoma_api::Execution::from_request(&req);
+        Ok(Prepared::new(prompt, execution, move || {
             reply(prompt, req.max_tokens, delay, overloaded)
         }))
     }
@@ -74,7 +75,7 @@ fn reply(
     let tokens = futures_util::stream::iter(REPLY[..n].iter().map(|t| t.to_string())).then(
         move |t| async move {
             tokio::time::sleep(delay).await;
-            BackendEvent::Token(t)
+            BackendEvent::Token { id: 1, text: t }
         },
     );
     let done = futures_util::stream::once(async move {
@@ -500,4 +501,73 @@ async fn two_hundred_concurrent_requests_on_a_small_stack() {
     assert_eq!(served, 50, "exactly the affordable requests are served");
     assert_eq!(u.units_used, used, "used units = sum of served usage");
     assert_eq!((u.units_used, u.units_reserved), (600, 0));
+}
+
+/// Every charged request leaves a log record in the same transaction: the exact body and
+/// signature, the answer as sent (JSON or every chunk), token ids and the seed returned to the
+/// client; its leaf is recomputable from the record alone.
+#[tokio::test]
+async fn every_served_request_is_logged_with_verifiable_evidence() {
+    use atoma_state::log::{LogRecord, ResponseRecord};
+    let f = fixture(0);
+    let plain = chat(1, 16);
+    let (status, answer) = send(&f, signed(&f, "/v1/chat/completions", 1, &plain)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let streamed = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                          "stream": true, "max_tokens": 3, "seed": 42})
+    .to_string();
+    let resp = f
+        .app
+        .clone()
+        .oneshot(signed(&f, "/v1/chat/completions", 1, &streamed))
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let data = sse_data(&text);
+    let (records, units) = f.meter.frozen_log(StackSmallId(1)).unwrap();
+    assert_eq!(units, f.meter.usage(StackSmallId(1)).unwrap().units_used);
+    let records: Vec<LogRecord> = records
+        .iter()
+        .map(|r| LogRecord::decode(r).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+
+    let (r0, r1) = (&records[0], &records[1]);
+    assert_eq!(r0.request_body, plain.as_bytes());
+    assert_eq!(r0.request_signer().unwrap(), f.user.address());
+    let (hash, signer) = r0.response_hash().unwrap();
+    assert_eq!(signer, Some(f.node.address()));
+    assert_eq!(
+        answer["response_hash"].as_str().unwrap(),
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, hash)
+    );
+    assert_eq!(r0.output_tokens.len(), 7);
+    assert_eq!(r0.finish_reason, "stop");
+    assert_eq!(answer["seed"].as_u64(), Some(r0.seed));
+
+    assert_eq!(r1.request_body, streamed.as_bytes());
+    assert_eq!(r1.seed, 42);
+    assert_eq!(r1.finish_reason, "length");
+    assert_eq!((r1.usage_completion_tokens, r1.output_tokens.len()), (3, 3));
+    match &r1.response {
+        ResponseRecord::Stream(chunks) => {
+            assert_eq!(
+                chunks.as_slice(),
+                &data[..data.len() - 1],
+                "the chunks as sent"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(data[data.len() - 2].contains("\"seed\":42"));
+    assert_eq!(r1.response_hash().unwrap().1, Some(f.node.address()));
+    assert!(r0.leaf().is_ok() && r1.leaf().is_ok());
 }

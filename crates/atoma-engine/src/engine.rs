@@ -98,8 +98,14 @@ pub struct Engine {
     capacity: usize,
     /// Tokens the KV pool holds; a request's prompt plus output must fit.
     kv_tokens: usize,
+    kv_dtype: crate::KvDtype,
     stats: Arc<Mutex<EngineStats>>,
 }
+
+/// Version of the engine's numerics: bump it whenever any kernel, reduction order or sampler
+/// change alters a single output bit, so that logs from different numerics are never compared
+/// (`Engine::determinism_class`).
+pub const NUMERICS_VERSION: u32 = 1;
 
 /// What the engine has done so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,8 +180,21 @@ impl Engine {
             waiting,
             capacity: cfg.queue_capacity,
             kv_tokens: blocks * cfg.block_size,
+            kv_dtype: cfg.kv_dtype,
             stats,
         })
+    }
+
+    /// What the bits of an output depend on besides the model file and the request: the
+    /// numerics version, the device class and the KV cache's element type. Outputs are
+    /// identical across CPU vector levels (AVX-512 VNNI, AVX2, scalar), so the class names
+    /// the device kind only. A verifier reproduces a logged answer only within its class.
+    pub fn determinism_class(&self) -> String {
+        let kv = match self.kv_dtype {
+            crate::KvDtype::F16 => "f16",
+            crate::KvDtype::F32 => "f32",
+        };
+        format!("atoma-engine/numerics-{NUMERICS_VERSION}/cpu/kv-{kv}")
     }
 
     /// The loaded model (tokenizer, chat template, info).

@@ -12,7 +12,7 @@ mod pull;
 use std::path::{Path, PathBuf};
 
 pub use catalog::{CATALOG, CatalogEntry, find as find_in_catalog};
-pub use pull::PullProgress;
+pub use pull::{PullProgress, sha256_file};
 
 /// Errors of model resolution and download.
 #[derive(Debug, thiserror::Error)]

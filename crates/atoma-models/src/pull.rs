@@ -163,3 +163,19 @@ fn assemble(
         .map(|b| format!("{b:02x}"))
         .collect())
 }
+
+/// SHA-256 of a file (a model's identity in request logs), read in 1 MiB blocks.
+pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
+    let mut f = File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        if n == 0 {
+            return Ok(hasher.finalize().into());
+        }
+        hasher.update(&buf[..n]);
+    }
+}

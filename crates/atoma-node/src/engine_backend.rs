@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use atoma_api::{BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prepared, Prompt};
+use atoma_api::{
+    BackendError, BackendEvent, Execution, InferenceBackend, InferenceRequest, Prepared, Prompt,
+    SamplingRecord,
+};
 use atoma_engine::{
     ChatMessage, Engine, EngineError, GenerateRequest, GenerationEvent, Role, SamplingParams,
 };
@@ -19,15 +22,21 @@ pub struct EngineBackend {
     engine: Engine,
     name: String,
     in_flight: Arc<AtomicUsize>,
+    model_sha256: [u8; 32],
+    determinism_class: String,
 }
 
 impl EngineBackend {
-    /// Serves `engine` as model `name`.
-    pub fn new(engine: Engine, name: impl Into<String>) -> Self {
+    /// Serves `engine` as model `name`; `model_sha256` is the SHA-256 of the model file, which
+    /// every log record names.
+    pub fn new(engine: Engine, name: impl Into<String>, model_sha256: [u8; 32]) -> Self {
+        let determinism_class = engine.determinism_class();
         Self {
             engine,
             name: name.into(),
             in_flight: Arc::default(),
+            model_sha256,
+            determinism_class,
         }
     }
 
@@ -72,11 +81,17 @@ fn map_err(e: EngineError) -> BackendError {
     }
 }
 
+/// A seed for a request that gave none, from the operating system's randomness (the node
+/// returns and logs it, so the answer stays reproducible).
 fn random_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    t ^ 0x9E37_79B9_7F4A_7C15
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return t ^ 0x9E37_79B9_7F4A_7C15;
+    }
+    u64::from_le_bytes(b)
 }
 
 impl InferenceBackend for EngineBackend {
@@ -94,9 +109,35 @@ impl InferenceBackend for EngineBackend {
 
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         let prompt = self.tokens(&req)?;
+        let sampling = SamplingParams {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            seed: req.seed.unwrap_or_else(random_seed),
+            ..SamplingParams::default()
+        };
+        let execution = Execution {
+            prompt_token_ids: prompt.clone(),
+            seed: sampling.seed,
+            sampling: SamplingRecord {
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                top_k: sampling.top_k as u32,
+                min_p: sampling.min_p,
+                repetition_penalty: sampling.repetition_penalty,
+                presence_penalty: sampling.presence_penalty,
+                frequency_penalty: sampling.frequency_penalty,
+                max_tokens: req.max_tokens,
+                stop: req.stop.clone(),
+                ignore_eos: req.ignore_eos,
+            },
+            model_sha256: self.model_sha256,
+            determinism_class: self.determinism_class.clone(),
+        };
         let (engine, in_flight) = (self.engine.clone(), self.in_flight.clone());
-        Ok(Prepared::new(prompt.len() as u64, move || {
-            start(&engine, &in_flight, prompt, req)
+        Ok(Prepared::new(prompt.len() as u64, execution, move || {
+            start(&engine, &in_flight, prompt, req, sampling)
         }))
     }
 }
@@ -107,18 +148,12 @@ fn start(
     in_flight: &Arc<AtomicUsize>,
     prompt: Vec<u32>,
     req: InferenceRequest,
+    sampling: SamplingParams,
 ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
     let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
     g.stop = req.stop;
     g.ignore_eos = req.ignore_eos;
-    g.sampling = SamplingParams {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        seed: req.seed.unwrap_or_else(random_seed),
-        ..SamplingParams::default()
-    };
+    g.sampling = sampling;
     let stream = engine.submit(g).map_err(map_err)?;
     let in_flight = in_flight.clone();
     in_flight.fetch_add(1, Ordering::Relaxed);
@@ -127,7 +162,10 @@ fn start(
         futures_util::stream::unfold((stream, Some(guard)), |(mut s, guard)| async move {
             let guard = guard?;
             let ev = match s.next().await {
-                Some(GenerationEvent::Token(t)) => BackendEvent::Token(t.text),
+                Some(GenerationEvent::Token(t)) => BackendEvent::Token {
+                    id: t.id,
+                    text: t.text,
+                },
                 Some(GenerationEvent::Finished(f)) => {
                     // The held-back tail, then the end (two events from one).
                     let done = BackendEvent::Done {

@@ -95,7 +95,7 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
     let engine = Engine::start(lm, &EngineConfig::default()).unwrap();
     let state = Meter::open(&dir.path().join("state.db"), vec![node]).unwrap();
     let node = Running::start(NodeParts {
-        backend: Arc::new(EngineBackend::new(engine, "tiny")),
+        backend: Arc::new(EngineBackend::new(engine, "tiny", [0; 32])),
         ledger: ledger.clone(),
         state: state.clone(),
         keys: node_key.clone(),
@@ -184,7 +184,7 @@ async fn health_is_503_until_the_model_is_loaded() {
     write_tiny_gguf(&gguf, &TinySpec::new(Architecture::Llama)).unwrap();
     let lm = LoadedModel::load(&gguf, &LoadOptions::default(), &mut |_, _| {}).unwrap();
     let engine = Engine::start(lm, &EngineConfig::default()).unwrap();
-    loading.set(Arc::new(EngineBackend::new(engine, "tiny")));
+    loading.set(Arc::new(EngineBackend::new(engine, "tiny", [0; 32])));
     assert_eq!(status(url).await.unwrap(), 200);
     node.stop().await;
 }
@@ -204,6 +204,7 @@ async fn a_stack_bought_a_moment_ago_is_served_at_once() {
         backend: Arc::new(EngineBackend::new(
             Engine::start(lm, &EngineConfig::default()).unwrap(),
             "tiny",
+            [0; 32],
         )),
         ledger: ledger.clone(),
         state: Meter::in_memory(vec![node]).unwrap(),

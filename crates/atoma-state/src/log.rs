@@ -83,8 +83,9 @@ impl LogRecord {
     /// The response hash as the protocol defines it: a JSON body's `response_hash`; for a
     /// stream, Blake2b-256 over the concatenated hashes of its chunks, in order. Recomputed
     /// from the signed bodies (and checked against their claimed hashes and signatures).
-    /// Returns the hash and the signer of every part (all must be the node).
-    pub fn response_hash(&self) -> Result<(Digest, [u8; 32]), String> {
+    /// Returns the hash and the signer of every part (all must be the node; `None` for a
+    /// stream cut off before its first chunk, whose hash is `H("")`).
+    pub fn response_hash(&self) -> Result<(Digest, Option<[u8; 32]>), String> {
         let check = |text: &str| -> Result<signed_json::CheckedJson, String> {
             let v: serde_json::Value =
                 serde_json::from_str(text).map_err(|e| format!("response is not JSON: {e}"))?;
@@ -93,7 +94,7 @@ impl LogRecord {
         match &self.response {
             ResponseRecord::Json(text) => {
                 let c = check(text)?;
-                Ok((c.hash, c.signer))
+                Ok((c.hash, Some(c.signer)))
             }
             ResponseRecord::Stream(chunks) => {
                 let mut signer = None;
@@ -105,7 +106,6 @@ impl LogRecord {
                     }
                     cat.extend_from_slice(&c.hash);
                 }
-                let signer = signer.ok_or("a stream without chunks")?;
                 Ok((stream_hash(&cat), signer))
             }
         }

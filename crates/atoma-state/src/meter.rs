@@ -10,7 +10,11 @@
 //!
 //! The same transaction that reserves also records the request's hash in the stack's request
 //! log, keyed by (stack, hash): a captured signed request replayed by someone else finds its
-//! hash taken and spends nothing.
+//! hash taken and spends nothing. The transaction that settles stores the request's full log
+//! record (`crate::log`), so a unit is charged if and only if its evidence is kept.
+//!
+//! A stack being settled is *frozen* (`crate::settlement`): reservations are refused from the
+//! transaction that freezes it on, so its log is final once the requests in flight finish.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -35,6 +39,47 @@ CREATE TABLE IF NOT EXISTS requests (
   PRIMARY KEY (stack_small_id, request_hash));
 ";
 
+/// Columns added after the first version, for state files written before them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("requests", "record", "BLOB"),
+    ("requests", "settled_seq", "INTEGER"),
+    ("stacks", "last_activity_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("stacks", "settle_state", "TEXT"),
+    ("stacks", "settle_requested", "INTEGER NOT NULL DEFAULT 0"),
+    ("stacks", "claimed_units", "INTEGER"),
+    ("stacks", "merkle_root", "BLOB"),
+    ("stacks", "leaf_count", "INTEGER"),
+    ("stacks", "blob_id", "TEXT"),
+    ("stacks", "blob_hash", "BLOB"),
+    ("stacks", "window_end", "INTEGER"),
+    ("stacks", "node_fee", "INTEGER"),
+];
+
+fn ensure_columns(conn: &Connection) -> Result<(), MeterError> {
+    for (table, column, decl) in ADDED_COLUMNS {
+        let present: bool = conn
+            .query_row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"
+                ),
+                [column],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                .map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Why a reservation was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MeterError {
@@ -55,6 +100,8 @@ pub enum MeterError {
     },
     #[error("stack {0} is claimed")]
     Claimed(StackSmallId),
+    #[error("stack {0} is being settled and takes no more requests; buy a new stack")]
+    Settling(StackSmallId),
     #[error("stack {stack} has {left} compute units left, the request needs up to {needed}")]
     Exhausted {
         stack: StackSmallId,
@@ -74,9 +121,9 @@ fn db(e: rusqlite::Error) -> MeterError {
 /// Per-stack accounting of one node, backed by SQLite.
 #[derive(Debug, Clone)]
 pub struct Meter {
-    conn: Arc<Mutex<Connection>>,
+    pub(crate) conn: Arc<Mutex<Connection>>,
     /// The node ids this node answers for.
-    nodes: Arc<Vec<NodeSmallId>>,
+    pub(crate) nodes: Arc<Vec<NodeSmallId>>,
 }
 
 /// A stack's current accounting.
@@ -118,6 +165,8 @@ impl Meter {
 
     fn init(conn: Connection, nodes: Vec<NodeSmallId>) -> Result<Self, MeterError> {
         conn.execute_batch(SCHEMA).map_err(db)?;
+        ensure_columns(&conn)?;
+        conn.execute_batch(crate::settlement::SCHEMA).map_err(db)?;
         let m = Self {
             conn: Arc::new(Mutex::new(conn)),
             nodes: Arc::new(nodes),
@@ -132,7 +181,12 @@ impl Meter {
         Ok(m)
     }
 
-    fn with_tx<T>(
+    /// The node ids this node answers for.
+    pub fn node_ids(&self) -> &[NodeSmallId] {
+        &self.nodes
+    }
+
+    pub(crate) fn with_tx<T>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, MeterError>,
     ) -> Result<T, MeterError> {
@@ -212,14 +266,7 @@ impl Meter {
                         )
                         .map_err(db)?;
                     }
-                    E::ClaimedStackEvent { stack_small_id, .. } => {
-                        tx.execute(
-                            "UPDATE stacks SET is_claimed = 1 WHERE small_id = ?1",
-                            [stack_small_id.0 as i64],
-                        )
-                        .map_err(db)?;
-                    }
-                    _ => {}
+                    other => crate::settlement::apply_event(tx, &self.nodes, other)?,
                 }
                 seq = rec.seq as i64;
             }
@@ -282,7 +329,7 @@ impl Meter {
             let row = tx
                 .query_row(
                     "SELECT s.owner, s.selected_node_id, s.num_compute_units, s.units_used, \
-                     s.is_claimed, t.model_name FROM stacks s LEFT JOIN tasks t \
+                     s.is_claimed, t.model_name, s.settle_state FROM stacks s LEFT JOIN tasks t \
                      ON t.small_id = s.task_small_id WHERE s.small_id = ?1",
                     [stack.0 as i64],
                     |r| {
@@ -293,13 +340,14 @@ impl Meter {
                             r.get::<_, i64>(3)?,
                             r.get::<_, bool>(4)?,
                             r.get::<_, Option<String>>(5)?,
+                            r.get::<_, Option<String>>(6)?,
                         ))
                     },
                 )
                 .optional()
                 .map_err(db)?
                 .ok_or(MeterError::UnknownStack(stack))?;
-            let (owner, selected, total, used, claimed, task_model) = row;
+            let (owner, selected, total, used, claimed, task_model, settling) = row;
             if !owner.eq_ignore_ascii_case(signer) {
                 return Err(MeterError::NotOwner(stack));
             }
@@ -318,6 +366,9 @@ impl Meter {
             }
             if claimed {
                 return Err(MeterError::Claimed(stack));
+            }
+            if settling.is_some() {
+                return Err(MeterError::Settling(stack));
             }
             let left = (total - used) as u64;
             if units > left {
@@ -338,8 +389,9 @@ impl Meter {
                 return Err(MeterError::Replay(stack));
             }
             tx.execute(
-                "UPDATE stacks SET units_used = units_used + ?1 WHERE small_id = ?2",
-                params![units as i64, stack.0 as i64],
+                "UPDATE stacks SET units_used = units_used + ?1, last_activity_ms = ?3 \
+                 WHERE small_id = ?2",
+                params![units as i64, stack.0 as i64, now_ms()],
             )
             .map_err(db)?;
             Ok(())
@@ -394,7 +446,7 @@ impl Meter {
         let mut stmt = conn
             .prepare(
                 "SELECT request_hash, response_hash, prompt_tokens, completion_tokens FROM requests \
-                 WHERE stack_small_id = ?1 AND state = 'settled' ORDER BY rowid",
+                 WHERE stack_small_id = ?1 AND state = 'settled' ORDER BY settled_seq",
             )
             .map_err(db)?;
         let rows = stmt
@@ -443,19 +495,27 @@ impl Meter {
         stack: StackSmallId,
         request_hash: [u8; 32],
         reserved: u64,
-        outcome: Option<(u64, u64, [u8; 32])>,
+        outcome: Option<Settled>,
     ) -> Result<(), MeterError> {
         self.with_tx(|tx| match outcome {
-            Some((prompt, completion, response_hash)) => {
+            Some(Settled {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                response_hash,
+                record,
+            }) => {
                 let used = (prompt + completion).min(reserved);
                 tx.execute(
-                    "UPDATE stacks SET units_used = units_used - ?1 WHERE small_id = ?2",
-                    params![(reserved - used) as i64, stack.0 as i64],
+                    "UPDATE stacks SET units_used = units_used - ?1, last_activity_ms = ?3 \
+                     WHERE small_id = ?2",
+                    params![(reserved - used) as i64, stack.0 as i64, now_ms()],
                 )
                 .map_err(db)?;
                 tx.execute(
                     "UPDATE requests SET state = 'settled', reserved = ?1, prompt_tokens = ?2, \
-                     completion_tokens = ?3, response_hash = ?4 \
+                     completion_tokens = ?3, response_hash = ?4, record = ?7, settled_seq = \
+                     (SELECT COALESCE(MAX(settled_seq), 0) + 1 FROM requests \
+                      WHERE stack_small_id = ?5) \
                      WHERE stack_small_id = ?5 AND request_hash = ?6 AND state = 'reserved'",
                     params![
                         used as i64,
@@ -463,7 +523,8 @@ impl Meter {
                         completion as i64,
                         &response_hash[..],
                         stack.0 as i64,
-                        &request_hash[..]
+                        &request_hash[..],
+                        record
                     ],
                 )
                 .map_err(db)?;
@@ -490,6 +551,16 @@ impl Meter {
     }
 }
 
+/// What a finished request is charged and logged with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub response_hash: [u8; 32],
+    /// The encoded `LogRecord`.
+    pub record: Vec<u8>,
+}
+
 /// Units reserved for one running request. Settle it with the real usage, or drop it to give
 /// everything back.
 #[derive(Debug)]
@@ -507,21 +578,13 @@ impl Reservation {
         self.units
     }
 
-    /// Charges the real usage (capped at the reservation), logs the response hash, and returns
-    /// the rest to the stack.
-    pub fn settle(
-        mut self,
-        prompt_tokens: u64,
-        completion_tokens: u64,
-        response_hash: [u8; 32],
-    ) -> Result<(), MeterError> {
+    /// Charges the real usage (capped at the reservation), logs the response hash and the
+    /// request's encoded log record (`crate::log::LogRecord::encode`), and returns the rest to
+    /// the stack, all in one transaction.
+    pub fn settle(mut self, settled: Settled) -> Result<(), MeterError> {
         self.done = true;
-        self.meter.finish(
-            self.stack,
-            self.request_hash,
-            self.units,
-            Some((prompt_tokens, completion_tokens, response_hash)),
-        )
+        self.meter
+            .finish(self.stack, self.request_hash, self.units, Some(settled))
     }
 
     /// Gives every reserved unit back (the request failed before producing anything billable).

@@ -159,7 +159,7 @@ fn signatures_and_proofs_check_out() {
     let root = merkle::root(&leaves);
     for (i, r) in log.records.iter().enumerate() {
         assert_eq!(r.request_signer().unwrap(), user);
-        assert_eq!(r.response_hash().unwrap().1, node);
+        assert_eq!(r.response_hash().unwrap().1, Some(node));
         let p = merkle::proof(&leaves, i).unwrap();
         assert!(merkle::verify(&root, &leaves[i], i as u64, 3, &p));
     }

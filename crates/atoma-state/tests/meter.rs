@@ -2,7 +2,8 @@
 //! race on one stack, and recovery after a crash that left reservations open.
 
 use atoma_ledger::{Address, Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
-use atoma_state::meter::{Meter, MeterError};
+use atoma_state::meter::{Meter, MeterError, Settled};
+use atoma_state::settlement::SettleState;
 
 const ME: NodeSmallId = NodeSmallId(1);
 
@@ -22,6 +23,16 @@ fn stack(id: u64, units: u64, node: NodeSmallId) -> Stack {
         escrowed: Amount(1),
         is_claimed: false,
         created_at_epoch: 0,
+    }
+}
+
+/// A finished request's outcome; the record bytes name the response so order is visible.
+fn done(prompt: u64, completion: u64, response_hash: [u8; 32]) -> Settled {
+    Settled {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        response_hash,
+        record: response_hash[..8].to_vec(),
     }
 }
 
@@ -48,7 +59,7 @@ fn reserve_settle_and_refusals() {
             needed: 41
         }
     );
-    r.settle(10, 15, hash(100)).unwrap();
+    r.settle(done(10, 15, hash(100))).unwrap();
     let u = m.usage(StackSmallId(1)).unwrap();
     assert_eq!(
         (u.units_used, u.units_reserved, u.settled_requests),
@@ -120,7 +131,7 @@ fn a_200_way_race_never_overspends() {
                     move || match m.reserve(StackSmallId(1), &me, hash(i), 20, None) {
                         Ok(r) => {
                             let used = 10 + i % 11;
-                            r.settle(used / 2, used - used / 2, hash(1_000 + i))
+                            r.settle(done(used / 2, used - used / 2, hash(1_000 + i)))
                                 .unwrap();
                             Some(used)
                         }
@@ -154,7 +165,7 @@ fn restart_after_a_crash_releases_open_reservations() {
         m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
         m.reserve(StackSmallId(1), &me, hash(1), 100, None)
             .unwrap()
-            .settle(30, 40, hash(11))
+            .settle(done(30, 40, hash(11)))
             .unwrap();
         for i in 2..5 {
             // Simulate the process dying mid-request: the guard never runs.
@@ -232,7 +243,7 @@ fn follows_the_ledger_from_a_durable_cursor() {
         let me = owner().to_string();
         m.reserve(s1.small_id, &me, hash(1), 10, Some("smollm2"))
             .unwrap()
-            .settle(4, 6, hash(2))
+            .settle(done(4, 6, hash(2)))
             .unwrap();
         // Old events again: idempotent.
         m.apply_ledger_events(&evs).unwrap();
@@ -258,4 +269,72 @@ fn follows_the_ledger_from_a_durable_cursor() {
         "not ours"
     );
     assert_eq!(m.usage(s1.small_id).unwrap().units_used, 10);
+}
+
+/// Settlement rows: a frozen stack refuses new requests while the one in flight finishes; its
+/// log lists the settled records in settlement order with their total usage; the state only
+/// moves forward, and replaying a step's record changes nothing.
+#[test]
+fn freezing_and_settlement_steps() {
+    use atoma_ledger::{Hash32, StackCommitment};
+    let m = Meter::in_memory(vec![ME]).unwrap();
+    m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
+    m.reserve(StackSmallId(1), &owner().to_string(), hash(1), 50, None)
+        .unwrap()
+        .settle(done(20, 10, hash(101)))
+        .unwrap();
+    let in_flight = m
+        .reserve(StackSmallId(1), &owner().to_string(), hash(2), 50, None)
+        .unwrap();
+    assert!(m.freeze(StackSmallId(1)).unwrap());
+    assert!(!m.freeze(StackSmallId(1)).unwrap(), "only once");
+    assert_eq!(
+        m.reserve(StackSmallId(1), &owner().to_string(), hash(3), 5, None)
+            .unwrap_err(),
+        MeterError::Settling(StackSmallId(1))
+    );
+    let s = m.settlement(StackSmallId(1)).unwrap();
+    assert_eq!(
+        (s.state, s.in_flight, s.settled_requests),
+        (SettleState::Frozen, 1, 1)
+    );
+    in_flight.settle(done(5, 5, hash(102))).unwrap();
+    let (records, units) = m.frozen_log(StackSmallId(1)).unwrap();
+    assert_eq!(
+        records,
+        vec![hash(101)[..8].to_vec(), hash(102)[..8].to_vec()]
+    );
+    assert_eq!(units, 40);
+    let c = StackCommitment {
+        merkle_root: Hash32([1; 32]),
+        leaf_count: 2,
+        blob_id: "b".into(),
+        blob_hash: Hash32([2; 32]),
+    };
+    m.record_submitted(StackSmallId(1), 9).unwrap();
+    assert_eq!(
+        m.settlement(StackSmallId(1)).unwrap().state,
+        SettleState::Frozen,
+        "no skipping a step"
+    );
+    m.record_log_put(StackSmallId(1), &c, 40).unwrap();
+    m.record_log_put(StackSmallId(1), &c, 41).unwrap();
+    let s = m.settlement(StackSmallId(1)).unwrap();
+    assert_eq!(
+        (s.state, s.claimed_units, s.commitment),
+        (SettleState::LogPut, Some(40), Some(c))
+    );
+    m.record_submitted(StackSmallId(1), 9).unwrap();
+    m.record_claimed(StackSmallId(1), 12).unwrap();
+    let s = m.settlement(StackSmallId(1)).unwrap();
+    assert_eq!(
+        (s.state, s.node_fee, s.window_end),
+        (SettleState::Claimed, Some(12), Some(9))
+    );
+    assert!(m.settlements(false).unwrap().is_empty());
+    assert_eq!(
+        m.reserve(StackSmallId(1), &owner().to_string(), hash(4), 5, None)
+            .unwrap_err(),
+        MeterError::Claimed(StackSmallId(1))
+    );
 }

@@ -268,8 +268,13 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
                 "{} ({:?}, {} layers)",
                 lm.info.name, lm.info.config.arch, lm.info.config.n_layers
             );
+            let digest = atoma_models::sha256_file(&path)?;
             let engine = Engine::start(lm, &engine_cfg)?;
-            backend.set(Arc::new(EngineBackend::new(engine, load_name.clone())));
+            backend.set(Arc::new(EngineBackend::new(
+                engine,
+                load_name.clone(),
+                digest,
+            )));
             eprintln!("model loaded: {info}, served as `{load_name}`");
             Ok(())
         });
