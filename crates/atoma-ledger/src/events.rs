@@ -90,7 +90,7 @@ pub enum LedgerEvent {
     },
     /// `try_settle_stack`: a ticket opened. `committed_stack_proof` and `stack_merkle_leaf` are
     /// both the log's Merkle root (attestors re-derive the same root; there is no per-attestor
-    /// leaf); the last four fields say where the log is and until when it may be disputed.
+    /// leaf); the last five fields say where the log is and until when it may be disputed.
     StackTrySettleEvent {
         stack_small_id: StackSmallId,
         selected_node_id: NodeSmallId,
@@ -101,6 +101,7 @@ pub enum LedgerEvent {
         leaf_count: u64,
         blob_id: String,
         blob_hash: Hash32,
+        blob_size: u64,
         dispute_settled_at_epoch: u64,
     },
     NewStackSettlementAttestationEvent {

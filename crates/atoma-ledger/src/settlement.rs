@@ -61,14 +61,16 @@ impl<'de> Deserialize<'de> for Hash32 {
 
 /// What a node commits to when it settles a stack: the Merkle root over its request log's
 /// leaves (`docs/protocol.md`), how many leaves, and where the log blob lives on the
-/// data-availability store with the Blake2b-256 of its bytes (blob ids are opaque; the hash is
-/// what makes a fetched blob trustworthy).
+/// data-availability store with the Blake2b-256 of its bytes and its size (blob ids are opaque;
+/// the hash is what makes a fetched blob trustworthy).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StackCommitment {
     pub merkle_root: Hash32,
     pub leaf_count: u64,
     pub blob_id: String,
     pub blob_hash: Hash32,
+    /// The blob's size in bytes (a reader never downloads more).
+    pub blob_size: u64,
 }
 
 /// Longest blob id a commitment may carry (Walrus ids are 43 characters).

@@ -88,6 +88,7 @@ fn a_file_from_before_settlement_migrates_and_settles() {
         leaf_count: 1,
         blob_id: "b".into(),
         blob_hash: Hash32([2; 32]),
+        blob_size: 10,
     };
     l.try_settle_stack(
         node_owner,

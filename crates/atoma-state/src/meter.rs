@@ -51,6 +51,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("stacks", "leaf_count", "INTEGER"),
     ("stacks", "blob_id", "TEXT"),
     ("stacks", "blob_hash", "BLOB"),
+    ("stacks", "blob_size", "INTEGER"),
     ("stacks", "window_end", "INTEGER"),
     ("stacks", "node_fee", "INTEGER"),
 ];

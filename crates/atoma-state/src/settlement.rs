@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS attestations (
   stack_small_id INTEGER NOT NULL, node_small_id INTEGER NOT NULL,
   selected_node_id INTEGER NOT NULL, claimed_units INTEGER NOT NULL,
   merkle_root TEXT NOT NULL, leaf_count INTEGER NOT NULL, blob_id TEXT NOT NULL,
-  blob_hash TEXT NOT NULL, window_end INTEGER NOT NULL,
+  blob_hash TEXT NOT NULL, blob_size INTEGER NOT NULL, window_end INTEGER NOT NULL,
   state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'attested', 'disputed', 'missed')),
   detail TEXT, PRIMARY KEY (stack_small_id, node_small_id));
 CREATE TABLE IF NOT EXISTS earnings (
@@ -99,6 +99,17 @@ pub struct StackSettlement {
     pub node_fee: Option<u64>,
 }
 
+/// A frozen stack's log, ready to be stored and committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrozenLog {
+    /// Encoded `LogRecord`s, in settlement order.
+    pub records: Vec<Vec<u8>>,
+    /// Their Merkle leaves.
+    pub leaves: Vec<[u8; 32]>,
+    /// Their total usage: the units to claim.
+    pub units: u64,
+}
+
 /// An attestation this node was asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttestationJob {
@@ -124,7 +135,7 @@ fn hash_of(v: Option<Vec<u8>>) -> Result<Option<Hash32>, MeterError> {
 const STACK_COLUMNS: &str = "s.small_id, s.selected_node_id, s.task_small_id, s.owner, s.price, \
      s.num_compute_units, s.units_used, s.last_activity_ms, s.settle_requested, s.settle_state, \
      s.claimed_units, s.merkle_root, s.leaf_count, s.blob_id, s.blob_hash, s.window_end, \
-     s.node_fee, \
+     s.node_fee, s.blob_size, \
      (SELECT COUNT(*) FROM requests r WHERE r.stack_small_id = s.small_id AND r.state = 'reserved'), \
      (SELECT COUNT(*) FROM requests r WHERE r.stack_small_id = s.small_id AND r.state = 'settled')";
 
@@ -149,16 +160,18 @@ fn stack_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StackSettlement, 
         r.get::<_, Option<i64>>(10)?,
         r.get::<_, Option<i64>>(15)?,
         r.get::<_, Option<i64>>(16)?,
-        [r.get::<_, i64>(17)?, r.get::<_, i64>(18)?],
+        [r.get::<_, i64>(18)?, r.get::<_, i64>(19)?],
+        r.get::<_, Option<i64>>(17)?,
     );
     Ok((|| {
-        let commitment = match (hash_of(root)?, leaves, blob_id, hash_of(blob_hash)?) {
-            (Some(merkle_root), Some(leaf_count), Some(blob_id), Some(blob_hash)) => {
+        let commitment = match (hash_of(root)?, leaves, blob_id, hash_of(blob_hash)?, v.10) {
+            (Some(merkle_root), Some(leaf_count), Some(blob_id), Some(blob_hash), Some(size)) => {
                 Some(StackCommitment {
                     merkle_root,
                     leaf_count: leaf_count as u64,
                     blob_id,
                     blob_hash,
+                    blob_size: size as u64,
                 })
             }
             _ => None,
@@ -268,34 +281,43 @@ impl Meter {
         self.with_tx(|tx| set_state(tx, stack, &[SettleState::Open], SettleState::Frozen))
     }
 
-    /// The encoded log records of a frozen stack, in settlement order, with their total usage.
-    pub fn frozen_log(&self, stack: StackSmallId) -> Result<(Vec<Vec<u8>>, u64), MeterError> {
+    /// A frozen stack's log: its encoded records in settlement order, their leaves (from the
+    /// request and response hashes recorded when each was charged, so nothing is re-verified
+    /// here) and their total usage.
+    pub fn frozen_log(&self, stack: StackSmallId) -> Result<FrozenLog, MeterError> {
         let conn = self
             .conn
             .lock()
             .map_err(|_| MeterError::Storage("a previous user panicked".into()))?;
         let mut stmt = conn
             .prepare(
-                "SELECT record, prompt_tokens + completion_tokens FROM requests \
-                 WHERE stack_small_id = ?1 AND state = 'settled' ORDER BY settled_seq",
+                "SELECT record, request_hash, response_hash, prompt_tokens + completion_tokens \
+                 FROM requests WHERE stack_small_id = ?1 AND state = 'settled' \
+                 ORDER BY settled_seq",
             )
             .map_err(db)?;
         let rows = stmt
             .query_map([stack.0 as i64], |r| {
-                Ok((r.get::<_, Option<Vec<u8>>>(0)?, r.get::<_, i64>(1)?))
+                Ok((
+                    r.get::<_, Option<Vec<u8>>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
             })
             .map_err(db)?;
-        let (mut records, mut units) = (Vec::new(), 0u64);
+        let mut log = FrozenLog::default();
+        let corrupt = |what: &str| MeterError::Storage(format!("stack {stack}: {what}"));
         for row in rows {
-            let (rec, used) = row.map_err(db)?;
-            records.push(rec.ok_or_else(|| {
-                MeterError::Storage(format!(
-                    "stack {stack}: a settled request has no log record"
-                ))
-            })?);
-            units += used as u64;
+            let (rec, req, resp, used) = row.map_err(db)?;
+            let req: [u8; 32] = req.try_into().map_err(|_| corrupt("bad request hash"))?;
+            let resp: [u8; 32] = resp.try_into().map_err(|_| corrupt("bad response hash"))?;
+            log.records
+                .push(rec.ok_or_else(|| corrupt("a settled request has no log record"))?);
+            log.leaves.push(atoma_crypto::merkle::leaf(&req, &resp));
+            log.units += used as u64;
         }
-        Ok((records, units))
+        Ok(log)
     }
 
     /// Records that the log is on the DA store with this commitment.
@@ -309,14 +331,15 @@ impl Meter {
             if set_state(tx, stack, &[SettleState::Frozen], SettleState::LogPut)? {
                 tx.execute(
                     "UPDATE stacks SET merkle_root = ?1, leaf_count = ?2, blob_id = ?3, \
-                     blob_hash = ?4, claimed_units = ?5 WHERE small_id = ?6",
+                     blob_hash = ?4, claimed_units = ?5, blob_size = ?7 WHERE small_id = ?6",
                     params![
                         &commitment.merkle_root.0[..],
                         commitment.leaf_count as i64,
                         commitment.blob_id,
                         &commitment.blob_hash.0[..],
                         claimed_units as i64,
-                        stack.0 as i64
+                        stack.0 as i64,
+                        commitment.blob_size as i64
                     ],
                 )
                 .map_err(db)?;
@@ -387,6 +410,7 @@ pub(crate) fn apply_event(
             leaf_count,
             blob_id,
             blob_hash,
+            blob_size,
             dispute_settled_at_epoch,
             ..
         } => {
@@ -397,7 +421,8 @@ pub(crate) fn apply_event(
                 tx.execute(
                     "INSERT OR IGNORE INTO attestations (stack_small_id, node_small_id, \
                      selected_node_id, claimed_units, merkle_root, leaf_count, blob_id, \
-                     blob_hash, window_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     blob_hash, window_end, blob_size) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     params![
                         stack_small_id.0 as i64,
                         n.0 as i64,
@@ -407,7 +432,8 @@ pub(crate) fn apply_event(
                         *leaf_count as i64,
                         blob_id,
                         blob_hash.to_string(),
-                        *dispute_settled_at_epoch as i64
+                        *dispute_settled_at_epoch as i64,
+                        *blob_size as i64
                     ],
                 )
                 .map_err(db)?;
@@ -465,7 +491,7 @@ impl Meter {
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT stack_small_id, node_small_id, selected_node_id, claimed_units, \
-                 merkle_root, leaf_count, blob_id, blob_hash, window_end, state, detail \
+                 merkle_root, leaf_count, blob_id, blob_hash, window_end, state, detail, blob_size \
                  FROM attestations {} ORDER BY stack_small_id",
                 if all { "" } else { "WHERE state = 'pending'" }
             ))
@@ -486,12 +512,13 @@ impl Meter {
                     r.get::<_, i64>(8)?,
                     r.get::<_, String>(9)?,
                     r.get::<_, Option<String>>(10)?,
+                    r.get::<_, i64>(11)?,
                 ))
             })
             .map_err(db)?;
         let corrupt = |e: String| MeterError::Storage(format!("attestation row: {e}"));
         rows.map(|row| {
-            let (v, root, leaves, blob_id, blob_hash, window_end, state, detail) =
+            let (v, root, leaves, blob_id, blob_hash, window_end, state, detail, size) =
                 row.map_err(db)?;
             Ok(AttestationJob {
                 stack: StackSmallId(v[0] as u64),
@@ -503,6 +530,7 @@ impl Meter {
                     leaf_count: leaves as u64,
                     blob_id,
                     blob_hash: blob_hash.parse().map_err(corrupt)?,
+                    blob_size: size as u64,
                 },
                 window_end: window_end as u64,
                 state,

@@ -299,17 +299,25 @@ fn freezing_and_settlement_steps() {
         (SettleState::Frozen, 1, 1)
     );
     in_flight.settle(done(5, 5, hash(102))).unwrap();
-    let (records, units) = m.frozen_log(StackSmallId(1)).unwrap();
+    let log = m.frozen_log(StackSmallId(1)).unwrap();
     assert_eq!(
-        records,
+        log.records,
         vec![hash(101)[..8].to_vec(), hash(102)[..8].to_vec()]
     );
-    assert_eq!(units, 40);
+    assert_eq!(log.units, 40);
+    assert_eq!(
+        log.leaves,
+        vec![
+            atoma_crypto::merkle::leaf(&hash(1), &hash(101)),
+            atoma_crypto::merkle::leaf(&hash(2), &hash(102))
+        ]
+    );
     let c = StackCommitment {
         merkle_root: Hash32([1; 32]),
         leaf_count: 2,
         blob_id: "b".into(),
         blob_hash: Hash32([2; 32]),
+        blob_size: 5,
     };
     m.record_submitted(StackSmallId(1), 9).unwrap();
     assert_eq!(

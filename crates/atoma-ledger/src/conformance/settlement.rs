@@ -68,6 +68,7 @@ pub(crate) fn commitment(tag: u8) -> StackCommitment {
         leaf_count: 3,
         blob_id: format!("blob-{tag}"),
         blob_hash: Hash32([tag ^ 0xff; 32]),
+        blob_size: 1_000 + u64::from(tag),
     }
 }
 

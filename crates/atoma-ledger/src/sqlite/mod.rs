@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS tickets (
   stack_small_id INTEGER PRIMARY KEY REFERENCES stacks(small_id),
   selected_node_id INTEGER NOT NULL, claimed_units INTEGER NOT NULL,
   merkle_root TEXT NOT NULL, leaf_count INTEGER NOT NULL, blob_id TEXT NOT NULL,
-  blob_hash TEXT NOT NULL, created_epoch INTEGER NOT NULL, window_end INTEGER NOT NULL,
+  blob_hash TEXT NOT NULL, blob_size INTEGER NOT NULL, created_epoch INTEGER NOT NULL,
+  window_end INTEGER NOT NULL,
   in_dispute INTEGER NOT NULL DEFAULT 0, claimed INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS ticket_attestors (
   stack_small_id INTEGER NOT NULL REFERENCES tickets(stack_small_id),

@@ -25,7 +25,8 @@ pub(super) fn get_ticket(c: &Connection, stack: StackSmallId) -> Result<Option<S
     let row = c
         .query_row(
             "SELECT selected_node_id, claimed_units, merkle_root, leaf_count, blob_id, blob_hash, \
-             created_epoch, window_end, in_dispute, claimed FROM tickets WHERE stack_small_id = ?1",
+             created_epoch, window_end, in_dispute, claimed, blob_size FROM tickets \
+             WHERE stack_small_id = ?1",
             [stack.0 as i64],
             |r| {
                 Ok((
@@ -37,12 +38,13 @@ pub(super) fn get_ticket(c: &Connection, stack: StackSmallId) -> Result<Option<S
                     [r.get::<_, i64>(6)?, r.get::<_, i64>(7)?],
                     r.get::<_, bool>(8)?,
                     r.get::<_, bool>(9)?,
+                    r.get::<_, i64>(10)?,
                 ))
             },
         )
         .optional()
         .map_err(db_err)?;
-    let Some((v, root, leaves, blob_id, blob_hash, epochs, in_dispute, claimed)) = row else {
+    let Some((v, root, leaves, blob_id, blob_hash, epochs, in_dispute, claimed, size)) = row else {
         return Ok(None);
     };
     let requested = ids(
@@ -65,6 +67,7 @@ pub(super) fn get_ticket(c: &Connection, stack: StackSmallId) -> Result<Option<S
             leaf_count: leaves as u64,
             blob_id,
             blob_hash: hash_col(blob_hash)?,
+            blob_size: size as u64,
         },
         requested_attestation_nodes: requested.into_iter().map(NodeSmallId).collect(),
         already_attested_nodes: attested.into_iter().map(NodeSmallId).collect(),
@@ -228,8 +231,8 @@ pub(super) fn try_settle_stack(
     };
     c.execute(
         "INSERT INTO tickets (stack_small_id, selected_node_id, claimed_units, merkle_root, \
-         leaf_count, blob_id, blob_hash, created_epoch, window_end) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+         leaf_count, blob_id, blob_hash, created_epoch, window_end, blob_size) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             stack_id.0 as i64,
             node.0 as i64,
@@ -239,7 +242,8 @@ pub(super) fn try_settle_stack(
             commitment.blob_id,
             commitment.blob_hash.to_string(),
             to_i64(epoch, "epoch")?,
-            to_i64(window_end, "epoch")?
+            to_i64(window_end, "epoch")?,
+            to_i64(commitment.blob_size, "blob size")?
         ],
     )
     .map_err(db_err)?;
@@ -263,6 +267,7 @@ pub(super) fn try_settle_stack(
             leaf_count: commitment.leaf_count,
             blob_id: commitment.blob_id.clone(),
             blob_hash: commitment.blob_hash,
+            blob_size: commitment.blob_size,
             dispute_settled_at_epoch: window_end,
         },
     )?;
