@@ -59,6 +59,9 @@ enum Command {
     /// Serving benchmark against an OpenAI-compatible endpoint (an atoma node or llama-server):
     /// TTFT, inter-token latency, TPOT and throughput over a concurrency sweep.
     Loadgen(cmd::loadgen::Args),
+    /// Data-availability store: run a local Walrus-compatible server, put and get blobs.
+    #[command(subcommand)]
+    Da(cmd::da::DaCommand),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Command::Sign(a) => cmd::client::sign(&home, &a),
         Command::Chat(a) => cmd::client::chat(&home, &a),
         Command::Loadgen(a) => cmd::loadgen::run(&home, &store, &a),
+        Command::Da(c) => cmd::da::run(&home, c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,10 +1,13 @@
 //! Composition of one Atoma node: the engine behind the API (`EngineBackend`), the ledger
-//! follower that keeps the node's state in step with the ledger, and `serve`, which runs both
-//! until shutdown. Configuration is read by the CLI, which passes the parts in.
+//! follower that keeps the node's state in step with the ledger, the settlement and
+//! attestation duties (`duties`), the operator's status view (`operator`), and `serve`, which
+//! runs them all until shutdown. Configuration is read by the CLI, which passes the parts in.
 
+pub mod duties;
 mod engine_backend;
 mod follower;
 mod loading;
+pub mod operator;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +15,11 @@ use std::time::Duration;
 
 use atoma_api::{AppState, InferenceBackend};
 use atoma_crypto::Keypair;
+use atoma_da::BlobStore;
 use atoma_ledger::Ledger;
 use atoma_state::meter::Meter;
 
+pub use duties::{Duties, SettlementPolicy};
 pub use engine_backend::EngineBackend;
 pub use follower::{follow, sync_blocking, sync_once};
 pub use loading::LoadingBackend;
@@ -44,6 +49,9 @@ pub struct NodeParts {
     pub keys: Keypair,
     pub bind: SocketAddr,
     pub poll_interval: Duration,
+    /// Where settled stacks' logs are stored; `None` runs no settlement or attestation duties.
+    pub da: Option<Arc<dyn BlobStore>>,
+    pub policy: SettlementPolicy,
 }
 
 impl std::fmt::Debug for NodeParts {
@@ -100,20 +108,45 @@ impl BoundNode {
             p.poll_interval,
             stop_rx,
         ));
+        let duties = p.da.clone().map(|da| {
+            tokio::spawn(
+                Duties {
+                    ledger: p.ledger.clone(),
+                    state: p.state.clone(),
+                    da,
+                    keys: p.keys.clone(),
+                    policy: p.policy.clone(),
+                }
+                .run(stop_tx.subscribe()),
+            )
+        });
         let (ledger, state) = (p.ledger.clone(), p.state.clone());
         let refresh: atoma_api::Refresh = Arc::new(move || {
             if let Err(e) = sync_blocking(ledger.as_ref(), &state) {
                 tracing::warn!(error = %e, "cannot sync with the ledger");
             }
         });
+        let operator = axum::Router::new()
+            .route("/operator/status", axum::routing::get(operator::status))
+            .with_state(operator::OperatorState {
+                ledger: p.ledger.clone(),
+                state: p.state.clone(),
+            });
         let app =
-            atoma_api::router(AppState::new(p.backend, p.state, p.keys).with_refresh(refresh));
-        let res = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(NodeError::Serve);
+            atoma_api::router(AppState::new(p.backend, p.state, p.keys).with_refresh(refresh))
+                .merge(operator);
+        let res = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(NodeError::Serve);
         let _ = stop_tx.send(true);
         let _ = follower.await;
+        if let Some(d) = duties {
+            let _ = d.await;
+        }
         res
     }
 }

@@ -101,6 +101,8 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
         keys: node_key.clone(),
         bind: "127.0.0.1:0".parse().unwrap(),
         poll_interval: Duration::from_millis(50),
+        da: None,
+        policy: atoma_node::SettlementPolicy::default(),
     })
     .await;
     let base = node.base_url();
@@ -168,6 +170,8 @@ async fn health_is_503_until_the_model_is_loaded() {
         keys: Keypair::from_secret([1; 32]),
         bind: "127.0.0.1:0".parse().unwrap(),
         poll_interval: Duration::from_millis(50),
+        da: None,
+        policy: atoma_node::SettlementPolicy::default(),
     })
     .await;
     let base = node.base_url();
@@ -212,6 +216,8 @@ async fn a_stack_bought_a_moment_ago_is_served_at_once() {
         bind: "127.0.0.1:0".parse().unwrap(),
         // The follower would take an hour to notice.
         poll_interval: Duration::from_secs(3600),
+        da: None,
+        policy: atoma_node::SettlementPolicy::default(),
     })
     .await;
     let base = node.base_url();

@@ -159,6 +159,27 @@ impl Meter {
         Self::init(conn, nodes)
     }
 
+    /// Opens the store of a node that may be running (operator tools): no crash recovery, which
+    /// would release the running node's reservations.
+    pub fn attach(path: &Path, nodes: Vec<NodeSmallId>) -> Result<Self, MeterError> {
+        if !path.is_file() {
+            return Err(MeterError::Storage(format!(
+                "{} does not exist (has the node run yet?)",
+                path.display()
+            )));
+        }
+        let conn = Connection::open(path).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        ensure_columns(&conn)?;
+        conn.execute_batch(crate::settlement::SCHEMA).map_err(db)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            nodes: Arc::new(nodes),
+        })
+    }
+
     /// An in-memory store (tests).
     pub fn in_memory(nodes: Vec<NodeSmallId>) -> Result<Self, MeterError> {
         Self::init(Connection::open_in_memory().map_err(db)?, nodes)

@@ -2,10 +2,12 @@
 
 pub mod bench;
 pub mod client;
+pub mod da;
 pub mod db;
 pub mod generate;
 pub mod keys;
 pub mod loadgen;
 pub mod model;
 pub mod node;
+pub mod node_ops;
 pub mod up;

@@ -1,4 +1,6 @@
-//! `atoma node run --config FILE`: one node on the embedded ledger with one model.
+//! `atoma node run --config FILE`: one node on the embedded ledger with one model, with its
+//! settlement and attestation duties; `atoma node status` and `atoma node settle` for the
+//! operator (`node_ops`).
 //!
 //! The config is TOML with a section per component (see `config/node.example.toml`); every key
 //! can be overridden by an environment variable `ATOMA__<SECTION>__<KEY>` (for example
@@ -15,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use atoma_engine::{Engine, EngineConfig, LoadOptions};
 use atoma_ledger::{Ledger, NodeSmallId, SqliteLedger};
 use atoma_models::ModelStore;
-use atoma_node::{EngineBackend, LoadingBackend, NodeParts};
+use atoma_node::{EngineBackend, LoadingBackend, NodeParts, SettlementPolicy};
 use atoma_state::meter::Meter;
 
 use crate::home::{Home, address_of, hex_of};
@@ -28,6 +30,73 @@ pub struct Config {
     pub ledger: LedgerSection,
     pub api: ApiSection,
     pub engine: EngineSection,
+    pub settlement: SettlementSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettlementSection {
+    /// Run the settlement and attestation duties.
+    pub enabled: bool,
+    /// Walrus publisher (or `atoma da serve`) URL for the logs; empty: a local directory,
+    /// `<home>/da`.
+    pub da_url: String,
+    /// Walrus aggregator URL to read logs from; empty: `da_url`.
+    pub da_aggregator: String,
+    /// Settle a stack once this share of its units is used (percent).
+    pub threshold_percent: u64,
+    /// Settle a used stack idle for this long (seconds).
+    pub idle_secs: u64,
+    /// Time between duty rounds (milliseconds).
+    pub tick_ms: u64,
+    /// Pause after each settlement step (milliseconds; for tests, 0 otherwise).
+    pub step_pause_ms: u64,
+}
+
+impl Default for SettlementSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            da_url: String::new(),
+            da_aggregator: String::new(),
+            threshold_percent: 95,
+            idle_secs: 600,
+            tick_ms: 500,
+            step_pause_ms: 0,
+        }
+    }
+}
+
+impl SettlementSection {
+    /// The policy and the DA store, or `None` when the duties are off.
+    pub fn build(
+        &self,
+        home: &Home,
+    ) -> anyhow::Result<(Option<Arc<dyn atoma_da::BlobStore>>, SettlementPolicy)> {
+        let policy = SettlementPolicy {
+            threshold_permille: self.threshold_percent * 10,
+            idle: Duration::from_secs(self.idle_secs),
+            tick: Duration::from_millis(self.tick_ms.max(10)),
+            step_pause: Duration::from_millis(self.step_pause_ms),
+        };
+        if !self.enabled {
+            return Ok((None, policy));
+        }
+        let da: Arc<dyn atoma_da::BlobStore> = if self.da_url.is_empty() {
+            let dir = home.root.join("da");
+            Arc::new(
+                atoma_da::DirStore::open(&dir)
+                    .with_context(|| format!("opening the log store {}", dir.display()))?,
+            )
+        } else {
+            let mut cfg = atoma_da::WalrusConfig::with_url(self.da_url.clone());
+            if !self.da_aggregator.is_empty() {
+                cfg.aggregator = self.da_aggregator.clone();
+            }
+            Arc::new(atoma_da::WalrusClient::new(cfg))
+        };
+        Ok((Some(da), policy))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +236,9 @@ impl Config {
         if cfg.engine.max_num_seqs == 0 || cfg.engine.max_num_batched_tokens == 0 {
             bail!("engine.max_num_seqs and engine.max_num_batched_tokens must be at least 1");
         }
+        if !(1..=100).contains(&cfg.settlement.threshold_percent) {
+            bail!("settlement.threshold_percent must be between 1 and 100");
+        }
         Ok(cfg)
     }
 
@@ -199,14 +271,30 @@ pub struct RunArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum NodeCommand {
-    /// Run the node: follow the ledger and serve the OpenAI-compatible API.
+    /// Run the node: follow the ledger, serve the OpenAI-compatible API, settle and attest.
     Run(RunArgs),
+    /// Show the node's stacks, pending settlements and attestations, earnings, collateral and
+    /// reputation (reads the node's state file and the ledger; works while the node runs).
+    Status(crate::cmd::node_ops::StatusArgs),
+    /// Ask the running node to settle a stack now (it freezes, logs, and opens the ticket at
+    /// its next round).
+    Settle(crate::cmd::node_ops::SettleArgs),
 }
 
 pub fn run(home: &Home, store: &ModelStore, cmd: NodeCommand) -> anyhow::Result<()> {
-    let NodeCommand::Run(a) = cmd;
-    let cfg = Config::load(a.config.as_deref())?;
-    serve(home, store, &cfg)
+    match cmd {
+        NodeCommand::Run(a) => {
+            let cfg = Config::load(a.config.as_deref())?;
+            serve(home, store, &cfg)
+        }
+        NodeCommand::Status(a) => crate::cmd::node_ops::status(home, &a),
+        NodeCommand::Settle(a) => crate::cmd::node_ops::settle(home, &a),
+    }
+}
+
+/// The node's state file: `<home>/state.db` unless the config names a state directory.
+pub fn state_path(home: &Home) -> PathBuf {
+    home.state_path()
 }
 
 /// Loads the model, opens ledger and state, and serves until Ctrl-C.
@@ -240,7 +328,8 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         max_context: Some(cfg.engine.max_context),
     };
     let name = cfg.served_name();
-    let state = Meter::open(&home.state_path(), ids.clone())?;
+    let state = Meter::open(&state_path(home), ids.clone())?;
+    let (da, policy) = cfg.settlement.build(home)?;
     // Bind first and answer 503 while the model loads on another thread.
     let backend = LoadingBackend::new(vec![name.clone()]);
     let parts = NodeParts {
@@ -250,6 +339,8 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         keys: key.clone(),
         bind: cfg.api.bind,
         poll_interval: Duration::from_millis(cfg.ledger.poll_interval_ms.max(10)),
+        da,
+        policy,
     };
     let engine_cfg = EngineConfig {
         queue_capacity: cfg.engine.queue_capacity,

@@ -1,0 +1,117 @@
+//! The node's settlement and attestation duties, run in rounds beside the API.
+//!
+//! Settlement (`settle`): a stack the node sold is settled when its use passes a threshold
+//! (default 95%), when it has been idle for a while, or when the operator asks
+//! (`atoma node settle`). Each step is a state in the node's state file, recorded after its
+//! side effect (freeze, log on the DA store, ticket on the ledger, claim after the window), and
+//! each is idempotent, so a node killed at any point finishes the settlement exactly once after
+//! it restarts.
+//!
+//! Attestation (`attest`): when a ticket names this node, it fetches the log from the DA store
+//! (the content hash is checked by the store client), checks the Merkle root and leaf count
+//! against the ticket, every record's user and node signatures, and that the claimed units are
+//! the sum of the records' usage, then attests or opens a dispute before the window ends.
+//! Re-executing the records is the "Verification" work, which plugs in here.
+
+mod attest;
+mod settle;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoma_crypto::Keypair;
+use atoma_da::BlobStore;
+use atoma_ledger::{Address, Ledger};
+use atoma_state::meter::Meter;
+
+/// When to settle and how fast to go round.
+#[derive(Debug, Clone)]
+pub struct SettlementPolicy {
+    /// Settle a stack once this share of its units is used, in permille (950 = 95%).
+    pub threshold_permille: u64,
+    /// Settle a stack that has been used and then idle this long.
+    pub idle: Duration,
+    /// Time between rounds.
+    pub tick: Duration,
+    /// A pause after each recorded step (0 in production; tests use it to kill a node between
+    /// steps).
+    pub step_pause: Duration,
+}
+
+impl Default for SettlementPolicy {
+    fn default() -> Self {
+        Self {
+            threshold_permille: 950,
+            idle: Duration::from_secs(600),
+            tick: Duration::from_millis(500),
+            step_pause: Duration::ZERO,
+        }
+    }
+}
+
+/// Everything the duties need.
+#[derive(Clone)]
+pub struct Duties {
+    pub ledger: Arc<dyn Ledger>,
+    pub state: Meter,
+    pub da: Arc<dyn BlobStore>,
+    pub keys: Keypair,
+    pub policy: SettlementPolicy,
+}
+
+impl std::fmt::Debug for Duties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Duties")
+            .field("da", &self.da)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a duty step could not run this round (it is retried next round).
+#[derive(Debug, thiserror::Error)]
+pub enum DutyError {
+    #[error("ledger: {0}")]
+    Ledger(#[from] atoma_ledger::LedgerError),
+    #[error("data-availability store: {0}")]
+    Da(#[from] atoma_da::DaError),
+    #[error("state: {0}")]
+    State(#[from] atoma_state::meter::MeterError),
+}
+
+impl Duties {
+    /// The ledger address the node signs with.
+    pub fn sender(&self) -> Address {
+        Address(self.keys.address())
+    }
+
+    /// One round of both duties (blocking). Errors are per stack and logged; the round goes on.
+    pub fn round(&self) {
+        if let Err(e) = self.settle_round() {
+            tracing::warn!(error = %e, "settlement round failed; retrying");
+        }
+        if let Err(e) = self.attest_round() {
+            tracing::warn!(error = %e, "attestation round failed; retrying");
+        }
+    }
+
+    fn pause(&self) {
+        if !self.policy.step_pause.is_zero() {
+            std::thread::sleep(self.policy.step_pause);
+        }
+    }
+
+    /// Runs rounds every `policy.tick` until `stop` turns true.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let d = self.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || d.round()).await {
+                tracing::error!(error = %e, "a duty round panicked");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.policy.tick) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
