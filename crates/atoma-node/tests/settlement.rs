@@ -165,7 +165,7 @@ async fn serve_requests(w: &World, url: &str, n: u32) -> u64 {
                     .lines()
                     .filter_map(|l| l.strip_prefix("data: "))
                     .filter(|d| *d != "[DONE]")
-                    .last()
+                    .next_back()
                     .unwrap()
                     .to_string();
                 serde_json::from_str::<Value>(&last).unwrap()["usage"].clone()
