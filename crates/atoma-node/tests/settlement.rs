@@ -164,8 +164,7 @@ async fn serve_requests(w: &World, url: &str, n: u32) -> u64 {
                 let last = text
                     .lines()
                     .filter_map(|l| l.strip_prefix("data: "))
-                    .filter(|d| *d != "[DONE]")
-                    .next_back()
+                    .rfind(|d| *d != "[DONE]")
                     .unwrap()
                     .to_string();
                 serde_json::from_str::<Value>(&last).unwrap()["usage"].clone()
