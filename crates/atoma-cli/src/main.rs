@@ -49,6 +49,9 @@ enum Command {
     Node(cmd::node::NodeCommand),
     /// Act on the local ledger: register-node, create-task, subscribe-node-to-task, acquire-stack, …
     Db(cmd::db::DbArgs),
+    /// Request logs of settled stacks: show them, prove a request's inclusion, check a proof offline.
+    #[command(subcommand)]
+    Log(cmd::log::LogCommand),
     /// Manage named keys (Sui ed25519 keystores).
     #[command(subcommand)]
     Keys(cmd::keys::KeysCommand),
@@ -62,6 +65,9 @@ enum Command {
     /// Data-availability store: run a local Walrus-compatible server, put and get blobs.
     #[command(subcommand)]
     Da(cmd::da::DaCommand),
+    /// A local network: one ledger, one DA server and N nodes on loopback (`up`, `status`).
+    #[command(subcommand)]
+    Devnet(cmd::devnet::DevnetCommand),
 }
 
 fn main() -> ExitCode {
@@ -98,11 +104,21 @@ fn main() -> ExitCode {
         Command::Up(a) => cmd::up::run(&home, &store, &a),
         Command::Node(c) => cmd::node::run(&home, &store, c),
         Command::Db(a) => cmd::db::run(&home, a),
+        Command::Log(c) => cmd::log::run(&home, c),
         Command::Keys(c) => cmd::keys::run(&home, c),
         Command::Sign(a) => cmd::client::sign(&home, &a),
         Command::Chat(a) => cmd::client::chat(&home, &a),
         Command::Loadgen(a) => cmd::loadgen::run(&home, &store, &a),
         Command::Da(c) => cmd::da::run(&home, c),
+        Command::Devnet(c) => {
+            // Without --home the devnet gets its own directory beside `atoma up`'s files.
+            let dir = if cli.home.is_some() {
+                home.clone()
+            } else {
+                home::Home::new(Some(home.root.join("devnet")))
+            };
+            cmd::devnet::run(&dir, &store, c)
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

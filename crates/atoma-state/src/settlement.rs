@@ -83,7 +83,10 @@ pub struct StackSettlement {
     pub owner: String,
     pub price: u64,
     pub num_compute_units: u64,
+    /// Units charged or reserved.
     pub units_used: u64,
+    /// Of which reserved by requests still running.
+    pub units_reserved: u64,
     /// Requests still running on it.
     pub in_flight: u64,
     pub settled_requests: u64,
@@ -137,7 +140,9 @@ const STACK_COLUMNS: &str = "s.small_id, s.selected_node_id, s.task_small_id, s.
      s.claimed_units, s.merkle_root, s.leaf_count, s.blob_id, s.blob_hash, s.window_end, \
      s.node_fee, s.blob_size, \
      (SELECT COUNT(*) FROM requests r WHERE r.stack_small_id = s.small_id AND r.state = 'reserved'), \
-     (SELECT COUNT(*) FROM requests r WHERE r.stack_small_id = s.small_id AND r.state = 'settled')";
+     (SELECT COUNT(*) FROM requests r WHERE r.stack_small_id = s.small_id AND r.state = 'settled'), \
+     (SELECT COALESCE(SUM(reserved), 0) FROM requests r WHERE r.stack_small_id = s.small_id \
+      AND r.state = 'reserved')";
 
 fn stack_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StackSettlement, MeterError>> {
     let state: Option<String> = r.get(9)?;
@@ -160,7 +165,11 @@ fn stack_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StackSettlement, 
         r.get::<_, Option<i64>>(10)?,
         r.get::<_, Option<i64>>(15)?,
         r.get::<_, Option<i64>>(16)?,
-        [r.get::<_, i64>(18)?, r.get::<_, i64>(19)?],
+        [
+            r.get::<_, i64>(18)?,
+            r.get::<_, i64>(19)?,
+            r.get::<_, i64>(20)?,
+        ],
         r.get::<_, Option<i64>>(17)?,
     );
     Ok((|| {
@@ -193,6 +202,7 @@ fn stack_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StackSettlement, 
             node_fee: v.8.map(|f| f as u64),
             in_flight: v.9[0] as u64,
             settled_requests: v.9[1] as u64,
+            units_reserved: v.9[2] as u64,
         })
     })())
 }

@@ -1,6 +1,8 @@
 //! `atoma db …`: operations on the local (embedded SQLite) ledger, mirroring the contract's
 //! entry points: register a node, put it in a model's echelon, create a task, subscribe a node
-//! to a task, buy a stack, fund an address, show objects and events.
+//! to a task, buy a stack, fund an address, show objects, tickets and events. The settlement
+//! verbs (collateral, settle, attest, claim, parameters, epochs, totals) live in `db_settle.rs`
+//! and are dispatched from here.
 
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ use atoma_ledger::{
     StackRequest, StackSmallId, TaskRole, TaskSmallId,
 };
 
+use crate::cmd::db_settle::{self, SettleCommand};
 use crate::home::{Home, address_of};
 
 #[derive(Debug, clap::Args)]
@@ -27,67 +30,88 @@ pub struct DbArgs {
 pub enum DbCommand {
     /// Register a node owned by KEY; prints its small id.
     RegisterNode {
+        /// Key that will own the node's badge.
         #[arg(long, default_value = "node")]
         key: String,
     },
     /// Put a node in an echelon of a model.
     AddNodeToModel {
+        /// Key that owns the node's badge.
         #[arg(long, default_value = "node")]
         key: String,
+        /// The node's small id.
         #[arg(long)]
         node: u64,
+        /// The model's name.
         #[arg(long)]
         model: String,
+        /// The echelon's id.
         #[arg(long, default_value_t = 1)]
         echelon: u64,
     },
     /// Create a task (role chat completion) for a model; prints its small id.
     CreateTask {
+        /// The model's name.
         #[arg(long)]
         model: String,
         /// 0 no security, 1 confidential compute, 2 sampling consensus.
         #[arg(long, default_value_t = 0)]
         security_level: u16,
+        /// Reputation score (0–100) a node needs to subscribe.
         #[arg(long, default_value_t = 0)]
         min_reputation: u8,
+        /// Collateral (USDC base units) a node needs to be sold stacks of the task or to attest.
+        #[arg(long, default_value_t = 0)]
+        min_collateral: u64,
         /// Only whitelisted nodes may subscribe.
         #[arg(long)]
         private: bool,
     },
     /// Subscribe a node to a task at a price (USDC base units per one million compute units).
     SubscribeNodeToTask {
+        /// Key that owns the node's badge.
         #[arg(long, default_value = "node")]
         key: String,
+        /// The node's small id.
         #[arg(long)]
         node: u64,
+        /// The task's small id.
         #[arg(long)]
         task: u64,
+        /// USDC base units per one million compute units.
         #[arg(long)]
         price: u64,
     },
     /// Buy a stack of compute units for a task at a price cap; prints the stack.
     AcquireStack {
+        /// Key of the buyer (pays from its balance, owns the stack).
         #[arg(long, default_value = "user")]
         key: String,
+        /// The task's small id.
         #[arg(long)]
         task: u64,
+        /// Compute units to buy.
         #[arg(long)]
         units: u64,
+        /// Price cap: USDC base units per one million compute units.
         #[arg(long)]
         price: u64,
     },
     /// Credit an address (key name or 0x…) with USDC base units (local ledger only).
     Faucet {
+        /// A key name or a 0x… address.
         #[arg(long)]
         to: String,
+        /// USDC base units to credit.
         #[arg(long)]
         amount: u64,
     },
-    /// Show a node, task or stack as JSON.
+    /// Show a node, task, stack, stack's settlement ticket or balance as JSON.
     Show {
-        #[arg(value_parser = ["node", "task", "stack", "balance"])]
+        /// What to show.
+        #[arg(value_parser = ["node", "task", "stack", "ticket", "balance"])]
         what: String,
-        /// The small id (or, for `balance`, a key name or address).
+        /// The small id (a stack's for `ticket`; for `balance`, a key name or address).
         id: String,
     },
     /// Print ledger events as JSON lines.
@@ -95,9 +119,12 @@ pub enum DbCommand {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// At most this many events.
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    #[command(flatten)]
+    Settle(SettleCommand),
 }
 
 fn id(s: &str) -> anyhow::Result<u64> {
@@ -135,6 +162,7 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
             model,
             security_level,
             min_reputation,
+            min_collateral,
             private,
         } => {
             let level = SecurityLevel::from_code(security_level)
@@ -147,7 +175,7 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
                     security_level: level,
                     minimum_reputation_score: min_reputation,
                     is_public: !private,
-                    minimum_collateral: atoma_ledger::Amount(0),
+                    minimum_collateral: Amount(min_collateral),
                 },
             )?;
             json(&t);
@@ -190,6 +218,7 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
             "node" => json(&l.node(NodeSmallId(id(&raw)?))?),
             "task" => json(&l.task(TaskSmallId(id(&raw)?))?),
             "stack" => json(&l.stack(StackSmallId(id(&raw)?))?),
+            "ticket" => json(&l.ticket(StackSmallId(id(&raw)?))?),
             _ => println!("{}", l.balance(home.address(&raw)?)?.0),
         },
         DbCommand::Events { after, limit } => {
@@ -197,6 +226,7 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&e)?);
             }
         }
+        DbCommand::Settle(c) => db_settle::run(home, &l, c)?,
     }
     Ok(())
 }

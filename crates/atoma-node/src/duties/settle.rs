@@ -50,7 +50,9 @@ impl Duties {
         if s.settle_requested {
             return Some("requested by the operator");
         }
-        if s.units_used * 1000 >= self.policy.threshold_permille * s.num_compute_units {
+        // Settled usage only: requests in flight would freeze the stack before its last one.
+        let settled = s.units_used - s.units_reserved.min(s.units_used);
+        if settled * 1000 >= self.policy.threshold_permille * s.num_compute_units {
             return Some("use threshold reached");
         }
         let idle_ms = Meter::now_ms() - s.last_activity_ms;
