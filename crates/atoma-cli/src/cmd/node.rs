@@ -60,7 +60,7 @@ impl Default for SettlementSection {
             da_url: String::new(),
             da_aggregator: String::new(),
             threshold_percent: 95,
-            idle_secs: 600,
+            idle_secs: 3_600,
             tick_ms: 500,
             step_pause_ms: 0,
         }

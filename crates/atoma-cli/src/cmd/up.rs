@@ -92,10 +92,12 @@ pub fn run(home: &Home, store: &ModelStore, a: &UpArgs) -> anyhow::Result<()> {
     if l.balance(address_of(&user))?.0 < 1_000_000 {
         l.faucet(address_of(&user), Amount(100_000_000))?;
     }
+    // A stack the node has started to settle (its ticket is open) takes no more requests.
     let reuse = Session::load(home).filter(|s| {
         s.model == name
             && l.stack(StackSmallId(s.stack))
                 .is_ok_and(|st| st.selected_node_id == node && !st.is_claimed)
+            && l.ticket(StackSmallId(s.stack)).is_ok_and(|t| t.is_none())
     });
     let stack = match reuse {
         Some(s) => s.stack,
@@ -124,6 +126,9 @@ pub fn run(home: &Home, store: &ModelStore, a: &UpArgs) -> anyhow::Result<()> {
     cfg.engine.model = a.model.clone();
     cfg.engine.name = Some(name.clone());
     cfg.api.bind = a.bind;
+    // One user, one stack: settle it when it is nearly used up, or after a day of rest, so that
+    // `atoma chat` keeps working between sessions (a settled stack takes no more requests).
+    cfg.settlement.idle_secs = 86_400;
     let cfg_path = home.root.join("node.toml");
     std::fs::write(&cfg_path, toml::to_string_pretty(&cfg)?).context("writing node.toml")?;
     let home_flag = format!("--home {}", home.root.display());

@@ -42,7 +42,7 @@ impl Default for SettlementPolicy {
     fn default() -> Self {
         Self {
             threshold_permille: 950,
-            idle: Duration::from_secs(600),
+            idle: Duration::from_secs(3_600),
             tick: Duration::from_millis(500),
             step_pause: Duration::ZERO,
         }

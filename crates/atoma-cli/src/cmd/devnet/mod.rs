@@ -56,7 +56,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 95)]
     pub threshold_percent: u64,
     /// Settle a used stack idle for this long (seconds).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 3_600)]
     pub idle_secs: u64,
     /// Set everything up and write devnet.json, but start nothing.
     #[arg(long)]
