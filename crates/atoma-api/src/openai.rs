@@ -221,3 +221,19 @@ impl CompletionRequest {
         check_common(self.model, Prompt::Text(prompt), self.common)
     }
 }
+
+/// Parses a logged request body of either endpoint (`messages`: chat; `prompt`: completions),
+/// as a node parsed it when it served it.
+pub fn parse_logged(body: &[u8]) -> Result<Checked, ApiError> {
+    let invalid = |e: serde_json::Error| bad(format!("invalid request body: {e}"));
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+    if v.get("messages").is_some() {
+        serde_json::from_value::<ChatCompletionRequest>(v)
+            .map_err(invalid)?
+            .check()
+    } else {
+        serde_json::from_value::<CompletionRequest>(v)
+            .map_err(invalid)?
+            .check()
+    }
+}

@@ -288,6 +288,26 @@ fn three_nodes_settle_attest_and_claim_to_the_unit() {
             .clone();
         assert_eq!(row["state"], "claimed", "{row}");
         assert_eq!(row["node_fee"], fee);
+        // The attestor re-executed every record on its own engine before attesting.
+        if let Some(a) = t.already_attested_nodes.first() {
+            let status: Value = ureq::get(&format!("{}/operator/status", url_of(net, *a)))
+                .call()
+                .unwrap()
+                .into_json()
+                .unwrap();
+            let job = status["attestations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["stack"] == st.small_id.0)
+                .unwrap()
+                .clone();
+            assert_eq!(job["state"], "attested", "{job}");
+            assert_eq!(
+                job["detail"], "the log checks out; 40 of 40 records re-executed",
+                "{job}"
+            );
+        }
     }
     let after: Vec<i128> = balances(&ledger).iter().map(|b| i128::from(*b)).collect();
     assert_eq!(after, expect, "balances of nodes 1-3 and the user");

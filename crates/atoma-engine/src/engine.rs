@@ -14,6 +14,10 @@
 //! forward pass (quantized matmuls, norms, paged attention) computes a row the same way whatever
 //! else is in the pass, and each request has its own sampler. Preempted requests are recomputed
 //! from their tokens and keep their sampler, so preemption does not change their output either.
+//!
+//! `Engine::verify` re-executes a logged request (`crate::verify`) in the same passes, as a
+//! background sequence: it waits for live requests, takes leftover budget, is preempted first,
+//! and gets the logits of every output position in a teacher-forced prefill.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,13 +27,17 @@ use std::time::Instant;
 
 use std::sync::Mutex;
 
-use atoma_scheduler::{BlockPool, Scheduler, SchedulerConfig, SchedulerStats, SeqId, StepResult};
+use atoma_scheduler::{
+    BlockPool, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions, StepResult,
+};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::oneshot;
 
 use crate::error::{EngineError, Result};
 use crate::generate::{FinishReason, GenerateRequest, Generation, GenerationEvent, validate};
 use crate::loaded::LoadedModel;
 use crate::model::{BatchSeq, KvDtype, PagedKv};
+use crate::verify::{Verdict, VerifyRequest, VerifyState};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -50,6 +58,8 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// Element type of the KV cache.
     pub kv_dtype: KvDtype,
+    /// Rows with logits a verification may take per step (each holds a vocabulary of `f32`).
+    pub max_verify_rows: usize,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +73,7 @@ impl Default for EngineConfig {
             block_size: 16,
             enable_prefix_caching: true,
             kv_dtype: KvDtype::default(),
+            max_verify_rows: 64,
         }
     }
 }
@@ -82,11 +93,17 @@ impl EngineConfig {
     }
 }
 
-struct Job {
-    req: GenerateRequest,
-    events: UnboundedSender<GenerationEvent>,
-    cancel: Arc<AtomicBool>,
-    enqueued: Instant,
+enum Job {
+    Generate {
+        req: GenerateRequest,
+        events: UnboundedSender<GenerationEvent>,
+        cancel: Arc<AtomicBool>,
+        enqueued: Instant,
+    },
+    Verify {
+        req: VerifyRequest,
+        reply: oneshot::Sender<Result<Verdict>>,
+    },
 }
 
 /// A running engine. Cloning gives another handle to the same worker.
@@ -153,6 +170,7 @@ impl Engine {
                 // The submit-side counter bounds the queue; the scheduler never refuses.
                 max_waiting: usize::MAX,
                 enable_prefix_caching: cfg.enable_prefix_caching,
+                max_logit_rows: cfg.max_verify_rows.max(1),
             },
             BlockPool::new(blocks, cfg.block_size),
         );
@@ -234,7 +252,7 @@ impl Engine {
         let (tx, rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let prompt_tokens = req.prompt.len();
-        let job = Job {
+        let job = Job::Generate {
             req,
             events: tx,
             cancel: cancel.clone(),
@@ -250,16 +268,123 @@ impl Engine {
             prompt_tokens,
         })
     }
+
+    /// Queues the re-execution of a logged request at low priority; the verdict arrives on the
+    /// returned handle (dropping it cancels the work).
+    pub fn verify(&self, req: VerifyRequest) -> Result<VerifyHandle> {
+        let context = self.model.model.config().context;
+        let probe = GenerateRequest::new(req.prompt.clone(), req.max_tokens.max(1));
+        validate(
+            &GenerateRequest {
+                stop: req.stop.clone(),
+                sampling: req.sampling.clone(),
+                ..probe
+            },
+            context,
+        )?;
+        let total = req.prompt.len() + req.output.len();
+        if total > context.min(self.kv_tokens) {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: total,
+                context: context.min(self.kv_tokens),
+            });
+        }
+        if let Some(&t) = req
+            .output
+            .iter()
+            .find(|&&t| t as usize >= self.model.model.vocab_size())
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "logged token {t} is outside the vocabulary"
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Verify { req, reply })
+            .map_err(|_| EngineError::ShutDown)?;
+        Ok(VerifyHandle { rx })
+    }
+}
+
+/// The pending verdict of one re-execution.
+#[derive(Debug)]
+pub struct VerifyHandle {
+    rx: oneshot::Receiver<Result<Verdict>>,
+}
+
+impl VerifyHandle {
+    /// Waits for the verdict. An error means the re-execution could not run (not that the log
+    /// is wrong).
+    pub async fn verdict(self) -> Result<Verdict> {
+        self.rx.await.map_err(|_| EngineError::ShutDown)?
+    }
+
+    /// Waits for the verdict, blocking the thread (not inside an async runtime).
+    pub fn verdict_blocking(self) -> Result<Verdict> {
+        self.rx.blocking_recv().map_err(|_| EngineError::ShutDown)?
+    }
 }
 
 /// One request inside the worker.
 struct Active {
-    generation: Generation,
-    events: UnboundedSender<GenerationEvent>,
-    cancel: Arc<AtomicBool>,
+    work: Work,
     enqueued: Instant,
     /// Whether it has left the waiting queue (its first pass was planned).
     started: bool,
+}
+
+enum Work {
+    Generate {
+        generation: Generation,
+        events: UnboundedSender<GenerationEvent>,
+        cancel: Arc<AtomicBool>,
+    },
+    Verify {
+        state: VerifyState,
+        reply: oneshot::Sender<Result<Verdict>>,
+        /// Position of the row that gives output step 0.
+        first_row: usize,
+    },
+}
+
+impl Active {
+    /// Nobody waits for the outcome any more.
+    fn abandoned(&self) -> bool {
+        match &self.work {
+            Work::Generate { events, cancel, .. } => {
+                events.is_closed() || cancel.load(Ordering::Relaxed)
+            }
+            Work::Verify { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    /// Counted against the waiting queue until it starts.
+    fn counted(&self) -> bool {
+        matches!(self.work, Work::Generate { .. }) && !self.started
+    }
+
+    /// Ends it with an error.
+    fn fail(self, msg: &str) {
+        let e = EngineError::InvalidRequest(msg.to_string());
+        match self.work {
+            Work::Generate { events, .. } => {
+                let _ = events.send(GenerationEvent::Error(e));
+            }
+            Work::Verify { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Delivers the outcome of a finished request (generations have sent theirs already).
+    fn conclude(self) {
+        if let Work::Verify { state, reply, .. } = self.work {
+            let v = state.into_verdict().ok_or_else(|| {
+                EngineError::InvalidRequest("the re-execution ended without a verdict".into())
+            });
+            let _ = reply.send(v);
+        }
+    }
 }
 
 struct Worker {
@@ -297,24 +422,67 @@ impl Worker {
         self.next_id += 1;
         let context = self.model.model.config().context;
         let kv_tokens = self.sched.pool().num_blocks() * self.sched.pool().block_size();
-        let max_new = context.min(kv_tokens) - job.req.prompt.len();
-        if let Err(e) = self.sched.add(id, job.req.prompt.clone()) {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            let _ = job
-                .events
-                .send(GenerationEvent::Error(EngineError::InvalidRequest(
-                    e.to_string(),
-                )));
-            return;
+        match job {
+            Job::Generate {
+                req,
+                events,
+                cancel,
+                enqueued,
+            } => {
+                let max_new = context.min(kv_tokens) - req.prompt.len();
+                if let Err(e) = self.sched.add(id, req.prompt.clone()) {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    let _ = events.send(GenerationEvent::Error(EngineError::InvalidRequest(
+                        e.to_string(),
+                    )));
+                    return;
+                }
+                let generation = Generation::new(&self.model, &req, max_new);
+                self.active.insert(
+                    id,
+                    Active {
+                        work: Work::Generate {
+                            generation,
+                            events,
+                            cancel,
+                        },
+                        enqueued,
+                        started: false,
+                    },
+                );
+            }
+            Job::Verify { req, reply } => {
+                let max_new = context.min(kv_tokens) - req.prompt.len();
+                let state = VerifyState::new(&self.model, &req, max_new);
+                if let Some(v) = state.verdict() {
+                    let _ = reply.send(Ok(v.clone()));
+                    return;
+                }
+                let first_row = req.prompt.len() - 1;
+                let opts = SeqOptions {
+                    background: true,
+                    logits_from: Some(first_row),
+                };
+                if let Err(e) = self.sched.add_with(id, VerifyState::sequence(&req), opts) {
+                    let _ = reply.send(Err(EngineError::InvalidRequest(format!(
+                        "cannot re-execute here: {e}"
+                    ))));
+                    return;
+                }
+                self.active.insert(
+                    id,
+                    Active {
+                        work: Work::Verify {
+                            state,
+                            reply,
+                            first_row,
+                        },
+                        enqueued: Instant::now(),
+                        started: false,
+                    },
+                );
+            }
         }
-        let active = Active {
-            generation: Generation::new(&self.model, &job.req, max_new),
-            events: job.events,
-            cancel: job.cancel,
-            enqueued: job.enqueued,
-            started: false,
-        };
-        self.active.insert(id, active);
     }
 
     /// Removes a request: frees its blocks, and releases its waiting-queue place if it had not
@@ -322,7 +490,7 @@ impl Worker {
     fn remove(&mut self, id: SeqId) -> Option<Active> {
         self.sched.abort(id);
         let a = self.active.remove(&id)?;
-        if !a.started {
+        if a.counted() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
         }
         Some(a)
@@ -332,15 +500,23 @@ impl Worker {
         let gone: Vec<SeqId> = self
             .active
             .iter()
-            .filter(|(_, a)| a.events.is_closed() || a.cancel.load(Ordering::Relaxed))
+            .filter(|(_, a)| a.abandoned())
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
-            if let Some(mut a) = self.remove(id)
-                && !a.events.is_closed()
+            if let Some(Active {
+                work:
+                    Work::Generate {
+                        mut generation,
+                        events,
+                        ..
+                    },
+                ..
+            }) = self.remove(id)
+                && !events.is_closed()
             {
-                let f = a.generation.finish(FinishReason::Cancelled);
-                let _ = a.events.send(GenerationEvent::Finished(f));
+                let f = generation.finish(FinishReason::Cancelled);
+                let _ = events.send(GenerationEvent::Finished(f));
             }
         }
     }
@@ -354,11 +530,7 @@ impl Worker {
             let ids: Vec<SeqId> = self.active.keys().copied().collect();
             for id in ids {
                 if let Some(a) = self.remove(id) {
-                    let _ = a
-                        .events
-                        .send(GenerationEvent::Error(EngineError::InvalidRequest(
-                            "the KV cache cannot hold this request".into(),
-                        )));
+                    a.fail("the KV cache cannot hold this request");
                 }
             }
             return;
@@ -367,9 +539,13 @@ impl Worker {
             if let Some(a) = self.active.get_mut(&item.seq)
                 && !a.started
             {
+                if a.counted() {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                }
                 a.started = true;
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
-                a.generation.start(a.enqueued.elapsed());
+                if let Work::Generate { generation, .. } = &mut a.work {
+                    generation.start(a.enqueued.elapsed());
+                }
             }
         }
         let batch: Vec<BatchSeq<'_>> = plan
@@ -379,7 +555,7 @@ impl Worker {
                 tokens: &it.tokens,
                 start: it.start,
                 block_table: &it.block_table,
-                sample: it.sample,
+                logits: it.logit_rows,
             })
             .collect();
         let logits = self
@@ -391,14 +567,10 @@ impl Worker {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed");
-                let msg = e.to_string();
+                let msg = format!("forward pass failed: {e}");
                 for item in &plan.items {
                     if let Some(a) = self.remove(item.seq) {
-                        let _ = a
-                            .events
-                            .send(GenerationEvent::Error(EngineError::InvalidRequest(
-                                format!("forward pass failed: {msg}"),
-                            )));
+                        a.fail(&msg);
                     }
                 }
                 return;
@@ -406,29 +578,48 @@ impl Worker {
         };
         let mut results = Vec::with_capacity(plan.items.len());
         let mut rows = logits.iter();
-        for item in plan.items.iter().filter(|it| it.sample) {
-            let Some(row) = rows.next() else { break };
+        for item in &plan.items {
+            let item_rows: Vec<&Vec<f32>> = rows.by_ref().take(item.logit_rows).collect();
             let Some(a) = self.active.get_mut(&item.seq) else {
                 continue;
             };
-            let (event, done) = a.generation.step(&self.model, row);
-            let token = event.id;
-            let alive = a.events.send(GenerationEvent::Token(event)).is_ok();
-            let finished = match (alive, done) {
-                (false, _) => true,
-                (true, Some(reason)) => {
-                    let f = a.generation.finish(reason);
-                    let _ = a.events.send(GenerationEvent::Finished(f));
-                    true
+            let (sampled, finished) = match &mut a.work {
+                Work::Generate {
+                    generation, events, ..
+                } => {
+                    let Some(row) = item_rows.last() else {
+                        continue;
+                    };
+                    let (event, done) = generation.step(&self.model, row);
+                    let token = event.id;
+                    let alive = events.send(GenerationEvent::Token(event)).is_ok();
+                    let finished = match (alive, done) {
+                        (false, _) => true,
+                        (true, Some(reason)) => {
+                            let f = generation.finish(reason);
+                            let _ = events.send(GenerationEvent::Finished(f));
+                            true
+                        }
+                        (true, None) => false,
+                    };
+                    (Some(token), finished)
                 }
-                (true, None) => false,
+                Work::Verify {
+                    state, first_row, ..
+                } => {
+                    let pos0 = item.start + item.tokens.len() - item_rows.len();
+                    for (j, row) in item_rows.iter().enumerate() {
+                        state.feed(&self.model, pos0 + j - *first_row, row);
+                    }
+                    (None, state.verdict().is_some() || item.sample)
+                }
             };
-            if finished {
-                self.active.remove(&item.seq);
+            if finished && let Some(a) = self.active.remove(&item.seq) {
+                a.conclude();
             }
             results.push(StepResult {
                 seq: item.seq,
-                sampled: Some(token),
+                sampled,
                 finished,
             });
         }

@@ -17,9 +17,12 @@ pub mod sampling;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tokenizer;
+pub mod verify;
 
 pub use chat::{ChatMessage, ChatTemplate, Role};
-pub use engine::{Engine, EngineConfig, EngineStats, GenerationStream};
+pub use engine::{
+    Engine, EngineConfig, EngineStats, GenerationStream, NUMERICS_VERSION, VerifyHandle,
+};
 pub use error::{EngineError, Result};
 pub use generate::{
     FinishReason, Finished, GenerateRequest, GenerationEvent, Timings, TokenEvent, Usage,
@@ -32,3 +35,4 @@ pub use model::{
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TokenId, Tokenizer};
+pub use verify::{Verdict, VerifyRequest};

@@ -119,7 +119,7 @@ fn paged_batches_match(dtype: KvDtype) {
                         tokens: &s.tokens[s.done..s.done + len],
                         start: s.done,
                         block_table: &s.table,
-                        sample: true,
+                        logits: 1,
                     }
                 })
                 .collect();
@@ -177,13 +177,13 @@ fn only_sampling_rows_are_returned_and_bad_tables_are_errors() {
             tokens: &a,
             start: 0,
             block_table: &[3, 1],
-            sample: false,
+            logits: 0,
         },
         BatchSeq {
             tokens: &b,
             start: 0,
             block_table: &[5],
-            sample: true,
+            logits: 1,
         },
     ];
     let out = lm.model.forward_paged(&batch, &mut kv).unwrap();
@@ -192,7 +192,7 @@ fn only_sampling_rows_are_returned_and_bad_tables_are_errors() {
         tokens: &a,
         start: 0,
         block_table: &[3],
-        sample: true,
+        logits: 1,
     }];
     assert!(
         lm.model
@@ -205,7 +205,7 @@ fn only_sampling_rows_are_returned_and_bad_tables_are_errors() {
         tokens: &b,
         start: 0,
         block_table: &[99],
-        sample: true,
+        logits: 1,
     }];
     assert!(
         lm.model

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::settlement::{Hash32, LedgerParams};
+use crate::settlement::{DisputeOutcome, Hash32, LedgerParams};
 use crate::types::{
     Address, Amount, ComputeUnits, NodeSmallId, SecurityLevel, StackSmallId, TaskRole, TaskSmallId,
 };
@@ -90,7 +90,8 @@ pub enum LedgerEvent {
     },
     /// `try_settle_stack`: a ticket opened. `committed_stack_proof` and `stack_merkle_leaf` are
     /// both the log's Merkle root (attestors re-derive the same root; there is no per-attestor
-    /// leaf); the last five fields say where the log is and until when it may be disputed.
+    /// leaf); then where the log is, until when it may be disputed, and the seed attestors draw
+    /// their sample of records from.
     StackTrySettleEvent {
         stack_small_id: StackSmallId,
         selected_node_id: NodeSmallId,
@@ -103,6 +104,7 @@ pub enum LedgerEvent {
         blob_hash: Hash32,
         blob_size: u64,
         dispute_settled_at_epoch: u64,
+        sample_seed: Hash32,
     },
     NewStackSettlementAttestationEvent {
         stack_small_id: StackSmallId,
@@ -129,12 +131,36 @@ pub enum LedgerEvent {
         node_fee: Amount,
         attestor_share: Amount,
     },
+    /// The contract's fields, then which record and token the attestor says are wrong, the
+    /// oracle the ledger drew (none: no eligible node) and its deadline.
     StackAttestationDisputeEvent {
         stack_small_id: StackSmallId,
         attestation_commitment: Hash32,
         attestation_node_id: NodeSmallId,
         original_node_id: NodeSmallId,
         original_commitment: Hash32,
+        record: Option<u64>,
+        position: Option<u64>,
+        oracle_node_id: Option<NodeSmallId>,
+        deadline_epoch: u64,
+    },
+    /// A silent oracle was slashed and replaced (`oracle_node_id: None`: none left).
+    DisputeOracleReassignedEvent {
+        stack_small_id: StackSmallId,
+        previous_oracle_node_id: NodeSmallId,
+        oracle_node_id: Option<NodeSmallId>,
+        deadline_epoch: u64,
+    },
+    /// A dispute ended: who lost, what was confiscated and shared, the owner's refund.
+    StackDisputeResolvedEvent {
+        stack_small_id: StackSmallId,
+        oracle_node_id: Option<NodeSmallId>,
+        outcome: DisputeOutcome,
+        slashed_node_id: Option<NodeSmallId>,
+        slashed_amount: Amount,
+        oracle_share: Amount,
+        honest_share: Amount,
+        user_refund_amount: Amount,
     },
     /// An unsettled stack closed by its owner after expiry, fully refunded.
     StackExpiredEvent {
@@ -186,6 +212,8 @@ impl LedgerEvent {
             Self::StackSettlementTicketClaimedEvent { .. } => "StackSettlementTicketClaimedEvent",
             Self::StackAttestationDisputeEvent { .. } => "StackAttestationDisputeEvent",
             Self::StackExpiredEvent { .. } => "StackExpiredEvent",
+            Self::DisputeOracleReassignedEvent { .. } => "DisputeOracleReassignedEvent",
+            Self::StackDisputeResolvedEvent { .. } => "StackDisputeResolvedEvent",
             Self::NodeCollateralDepositedEvent { .. } => "NodeCollateralDepositedEvent",
             Self::NodeCollateralWithdrawnEvent { .. } => "NodeCollateralWithdrawnEvent",
             Self::NodeSlashedEvent { .. } => "NodeSlashedEvent",

@@ -29,7 +29,8 @@ pub mod types;
 
 pub use events::{EventCursor, EventRecord, LedgerEvent};
 pub use settlement::{
-    ClaimOutcome, Hash32, LedgerParams, MoneyTotals, SettlementTicket, StackCommitment,
+    ClaimOutcome, Dispute, DisputeClaim, DisputeOutcome, DisputeResolution, Hash32, LedgerParams,
+    MoneyTotals, SettlementTicket, StackCommitment,
 };
 pub use sqlite::SqliteLedger;
 pub use types::{
@@ -156,6 +157,19 @@ pub enum LedgerError {
     },
     #[error("{0} is not available yet")]
     NotYet(&'static str),
+    #[error("stack {0} has no open dispute")]
+    NoDispute(StackSmallId),
+    #[error("node {node} is not the oracle of stack {stack}'s dispute")]
+    NotTheOracle {
+        stack: StackSmallId,
+        node: NodeSmallId,
+    },
+    #[error("stack {stack}'s oracle has until epoch {deadline}, it is epoch {epoch}")]
+    OracleDeadline {
+        stack: StackSmallId,
+        deadline: u64,
+        epoch: u64,
+    },
     #[error("ledger storage: {0}")]
     Storage(String),
 }
@@ -273,23 +287,32 @@ pub trait Ledger: Send + Sync {
         stack: StackSmallId,
         committed_stack_proof: Hash32,
     ) -> Result<SettlementTicket>;
-    /// A requested attestor disputes the commitment (it found a different result), before the
-    /// window ends. The ticket cannot be claimed until the dispute is resolved.
+    /// A requested attestor disputes the settlement (it found a different result), before the
+    /// window ends. The ledger draws an oracle (same echelon, neither the seller nor the
+    /// attestor) with a deadline; the ticket cannot be claimed until the dispute is resolved.
     fn start_attestation_dispute(
         &self,
         sender: Address,
         node: NodeSmallId,
         stack: StackSmallId,
-        attestation_commitment: Hash32,
-    ) -> Result<()>;
-    /// Resolves a dispute from an oracle's re-execution (the "Verification" work; `NotYet`).
+        claim: &DisputeClaim,
+    ) -> Result<Dispute>;
+    /// The drawn oracle's verdict from its own re-execution, before its deadline. The loser's
+    /// collateral is confiscated and shared between the oracle, the honest party and the
+    /// treasury; a cheated stack's owner is refunded in full; an honest node's ticket becomes
+    /// claimable at once.
     fn resolve_attestation_dispute(
         &self,
         sender: Address,
         oracle: NodeSmallId,
         stack: StackSmallId,
         node_was_honest: bool,
-    ) -> Result<()>;
+    ) -> Result<DisputeResolution>;
+    /// After the deadline (anyone may call it): the silent oracle loses its timeout share and
+    /// another is drawn; with none left, the stack is void and its owner refunded.
+    fn expire_dispute_oracle(&self, sender: Address, stack: StackSmallId) -> Result<Dispute>;
+    /// The stack's dispute, if one was opened (kept after resolution).
+    fn dispute(&self, stack: StackSmallId) -> Result<Option<Dispute>>;
     /// The selected node claims settled tickets after their window: it is paid its fee,
     /// attestors that attested share their pool, requested attestors that did not are slashed,
     /// and the owner is refunded the rest of the escrow. All stacks or none.
@@ -310,7 +333,8 @@ pub trait Ledger: Send + Sync {
     fn close_expired_stack(&self, sender: Address, stack: StackSmallId) -> Result<Amount>;
     /// The stack's settlement ticket, if one was opened (kept after the claim).
     fn ticket(&self, stack: StackSmallId) -> Result<Option<SettlementTicket>>;
-    /// Open tickets (not claimed) that name `node` as seller or requested attestor.
+    /// Open tickets (not claimed) that name `node` as seller, as an attestor that has not attested
+    /// yet, or as the oracle of their open dispute.
     fn open_tickets_of(&self, node: NodeSmallId) -> Result<Vec<SettlementTicket>>;
 
     // --- money ---

@@ -1,7 +1,9 @@
 //! Values of settlement: the commitment a node submits for a stack (a Merkle root over its
 //! request log and where the log is stored), the ticket the ledger keeps until the stack is
-//! claimed, the ledger's parameters (epochs, dispute window, attestation sampling, collateral,
-//! slashing, expiry), what a claim paid, and the money totals the conservation check reads.
+//! claimed, disputes (what an attestor claims is wrong, the oracle the ledger drew, the
+//! outcome), the ledger's parameters (epochs, dispute window, attestation sampling, collateral,
+//! slashing, oracles, expiry), what a claim paid, and the money totals the conservation check
+//! reads.
 
 use std::fmt;
 use std::str::FromStr;
@@ -94,6 +96,10 @@ pub struct SettlementTicket {
     pub dispute_settled_at_epoch: u64,
     pub is_in_dispute: bool,
     pub is_claimed: bool,
+    /// Ledger randomness drawn when the ticket was opened, after the commitment: attestors
+    /// that re-execute a sample of the records derive the sample from it, so the node could
+    /// not know which records would be checked.
+    pub sample_seed: Hash32,
 }
 
 /// The ledger's tunable parameters. `Default` gives the contract's values where it has them.
@@ -117,6 +123,12 @@ pub struct LedgerParams {
     /// Epochs after purchase after which an unsettled stack may be closed by its owner for a
     /// full refund (0 = never).
     pub stack_expiry_epochs: u64,
+    /// Epochs an oracle has to resolve a dispute before it is slashed and replaced.
+    pub oracle_window_epochs: u64,
+    /// Share of a dispute loser's confiscated collateral paid to the oracle (permille).
+    pub oracle_share_permille: u16,
+    /// Share paid to the honest party (permille); the rest goes to the treasury.
+    pub honest_share_permille: u16,
 }
 
 impl Default for LedgerParams {
@@ -129,6 +141,9 @@ impl Default for LedgerParams {
             min_collateral: Amount(0),
             timeout_slash_permille: 100,
             stack_expiry_epochs: 30,
+            oracle_window_epochs: 2,
+            oracle_share_permille: 100,
+            honest_share_permille: 200,
         }
     }
 }
@@ -145,8 +160,71 @@ impl LedgerParams {
         if self.dispute_window_epochs == 0 {
             return Err("dispute_window_epochs must be at least 1".into());
         }
+        if self.oracle_window_epochs == 0 {
+            return Err("oracle_window_epochs must be at least 1".into());
+        }
+        if u32::from(self.oracle_share_permille) + u32::from(self.honest_share_permille) > 1000 {
+            return Err(
+                "oracle_share_permille + honest_share_permille must be at most 1000".into(),
+            );
+        }
         Ok(())
     }
+}
+
+/// What an attestor says is wrong with a settlement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisputeClaim {
+    /// The attestor's own Merkle root over the log (zero when the log could not be had).
+    pub attestation_commitment: Hash32,
+    /// The record it found wrong (`None`: the log itself is bad: missing, other bytes, another
+    /// root, a bad signature).
+    pub record: Option<u64>,
+    /// The first wrong output token of that record, when the fault is in the output.
+    pub position: Option<u64>,
+}
+
+/// How a dispute ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisputeOutcome {
+    /// The oracle's re-execution agreed with the node: the attestor lost.
+    NodeHonest,
+    /// It agreed with the attestor: the node lost and the user is refunded.
+    NodeCheated,
+    /// No eligible oracle was left: the stack is void, the user refunded, nobody slashed.
+    NoOracle,
+}
+
+/// A dispute over a settlement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispute {
+    pub stack_small_id: StackSmallId,
+    /// The attestor that disputed.
+    pub attestor: NodeSmallId,
+    pub claim: DisputeClaim,
+    /// The oracle that must resolve it now (`None` once resolved without one).
+    pub oracle: Option<NodeSmallId>,
+    /// Every oracle drawn so far, in order (silent ones were slashed and replaced).
+    pub oracles_drawn: Vec<NodeSmallId>,
+    pub opened_at_epoch: u64,
+    /// The current oracle must resolve it before this epoch.
+    pub deadline_epoch: u64,
+    pub outcome: Option<DisputeOutcome>,
+}
+
+/// What one dispute resolution moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisputeResolution {
+    pub stack_small_id: StackSmallId,
+    pub outcome: DisputeOutcome,
+    /// The loser and its confiscated collateral.
+    pub slashed: Option<(NodeSmallId, Amount)>,
+    pub oracle_share: Amount,
+    pub honest_share: Amount,
+    /// Escrow returned to the stack's owner now (a cheated or void stack); an honest node's
+    /// stack is claimed as usual afterwards.
+    pub user_refund_amount: Amount,
 }
 
 /// What one claim moved.

@@ -108,18 +108,35 @@ impl InferenceBackend for EngineBackend {
     }
 
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
-        let prompt = self.tokens(&req)?;
+        let seed = req.seed.unwrap_or_else(random_seed);
+        let (execution, sampling) = self.execution(&req, seed)?;
+        let prompt = execution.prompt_token_ids.clone();
+        let (engine, in_flight) = (self.engine.clone(), self.in_flight.clone());
+        Ok(Prepared::new(prompt.len() as u64, execution, move || {
+            start(&engine, &in_flight, prompt, req, sampling)
+        }))
+    }
+}
+
+impl EngineBackend {
+    /// How `req` runs with `seed`: the rendered prompt's tokens and the sampling after defaults.
+    fn execution(
+        &self,
+        req: &InferenceRequest,
+        seed: u64,
+    ) -> Result<(Execution, SamplingParams), BackendError> {
+        let prompt = self.tokens(req)?;
         let sampling = SamplingParams {
             temperature: req.temperature,
             top_p: req.top_p,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
-            seed: req.seed.unwrap_or_else(random_seed),
+            seed,
             ..SamplingParams::default()
         };
         let execution = Execution {
-            prompt_token_ids: prompt.clone(),
-            seed: sampling.seed,
+            prompt_token_ids: prompt,
+            seed,
             sampling: SamplingRecord {
                 temperature: sampling.temperature,
                 top_p: sampling.top_p,
@@ -135,10 +152,31 @@ impl InferenceBackend for EngineBackend {
             model_sha256: self.model_sha256,
             determinism_class: self.determinism_class.clone(),
         };
-        let (engine, in_flight) = (self.engine.clone(), self.in_flight.clone());
-        Ok(Prepared::new(prompt.len() as u64, execution, move || {
-            start(&engine, &in_flight, prompt, req, sampling)
-        }))
+        Ok((execution, sampling))
+    }
+
+    /// How a logged request must have run (re-execution).
+    pub(crate) fn prepare_logged(
+        &self,
+        req: InferenceRequest,
+        seed: u64,
+    ) -> Result<Execution, BackendError> {
+        self.execution(&req, seed).map(|(e, _)| e)
+    }
+
+    /// The SHA-256 of the served model file.
+    pub fn model_sha256(&self) -> [u8; 32] {
+        self.model_sha256
+    }
+
+    /// The engine's determinism class.
+    pub fn determinism_class(&self) -> &str {
+        &self.determinism_class
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 }
 

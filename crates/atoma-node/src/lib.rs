@@ -8,6 +8,7 @@ mod engine_backend;
 mod follower;
 mod loading;
 pub mod operator;
+pub mod reexec;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub use duties::{Duties, SettlementPolicy};
 pub use engine_backend::EngineBackend;
 pub use follower::{follow, sync_blocking, sync_once};
 pub use loading::LoadingBackend;
+pub use reexec::{RecordVerdict, ReexecSlot, Reexecutor};
 
 /// Errors that stop a node.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,9 @@ pub struct NodeParts {
     /// Where settled stacks' logs are stored; `None` runs no settlement or attestation duties.
     pub da: Option<Arc<dyn BlobStore>>,
     pub policy: SettlementPolicy,
+    /// Re-executes logged requests for attestations and disputes (`None`: integrity checks
+    /// only).
+    pub reexec: Option<Arc<dyn Reexecutor>>,
 }
 
 impl std::fmt::Debug for NodeParts {
@@ -116,6 +121,7 @@ impl BoundNode {
                     da,
                     keys: p.keys.clone(),
                     policy: p.policy.clone(),
+                    reexec: p.reexec.clone(),
                 }
                 .run(stop_tx.subscribe()),
             )

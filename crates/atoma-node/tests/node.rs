@@ -103,6 +103,7 @@ async fn a_node_serves_a_stack_bought_on_the_ledger() {
         poll_interval: Duration::from_millis(50),
         da: None,
         policy: atoma_node::SettlementPolicy::default(),
+        reexec: None,
     })
     .await;
     let base = node.base_url();
@@ -172,6 +173,7 @@ async fn health_is_503_until_the_model_is_loaded() {
         poll_interval: Duration::from_millis(50),
         da: None,
         policy: atoma_node::SettlementPolicy::default(),
+        reexec: None,
     })
     .await;
     let base = node.base_url();
@@ -218,6 +220,7 @@ async fn a_stack_bought_a_moment_ago_is_served_at_once() {
         poll_interval: Duration::from_secs(3600),
         da: None,
         policy: atoma_node::SettlementPolicy::default(),
+        reexec: None,
     })
     .await;
     let base = node.base_url();

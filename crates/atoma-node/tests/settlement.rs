@@ -2,7 +2,8 @@
 //! served, settled by its node on request (frozen, log on the DA store, ticket), attested by a
 //! second node's duty (which fetches and checks the log), and claimed; every balance comes out
 //! exact and the claimed units equal what the user was charged in the responses. A DA store
-//! that hands the attestor other bytes gets the settlement disputed, not attested.
+//! that hands the attestor other bytes gets the settlement disputed, not attested. The
+//! attestor re-executes every record on its own engine.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,6 +131,7 @@ async fn start_seller(
         poll_interval: Duration::from_millis(20),
         da: Some(da),
         policy: fast_policy(),
+        reexec: None,
     })
     .await
     .unwrap();
@@ -179,15 +181,25 @@ async fn serve_requests(w: &World, url: &str, n: u32) -> u64 {
     .unwrap()
 }
 
-/// The attestor's duties, driven by hand: follow the ledger, then one round.
+/// The attestor's duties, driven by hand: follow the ledger, then one round. It re-executes
+/// on its own engine, loaded from the same tiny model file (same digest as the seller's).
 fn attestor_duties(w: &World, da: Arc<dyn BlobStore>) -> (Duties, Meter) {
     let state = Meter::in_memory(vec![w.attestor.1]).unwrap();
+    let lm = LoadedModel::load(
+        &w.dir.path().join("tiny.gguf"),
+        &LoadOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let engine = Engine::start(lm, &EngineConfig::default()).unwrap();
+    let backend = EngineBackend::new(engine, "tiny", [7; 32]);
     let d = Duties {
         ledger: w.ledger.clone(),
         state: state.clone(),
         da,
         keys: w.attestor.0.clone(),
         policy: fast_policy(),
+        reexec: Some(Arc::new(backend)),
     };
     (d, state)
 }
@@ -227,7 +239,9 @@ async fn a_stack_is_settled_attested_and_claimed_to_the_unit() {
     assert_eq!(ticket.commitment.leaf_count, 6);
     let (duties, att_state) = attestor_duties(&w, da.clone());
     sync_blocking(w.ledger.as_ref(), &att_state).unwrap();
-    duties.round();
+    tokio::task::spawn_blocking(move || duties.round())
+        .await
+        .unwrap();
     let job = &att_state.attestation_jobs(true).unwrap()[0];
     assert_eq!(job.state, "attested", "{:?}", job.detail);
 
@@ -284,13 +298,21 @@ async fn other_bytes_from_the_store_get_the_settlement_disputed() {
     std::fs::write(&path, &bytes).unwrap();
     let (duties, att_state) = attestor_duties(&w, dir_store.clone());
     sync_blocking(w.ledger.as_ref(), &att_state).unwrap();
-    duties.round();
+    tokio::task::spawn_blocking(move || duties.round())
+        .await
+        .unwrap();
     let job = &att_state.attestation_jobs(true).unwrap()[0];
     assert_eq!(job.state, "disputed");
     assert!(
         job.detail.as_deref().unwrap_or("").contains("hash"),
         "{job:?}"
     );
-    assert!(w.ledger.ticket(w.stack).unwrap().unwrap().is_in_dispute);
+    // With only the seller and the attestor in the echelon nobody can be the oracle: the stack
+    // is void at once, its owner refunded, nobody slashed.
+    let d = w.ledger.dispute(w.stack).unwrap().unwrap();
+    assert_eq!(d.claim.record, None, "the log itself is at fault");
+    assert_eq!(d.outcome, Some(atoma_ledger::DisputeOutcome::NoOracle));
+    assert!(w.ledger.stack(w.stack).unwrap().is_claimed);
+    assert!(w.ledger.totals().unwrap().is_conserved());
     let _ = stop.send(());
 }

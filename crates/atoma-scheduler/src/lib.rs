@@ -7,13 +7,14 @@
 //!   and stored once.
 //! - `scheduler`: a bounded waiting queue (overflow is `Overloaded`), and per step decodes first,
 //!   then prefill chunks under a token budget and a cap on sequences; when blocks run out, the
-//!   newest running sequence is preempted (recomputed later).
+//!   newest running sequence is preempted (recomputed later). Background sequences
+//!   (verification) run on leftover budget, preempted first, with logits for a range of rows.
 
 pub mod block_pool;
 pub mod scheduler;
 
 pub use block_pool::{BlockId, BlockPool};
 pub use scheduler::{
-    PlanItem, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqId, StepPlan,
-    StepResult,
+    PlanItem, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqId, SeqOptions,
+    StepPlan, StepResult,
 };

@@ -11,6 +11,12 @@
 //! The engine runs the plan and reports sampled tokens and finished sequences with `complete`.
 //! Cancellation (`abort`) returns a sequence's blocks at once. The waiting queue is bounded;
 //! one more request is `Overloaded`.
+//!
+//! *Background* sequences (re-executions that verify logged requests) run at low priority:
+//! they are admitted only when no live request waits, their prefill chunks come after live
+//! ones, and they are preempted first. They are prefill-only and need the logits of every row
+//! from `logits_from` on (`PlanItem::logit_rows`, at most `max_logit_rows` per step), so the
+//! prefix cache never stands in for those rows.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -30,6 +36,9 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// Reuse the KV of identical prompt prefixes.
     pub enable_prefix_caching: bool,
+    /// Rows with logits one background sequence may take per step (their logits are kept in
+    /// memory: `rows × vocabulary × 4` bytes).
+    pub max_logit_rows: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -39,6 +48,7 @@ impl Default for SchedulerConfig {
             max_num_seqs: 32,
             max_waiting: 256,
             enable_prefix_caching: true,
+            max_logit_rows: 64,
         }
     }
 }
@@ -66,8 +76,12 @@ pub struct PlanItem {
     pub tokens: Vec<u32>,
     /// The sequence's blocks, covering at least positions `0..start + tokens.len()`.
     pub block_table: Vec<BlockId>,
-    /// Whether the last row is sampled (decodes, and the final chunk of a prompt).
+    /// Whether the last row is sampled (decodes, and the final chunk of a prompt); for a
+    /// background sequence, whether this is its last chunk.
     pub sample: bool,
+    /// How many trailing rows of `tokens` need logits: `sample as usize` for live sequences,
+    /// the rows at or after `logits_from` for background ones.
+    pub logit_rows: usize,
 }
 
 /// One forward pass.
@@ -95,8 +109,19 @@ pub struct StepResult {
     pub finished: bool,
 }
 
+/// How a sequence is scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SeqOptions {
+    /// Low priority, prefill-only (verification).
+    pub background: bool,
+    /// First position whose row needs logits (background sequences); the prefix cache is
+    /// used only below it.
+    pub logits_from: Option<usize>,
+}
+
 #[derive(Debug)]
 struct Seq {
+    opts: SeqOptions,
     /// Prompt followed by generated tokens.
     tokens: Vec<u32>,
     /// Tokens whose KV is in `blocks`.
@@ -113,6 +138,8 @@ pub struct Scheduler {
     pool: BlockPool,
     seqs: HashMap<SeqId, Seq>,
     waiting: VecDeque<SeqId>,
+    /// Background sequences waiting (admitted only when `waiting` is empty).
+    waiting_bg: VecDeque<SeqId>,
     /// Running sequences, oldest first.
     running: Vec<SeqId>,
     stats: SchedulerStats,
@@ -137,6 +164,7 @@ impl Scheduler {
             pool,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
+            waiting_bg: VecDeque::new(),
             running: Vec::new(),
             stats: SchedulerStats::default(),
         }
@@ -152,8 +180,14 @@ impl Scheduler {
         self.stats
     }
 
+    /// Live sequences waiting to start.
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Background sequences waiting to start.
+    pub fn num_waiting_background(&self) -> usize {
+        self.waiting_bg.len()
     }
 
     pub fn num_running(&self) -> usize {
@@ -165,8 +199,18 @@ impl Scheduler {
         self.seqs.get(&seq).map(|s| s.computed)
     }
 
-    /// Queues a new sequence.
+    /// Queues a new live sequence.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) -> Result<(), SchedulerError> {
+        self.add_with(id, prompt, SeqOptions::default())
+    }
+
+    /// Queues a new sequence with `opts`.
+    pub fn add_with(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        opts: SeqOptions,
+    ) -> Result<(), SchedulerError> {
         if prompt.is_empty() {
             return Err(SchedulerError::EmptyPrompt);
         }
@@ -180,21 +224,27 @@ impl Scheduler {
                 capacity,
             });
         }
-        if self.waiting.len() >= self.cfg.max_waiting {
+        let queue = if opts.background {
+            &mut self.waiting_bg
+        } else {
+            &mut self.waiting
+        };
+        if queue.len() >= self.cfg.max_waiting {
             return Err(SchedulerError::Overloaded {
                 capacity: self.cfg.max_waiting,
             });
         }
+        queue.push_back(id);
         self.seqs.insert(
             id,
             Seq {
+                opts,
                 tokens: prompt,
                 computed: 0,
                 blocks: Vec::new(),
                 hashes: Vec::new(),
             },
         );
-        self.waiting.push_back(id);
         Ok(())
     }
 
@@ -207,8 +257,24 @@ impl Scheduler {
             self.pool.release(b);
         }
         self.waiting.retain(|&s| s != id);
+        self.waiting_bg.retain(|&s| s != id);
         self.running.retain(|&s| s != id);
         true
+    }
+
+    fn is_background(&self, id: SeqId) -> bool {
+        self.seqs.get(&id).is_some_and(|s| s.opts.background)
+    }
+
+    /// The sequence to preempt when memory runs out: the newest background one, else the newest.
+    fn victim(&self, fallback: SeqId) -> SeqId {
+        self.running
+            .iter()
+            .rev()
+            .copied()
+            .find(|&id| self.is_background(id))
+            .or_else(|| self.running.last().copied())
+            .unwrap_or(fallback)
     }
 
     fn preempt(&mut self, id: SeqId) {
@@ -220,7 +286,11 @@ impl Scheduler {
             seq.computed = 0;
         }
         self.running.retain(|&s| s != id);
-        self.waiting.push_front(id);
+        if self.is_background(id) {
+            self.waiting_bg.push_front(id);
+        } else {
+            self.waiting.push_front(id);
+        }
     }
 
     /// Makes `seq`'s blocks cover `upto` positions; false if the pool runs out (partial
@@ -254,7 +324,11 @@ impl Scheduler {
         if seq.computed != 0 {
             return;
         }
-        let full = (seq.tokens.len() - 1) / bs;
+        let mut full = (seq.tokens.len() - 1) / bs;
+        if let Some(from) = seq.opts.logits_from {
+            // Rows that need logits are computed, never taken from the cache.
+            full = full.min(from / bs);
+        }
         for b in 0..full {
             let parent = seq.hashes.last().copied();
             match self.pool.lookup(parent, &seq.tokens[b * bs..(b + 1) * bs]) {
@@ -271,12 +345,18 @@ impl Scheduler {
 
     fn item(&self, id: SeqId, len: usize) -> PlanItem {
         let s = &self.seqs[&id];
+        let sample = s.computed + len == s.tokens.len();
+        let logit_rows = match s.opts.logits_from {
+            Some(from) => (s.computed + len).saturating_sub(from.max(s.computed)),
+            None => usize::from(sample),
+        };
         PlanItem {
             seq: id,
             start: s.computed,
             tokens: s.tokens[s.computed..s.computed + len].to_vec(),
             block_table: s.blocks.clone(),
-            sample: s.computed + len == s.tokens.len(),
+            sample,
+            logit_rows,
         }
     }
 
@@ -297,7 +377,7 @@ impl Scheduler {
             let upto = s.computed + 1;
             let mut fits = self.grow(id, upto);
             while !fits {
-                let victim = *self.running.last().unwrap_or(&id);
+                let victim = self.victim(id);
                 self.preempt(victim);
                 plan.preempted.push(victim);
                 self.stats.preemptions += 1;
@@ -312,16 +392,19 @@ impl Scheduler {
                 i += 1;
             }
         }
-        // 2. Prefill chunks: running sequences mid-prompt, then waiting ones.
-        let mid: Vec<SeqId> = self
+        // 2. Prefill chunks: running sequences mid-prompt (live ones first), then waiting ones.
+        let mut mid: Vec<SeqId> = self
             .running
             .iter()
             .copied()
             .filter(|id| {
                 let s = &self.seqs[id];
-                s.tokens.len() - s.computed > 1 && !plan.items.iter().any(|it| it.seq == *id)
+                let left = s.tokens.len() - s.computed;
+                (left > 1 || (s.opts.background && left > 0))
+                    && !plan.items.iter().any(|it| it.seq == *id)
             })
             .collect();
+        mid.sort_by_key(|&id| self.is_background(id));
         for id in mid {
             if budget == 0 {
                 break;
@@ -335,13 +418,20 @@ impl Scheduler {
         // otherwise be readmitted at once and thrash).
         while plan.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs
         {
-            let Some(&id) = self.waiting.front() else {
-                break;
+            // Background work only when no live request waits.
+            let (id, background) = match (self.waiting.front(), self.waiting_bg.front()) {
+                (Some(&id), _) => (id, false),
+                (None, Some(&id)) => (id, true),
+                (None, None) => break,
             };
             self.reuse_prefix(id);
             match self.plan_prefill(id, budget) {
                 Some(len) => {
-                    self.waiting.pop_front();
+                    if background {
+                        self.waiting_bg.pop_front();
+                    } else {
+                        self.waiting.pop_front();
+                    }
                     self.running.push(id);
                     plan.items.push(self.item(id, len));
                     budget -= len;
@@ -364,11 +454,16 @@ impl Scheduler {
     }
 
     /// Length of the next prefill chunk of `id` within `budget`, with blocks allocated for it.
+    /// A background sequence's chunk takes at most `max_logit_rows` rows that need logits.
     fn plan_prefill(&mut self, id: SeqId, budget: usize) -> Option<usize> {
         let bs = self.pool.block_size();
         let s = &self.seqs[&id];
-        let want = (s.tokens.len() - s.computed).min(budget);
+        let mut want = (s.tokens.len() - s.computed).min(budget);
         let start = s.computed;
+        if let Some(from) = s.opts.logits_from {
+            let free_rows = from.saturating_sub(start);
+            want = want.min(free_rows + self.cfg.max_logit_rows.max(1));
+        }
         self.grow(id, start + want);
         let covered = self.seqs[&id].blocks.len() * bs;
         let len = want.min(covered.saturating_sub(start));

@@ -133,6 +133,7 @@ fn cfg(budget: usize, seqs: usize) -> SchedulerConfig {
         max_num_seqs: seqs,
         max_waiting: 1000,
         enable_prefix_caching: true,
+        max_logit_rows: 4,
     }
 }
 

@@ -54,6 +54,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("stacks", "blob_size", "INTEGER"),
     ("stacks", "window_end", "INTEGER"),
     ("stacks", "node_fee", "INTEGER"),
+    ("attestations", "sample_seed", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 fn ensure_columns(conn: &Connection) -> Result<(), MeterError> {
@@ -172,8 +173,8 @@ impl Meter {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
-        ensure_columns(&conn)?;
         conn.execute_batch(crate::settlement::SCHEMA).map_err(db)?;
+        ensure_columns(&conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             nodes: Arc::new(nodes),
@@ -187,8 +188,8 @@ impl Meter {
 
     fn init(conn: Connection, nodes: Vec<NodeSmallId>) -> Result<Self, MeterError> {
         conn.execute_batch(SCHEMA).map_err(db)?;
-        ensure_columns(&conn)?;
         conn.execute_batch(crate::settlement::SCHEMA).map_err(db)?;
+        ensure_columns(&conn)?;
         let m = Self {
             conn: Arc::new(Mutex::new(conn)),
             nodes: Arc::new(nodes),

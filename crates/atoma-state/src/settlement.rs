@@ -9,8 +9,10 @@
 //! gives the same blob; the ledger holds at most one ticket and one claim per stack, which the
 //! duty reads back before acting).
 //!
-//! Attestation jobs (a ticket naming this node) are rows too: `pending → attested | disputed`.
-//! Earnings (fees as seller, shares as attestor) are recorded from the ledger's events.
+//! Attestation jobs (a ticket naming this node) are rows too: `pending → attested | disputed`,
+//! and so are oracle jobs (a dispute the ledger handed this node): `pending → resolved`.
+//! Earnings (fees as seller, shares as attestor, oracle and honest party) are recorded from the
+//! ledger's events.
 
 use atoma_ledger::{Hash32, LedgerEvent, NodeSmallId, StackCommitment, StackSmallId};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -25,6 +27,10 @@ CREATE TABLE IF NOT EXISTS attestations (
   blob_hash TEXT NOT NULL, blob_size INTEGER NOT NULL, window_end INTEGER NOT NULL,
   state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'attested', 'disputed', 'missed')),
   detail TEXT, PRIMARY KEY (stack_small_id, node_small_id));
+CREATE TABLE IF NOT EXISTS oracle_jobs (
+  stack_small_id INTEGER NOT NULL, node_small_id INTEGER NOT NULL, deadline INTEGER NOT NULL,
+  state TEXT NOT NULL DEFAULT 'pending', detail TEXT,
+  PRIMARY KEY (stack_small_id, node_small_id));
 CREATE TABLE IF NOT EXISTS earnings (
   stack_small_id INTEGER NOT NULL, node_small_id INTEGER NOT NULL, role TEXT NOT NULL,
   amount INTEGER NOT NULL, PRIMARY KEY (stack_small_id, node_small_id, role));
@@ -122,6 +128,18 @@ pub struct AttestationJob {
     pub claimed_units: u64,
     pub commitment: StackCommitment,
     pub window_end: u64,
+    pub state: String,
+    pub detail: Option<String>,
+    /// The ledger's seed for the sample of records to re-execute.
+    pub sample_seed: Hash32,
+}
+
+/// A dispute this node must resolve as its oracle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleJob {
+    pub stack: StackSmallId,
+    pub node: NodeSmallId,
+    pub deadline: u64,
     pub state: String,
     pub detail: Option<String>,
 }
@@ -422,6 +440,7 @@ pub(crate) fn apply_event(
             blob_hash,
             blob_size,
             dispute_settled_at_epoch,
+            sample_seed,
             ..
         } => {
             for n in requested_attestation_nodes
@@ -431,8 +450,8 @@ pub(crate) fn apply_event(
                 tx.execute(
                     "INSERT OR IGNORE INTO attestations (stack_small_id, node_small_id, \
                      selected_node_id, claimed_units, merkle_root, leaf_count, blob_id, \
-                     blob_hash, window_end, blob_size) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     blob_hash, window_end, blob_size, sample_seed) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     params![
                         stack_small_id.0 as i64,
                         n.0 as i64,
@@ -443,7 +462,8 @@ pub(crate) fn apply_event(
                         blob_id,
                         blob_hash.to_string(),
                         *dispute_settled_at_epoch as i64,
-                        *blob_size as i64
+                        *blob_size as i64,
+                        sample_seed.to_string()
                     ],
                 )
                 .map_err(db)?;
@@ -479,6 +499,75 @@ pub(crate) fn apply_event(
             )
             .map_err(db)?;
         }
+        E::StackAttestationDisputeEvent {
+            stack_small_id,
+            oracle_node_id: Some(oracle),
+            deadline_epoch,
+            ..
+        }
+        | E::DisputeOracleReassignedEvent {
+            stack_small_id,
+            oracle_node_id: Some(oracle),
+            deadline_epoch,
+            ..
+        } if nodes.contains(oracle) => {
+            tx.execute(
+                "INSERT OR IGNORE INTO oracle_jobs (stack_small_id, node_small_id, deadline) \
+                 VALUES (?1, ?2, ?3)",
+                params![
+                    stack_small_id.0 as i64,
+                    oracle.0 as i64,
+                    *deadline_epoch as i64
+                ],
+            )
+            .map_err(db)?;
+        }
+        E::StackDisputeResolvedEvent {
+            stack_small_id,
+            oracle_node_id,
+            outcome,
+            slashed_node_id,
+            oracle_share,
+            honest_share,
+            ..
+        } => {
+            if let Some(o) = oracle_node_id.filter(|o| nodes.contains(o)) {
+                earn(tx, *stack_small_id, o, "oracle", oracle_share.0)?;
+            }
+            // The winner is the party that was not slashed: the seller or the attestor.
+            let seller: Option<i64> = tx
+                .query_row(
+                    "SELECT selected_node_id FROM stacks WHERE small_id = ?1",
+                    [stack_small_id.0 as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            let attestor: Option<i64> = tx
+                .query_row(
+                    "SELECT node_small_id FROM attestations WHERE stack_small_id = ?1 \
+                     AND state = 'disputed'",
+                    [stack_small_id.0 as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            for w in seller
+                .into_iter()
+                .chain(attestor)
+                .map(|n| NodeSmallId(n as u64))
+            {
+                if nodes.contains(&w) && Some(w) != *slashed_node_id && honest_share.0 > 0 {
+                    earn(tx, *stack_small_id, w, "dispute", honest_share.0)?;
+                }
+            }
+            if *outcome != atoma_ledger::DisputeOutcome::NodeHonest
+                && seller.is_some_and(|s| nodes.contains(&NodeSmallId(s as u64)))
+            {
+                // Cheated or void: nothing to claim.
+                mark_claimed(tx, *stack_small_id, 0)?;
+            }
+        }
         E::StackExpiredEvent { stack_small_id, .. } => {
             tx.execute(
                 "UPDATE stacks SET settle_state = 'closed', is_claimed = 1 WHERE small_id = ?1",
@@ -501,7 +590,8 @@ impl Meter {
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT stack_small_id, node_small_id, selected_node_id, claimed_units, \
-                 merkle_root, leaf_count, blob_id, blob_hash, window_end, state, detail, blob_size \
+                 merkle_root, leaf_count, blob_id, blob_hash, window_end, state, detail, blob_size, \
+                 sample_seed \
                  FROM attestations {} ORDER BY stack_small_id",
                 if all { "" } else { "WHERE state = 'pending'" }
             ))
@@ -523,12 +613,13 @@ impl Meter {
                     r.get::<_, String>(9)?,
                     r.get::<_, Option<String>>(10)?,
                     r.get::<_, i64>(11)?,
+                    r.get::<_, String>(12)?,
                 ))
             })
             .map_err(db)?;
         let corrupt = |e: String| MeterError::Storage(format!("attestation row: {e}"));
         rows.map(|row| {
-            let (v, root, leaves, blob_id, blob_hash, window_end, state, detail, size) =
+            let (v, root, leaves, blob_id, blob_hash, window_end, state, detail, size, seed) =
                 row.map_err(db)?;
             Ok(AttestationJob {
                 stack: StackSmallId(v[0] as u64),
@@ -545,6 +636,7 @@ impl Meter {
                 window_end: window_end as u64,
                 state,
                 detail,
+                sample_seed: seed.parse().unwrap_or_default(),
             })
         })
         .collect()
@@ -561,6 +653,52 @@ impl Meter {
         self.with_tx(|tx| {
             tx.execute(
                 "UPDATE attestations SET state = ?1, detail = ?2 WHERE stack_small_id = ?3 \
+                 AND node_small_id = ?4 AND state = 'pending'",
+                params![state, detail, stack.0 as i64, node.0 as i64],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Oracle jobs (`pending` only unless `all`).
+    pub fn oracle_jobs(&self, all: bool) -> Result<Vec<OracleJob>, MeterError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| MeterError::Storage("a previous user panicked".into()))?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT stack_small_id, node_small_id, deadline, state, detail FROM oracle_jobs \
+                 {} ORDER BY stack_small_id",
+                if all { "" } else { "WHERE state = 'pending'" }
+            ))
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(OracleJob {
+                    stack: StackSmallId(r.get::<_, i64>(0)? as u64),
+                    node: NodeSmallId(r.get::<_, i64>(1)? as u64),
+                    deadline: r.get::<_, i64>(2)? as u64,
+                    state: r.get(3)?,
+                    detail: r.get(4)?,
+                })
+            })
+            .map_err(db)?;
+        rows.map(|r| r.map_err(db)).collect()
+    }
+
+    /// Records an oracle job's outcome (`resolved` or `missed`).
+    pub fn finish_oracle_job(
+        &self,
+        stack: StackSmallId,
+        node: NodeSmallId,
+        state: &str,
+        detail: &str,
+    ) -> Result<(), MeterError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE oracle_jobs SET state = ?1, detail = ?2 WHERE stack_small_id = ?3 \
                  AND node_small_id = ?4 AND state = 'pending'",
                 params![state, detail, stack.0 as i64, node.0 as i64],
             )

@@ -105,7 +105,7 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
                 tokens: &prompt,
                 start: 0,
                 block_table: &t0,
-                sample: true,
+                logits: 1,
             }],
             &mut kv,
         )?;
@@ -119,7 +119,7 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
                     tokens: &one,
                     start: pos,
                     block_table: &t0,
-                    sample: true,
+                    logits: 1,
                 }],
                 &mut kv,
             )?;
@@ -137,7 +137,7 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
                         tokens: &ids[s][pos..pos + 1],
                         start: pos,
                         block_table: &tables[s],
-                        sample: true,
+                        logits: 1,
                     })
                     .collect();
                 model.forward_paged(&step, &mut kv)?;

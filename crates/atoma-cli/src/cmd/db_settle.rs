@@ -100,6 +100,39 @@ pub enum SettleCommand {
         /// The Merkle root the attestor computed instead (64 hex digits).
         #[arg(long, value_parser = parse_hash)]
         root: Hash32,
+        /// The record found wrong (its index in the log), if one.
+        #[arg(long)]
+        record: Option<u64>,
+        /// The first wrong output token of that record, if one.
+        #[arg(long)]
+        position: Option<u64>,
+    },
+    /// As a dispute's oracle, resolve it from your own re-execution.
+    Resolve {
+        /// Key that owns the oracle node's badge.
+        #[arg(long, default_value = "node")]
+        key: String,
+        /// The oracle's small id.
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        stack: u64,
+        /// The settling node's log re-executes as logged (the attestor loses); without it,
+        /// the node cheated (it loses and the user is refunded).
+        #[arg(long)]
+        node_was_honest: bool,
+    },
+    /// After a dispute's oracle deadline: slash the silent oracle and draw another.
+    ExpireOracle {
+        #[arg(long, default_value = "user")]
+        key: String,
+        #[arg(long)]
+        stack: u64,
+    },
+    /// A stack's dispute as JSON (or `null`).
+    ShowDispute {
+        #[arg(long)]
+        stack: u64,
     },
     /// Claim the funds of settled stacks after their dispute window (all or none).
     Claim {
@@ -162,6 +195,15 @@ pub enum SettleCommand {
         /// Epochs after purchase after which an unsettled stack may be closed (0 = never).
         #[arg(long)]
         stack_expiry_epochs: Option<u64>,
+        /// Epochs a dispute's oracle has to resolve it.
+        #[arg(long)]
+        oracle_window_epochs: Option<u64>,
+        /// Share of a dispute loser's collateral paid to the oracle (permille).
+        #[arg(long)]
+        oracle_share_permille: Option<u16>,
+        /// Share paid to the honest party (permille); the rest goes to the treasury.
+        #[arg(long)]
+        honest_share_permille: Option<u16>,
     },
     /// Print the current epoch.
     Epoch,
@@ -254,10 +296,36 @@ pub fn run(home: &Home, l: &SqliteLedger, cmd: SettleCommand) -> anyhow::Result<
             node,
             stack,
             root,
+            record,
+            position,
         } => {
-            l.start_attestation_dispute(addr(&key)?, NodeSmallId(node), StackSmallId(stack), root)?;
-            print_json(&l.ticket(StackSmallId(stack))?)
+            let claim = atoma_ledger::DisputeClaim {
+                attestation_commitment: root,
+                record,
+                position,
+            };
+            print_json(&l.start_attestation_dispute(
+                addr(&key)?,
+                NodeSmallId(node),
+                StackSmallId(stack),
+                &claim,
+            )?)
         }
+        SettleCommand::Resolve {
+            key,
+            node,
+            stack,
+            node_was_honest,
+        } => print_json(&l.resolve_attestation_dispute(
+            addr(&key)?,
+            NodeSmallId(node),
+            StackSmallId(stack),
+            node_was_honest,
+        )?),
+        SettleCommand::ExpireOracle { key, stack } => {
+            print_json(&l.expire_dispute_oracle(addr(&key)?, StackSmallId(stack))?)
+        }
+        SettleCommand::ShowDispute { stack } => print_json(&l.dispute(StackSmallId(stack))?),
         SettleCommand::Claim { key, node, stacks } => {
             let ids: Vec<StackSmallId> = stacks.into_iter().map(StackSmallId).collect();
             print_json(&l.claim_funds(addr(&key)?, NodeSmallId(node), &ids)?)
@@ -284,6 +352,9 @@ pub fn run(home: &Home, l: &SqliteLedger, cmd: SettleCommand) -> anyhow::Result<
             min_collateral,
             timeout_slash_permille,
             stack_expiry_epochs,
+            oracle_window_epochs,
+            oracle_share_permille,
+            honest_share_permille,
         } => {
             let old = l.params()?;
             let p = LedgerParams {
@@ -296,6 +367,9 @@ pub fn run(home: &Home, l: &SqliteLedger, cmd: SettleCommand) -> anyhow::Result<
                 timeout_slash_permille: timeout_slash_permille
                     .unwrap_or(old.timeout_slash_permille),
                 stack_expiry_epochs: stack_expiry_epochs.unwrap_or(old.stack_expiry_epochs),
+                oracle_window_epochs: oracle_window_epochs.unwrap_or(old.oracle_window_epochs),
+                oracle_share_permille: oracle_share_permille.unwrap_or(old.oracle_share_permille),
+                honest_share_permille: honest_share_permille.unwrap_or(old.honest_share_permille),
             };
             p.validate()
                 .map_err(anyhow::Error::msg)

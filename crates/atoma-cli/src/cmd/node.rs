@@ -51,6 +51,8 @@ pub struct SettlementSection {
     pub tick_ms: u64,
     /// Pause after each settlement step (milliseconds; for tests, 0 otherwise).
     pub step_pause_ms: u64,
+    /// Records an attestor re-executes per log (0: all).
+    pub verify_sample: usize,
 }
 
 impl Default for SettlementSection {
@@ -63,6 +65,7 @@ impl Default for SettlementSection {
             idle_secs: 3_600,
             tick_ms: 500,
             step_pause_ms: 0,
+            verify_sample: 0,
         }
     }
 }
@@ -78,6 +81,7 @@ impl SettlementSection {
             idle: Duration::from_secs(self.idle_secs),
             tick: Duration::from_millis(self.tick_ms.max(10)),
             step_pause: Duration::from_millis(self.step_pause_ms),
+            verify_sample: self.verify_sample,
         };
         if !self.enabled {
             return Ok((None, policy));
@@ -332,6 +336,7 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
     let (da, policy) = cfg.settlement.build(home)?;
     // Bind first and answer 503 while the model loads on another thread.
     let backend = LoadingBackend::new(vec![name.clone()]);
+    let reexec = atoma_node::ReexecSlot::default();
     let parts = NodeParts {
         backend: Arc::new(backend.clone()),
         ledger,
@@ -341,6 +346,7 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         poll_interval: Duration::from_millis(cfg.ledger.poll_interval_ms.max(10)),
         da,
         policy,
+        reexec: Some(Arc::new(reexec.clone())),
     };
     let engine_cfg = EngineConfig {
         queue_capacity: cfg.engine.queue_capacity,
@@ -361,11 +367,9 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
             );
             let digest = atoma_models::sha256_file(&path)?;
             let engine = Engine::start(lm, &engine_cfg)?;
-            backend.set(Arc::new(EngineBackend::new(
-                engine,
-                load_name.clone(),
-                digest,
-            )));
+            let eb = Arc::new(EngineBackend::new(engine, load_name.clone(), digest));
+            backend.set(eb.clone());
+            reexec.set(eb);
             eprintln!("model loaded: {info}, served as `{load_name}`");
             Ok(())
         });

@@ -142,12 +142,15 @@ pub struct BatchSeq<'a> {
     pub start: usize,
     /// Blocks covering positions `0..start + tokens.len()`.
     pub block_table: &'a [u32],
-    /// Return the logits of the last token.
-    pub sample: bool,
+    /// Return the logits of this many trailing tokens (1: the last, to sample the next token;
+    /// more: a teacher-forced pass that checks logged tokens; 0: none).
+    pub logits: usize,
 }
 
 impl Model {
-    /// Runs one batched step; returns the logits `[sampling sequences, vocab]` in batch order.
+    /// Runs one batched step; returns the logits `[Σ logits rows, vocab]` in batch order (each
+    /// sequence's rows in position order). Every row is computed the same way whatever else is
+    /// in the pass, so a row's logits are the same bits in a teacher-forced chunk as in a decode.
     pub fn forward_paged(&self, batch: &[BatchSeq<'_>], kv: &mut PagedKv) -> Result<Tensor> {
         let cfg = &self.cfg;
         let mut ids = Vec::new();
@@ -158,6 +161,13 @@ impl Model {
                 return Err(EngineError::InvalidRequest(
                     "a batch entry has no tokens".into(),
                 ));
+            }
+            if s.logits > s.tokens.len() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{} logit rows asked of a batch entry of {} tokens",
+                    s.logits,
+                    s.tokens.len()
+                )));
             }
             if s.start + s.tokens.len() > cfg.context {
                 return Err(EngineError::PromptTooLong {
@@ -261,9 +271,14 @@ impl Model {
         let mut end = 0u32;
         for s in batch {
             end += s.tokens.len() as u32;
-            if s.sample {
-                rows.push(end - 1);
-            }
+            rows.extend(end - s.logits as u32..end);
+        }
+        if rows.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.vocab_size),
+                candle_core::DType::F32,
+                dev,
+            )?);
         }
         let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, cfg.rms_eps as f32)?;

@@ -7,6 +7,7 @@
 
 use super::Factory;
 use super::settlement::{COLLATERAL, commitment, owner};
+use crate::settlement::DisputeClaim;
 use crate::*;
 
 struct Rng(u64);
@@ -99,7 +100,7 @@ fn run_one(l: &dyn Ledger, seed: u64, steps: usize) {
         };
         let stack = stacks.get(pick as usize).copied();
         let amount = Amount([0, 1, 99, 1_000, COLLATERAL, 1 << 40][r.below(6) as usize]);
-        let kind = r.below(16);
+        let kind = r.below(18);
         let outcome: std::result::Result<String, LedgerError> = match (kind, stack) {
             (0, _) => l.faucet(user(r.below(3)), amount).map(|_| "faucet".into()),
             (1, _) => l.faucet(owner(node), amount).map(|_| "faucet".into()),
@@ -174,6 +175,34 @@ fn run_one(l: &dyn Ledger, seed: u64, steps: usize) {
                 let who = l.stack(s).map_or(user(0), |st| st.owner);
                 l.close_expired_stack(who, s).map(|_| format!("close {s}"))
             }
+            (15, Some(s)) => {
+                let asked = l
+                    .ticket(s)
+                    .ok()
+                    .flatten()
+                    .and_then(|t| t.requested_attestation_nodes.first().copied())
+                    .unwrap_or(node);
+                let claim = DisputeClaim {
+                    attestation_commitment: Hash32([3; 32]),
+                    record: Some(r.below(5)),
+                    position: None,
+                };
+                l.start_attestation_dispute(owner(asked), asked, s, &claim)
+                    .map(|d| format!("dispute {s} (oracle {:?})", d.oracle))
+            }
+            (16, Some(s)) => {
+                let oracle = l.dispute(s).ok().flatten().and_then(|d| d.oracle);
+                match oracle {
+                    Some(o) if r.below(3) > 0 => {
+                        let honest = r.below(2) == 0;
+                        l.resolve_attestation_dispute(owner(o), o, s, honest)
+                            .map(|d| format!("resolve {s}: {:?}", d.outcome))
+                    }
+                    _ => l
+                        .expire_dispute_oracle(user(0), s)
+                        .map(|d| format!("expire oracle of {s}: {:?}", d.oracle)),
+                }
+            }
             _ => l.advance_epoch().map(|e| format!("epoch {e}")),
         };
         log.push(match &outcome {
@@ -217,6 +246,7 @@ mod tests {
             "ClaimedStackEvent",
             "StackExpiredEvent",
             "StackAttestationDisputeEvent",
+            "StackDisputeResolvedEvent",
             "NodeSlashedEvent",
         ] {
             assert!(count(event) > 0, "the driver never produced {event}");

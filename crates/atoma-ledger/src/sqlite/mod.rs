@@ -7,8 +7,10 @@
 //! reproducible from the file.
 //!
 //! Submodules: `market` (nodes, tasks, subscriptions, stacks), `money` (accounts, transfers,
-//! collateral, totals), `settle` (tickets, attestations, disputes, claims, expiry, reputation).
+//! collateral, totals), `settle` (tickets, attestations, claims, expiry, reputation), `dispute`
+//! (oracles, resolution, slashing and shares, oracle timeouts).
 
+mod dispute;
 mod market;
 mod money;
 mod settle;
@@ -68,14 +70,17 @@ CREATE TABLE IF NOT EXISTS tickets (
   merkle_root TEXT NOT NULL, leaf_count INTEGER NOT NULL, blob_id TEXT NOT NULL,
   blob_hash TEXT NOT NULL, blob_size INTEGER NOT NULL, created_epoch INTEGER NOT NULL,
   window_end INTEGER NOT NULL,
-  in_dispute INTEGER NOT NULL DEFAULT 0, claimed INTEGER NOT NULL DEFAULT 0);
+  in_dispute INTEGER NOT NULL DEFAULT 0, claimed INTEGER NOT NULL DEFAULT 0,
+  sample_seed TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS ticket_attestors (
   stack_small_id INTEGER NOT NULL REFERENCES tickets(stack_small_id),
   node_small_id INTEGER NOT NULL, position INTEGER NOT NULL, attested_seq INTEGER,
   PRIMARY KEY (stack_small_id, node_small_id));
 CREATE TABLE IF NOT EXISTS disputes (
   stack_small_id INTEGER PRIMARY KEY REFERENCES tickets(stack_small_id),
-  attestor INTEGER NOT NULL, commitment TEXT NOT NULL, opened_epoch INTEGER NOT NULL);
+  attestor INTEGER NOT NULL, commitment TEXT NOT NULL, opened_epoch INTEGER NOT NULL,
+  record INTEGER, position INTEGER, oracle INTEGER, drawn TEXT NOT NULL DEFAULT '[]',
+  deadline INTEGER NOT NULL DEFAULT 0, outcome TEXT);
 CREATE TABLE IF NOT EXISTS journal (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, debit TEXT NOT NULL,
   credit TEXT NOT NULL, amount INTEGER NOT NULL CHECK (amount > 0));
@@ -501,21 +506,27 @@ impl Ledger for SqliteLedger {
         sender: Address,
         node: NodeSmallId,
         stack: StackSmallId,
-        commitment: Hash32,
-    ) -> Result<()> {
-        self.write(|tx| settle::start_dispute(tx, sender, node, stack, commitment))
+        claim: &DisputeClaim,
+    ) -> Result<Dispute> {
+        self.write(|tx| settle::start_dispute(tx, sender, node, stack, claim))
     }
 
     fn resolve_attestation_dispute(
         &self,
-        _sender: Address,
-        _oracle: NodeSmallId,
-        _stack: StackSmallId,
-        _node_was_honest: bool,
-    ) -> Result<()> {
-        Err(LedgerError::NotYet(
-            "dispute resolution (an oracle's re-execution; the Verification work)",
-        ))
+        sender: Address,
+        oracle: NodeSmallId,
+        stack: StackSmallId,
+        node_was_honest: bool,
+    ) -> Result<DisputeResolution> {
+        self.write(|tx| dispute::resolve(tx, sender, oracle, stack, node_was_honest))
+    }
+
+    fn expire_dispute_oracle(&self, sender: Address, stack: StackSmallId) -> Result<Dispute> {
+        self.write(|tx| dispute::expire_oracle(tx, sender, stack))
+    }
+
+    fn dispute(&self, stack: StackSmallId) -> Result<Option<Dispute>> {
+        self.read(|c| dispute::get_dispute(c, stack))
     }
 
     fn claim_funds(

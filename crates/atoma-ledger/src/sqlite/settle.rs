@@ -25,7 +25,7 @@ pub(super) fn get_ticket(c: &Connection, stack: StackSmallId) -> Result<Option<S
     let row = c
         .query_row(
             "SELECT selected_node_id, claimed_units, merkle_root, leaf_count, blob_id, blob_hash, \
-             created_epoch, window_end, in_dispute, claimed, blob_size FROM tickets \
+             created_epoch, window_end, in_dispute, claimed, blob_size, sample_seed FROM tickets \
              WHERE stack_small_id = ?1",
             [stack.0 as i64],
             |r| {
@@ -39,12 +39,14 @@ pub(super) fn get_ticket(c: &Connection, stack: StackSmallId) -> Result<Option<S
                     r.get::<_, bool>(8)?,
                     r.get::<_, bool>(9)?,
                     r.get::<_, i64>(10)?,
+                    r.get::<_, String>(11)?,
                 ))
             },
         )
         .optional()
         .map_err(db_err)?;
-    let Some((v, root, leaves, blob_id, blob_hash, epochs, in_dispute, claimed, size)) = row else {
+    let Some((v, root, leaves, blob_id, blob_hash, epochs, in_dispute, claimed, size, seed)) = row
+    else {
         return Ok(None);
     };
     let requested = ids(
@@ -75,10 +77,11 @@ pub(super) fn get_ticket(c: &Connection, stack: StackSmallId) -> Result<Option<S
         dispute_settled_at_epoch: epochs[1] as u64,
         is_in_dispute: in_dispute,
         is_claimed: claimed,
+        sample_seed: hash_col(seed)?,
     }))
 }
 
-fn ticket_of(c: &Connection, stack: StackSmallId) -> Result<SettlementTicket> {
+pub(super) fn ticket_of(c: &Connection, stack: StackSmallId) -> Result<SettlementTicket> {
     get_ticket(c, stack)?.ok_or(LedgerError::NoTicket(stack))
 }
 
@@ -87,7 +90,9 @@ pub(super) fn open_tickets_of(c: &Connection, node: NodeSmallId) -> Result<Vec<S
         c,
         "SELECT stack_small_id FROM tickets WHERE claimed = 0 AND (selected_node_id = ?1 \
          OR stack_small_id IN (SELECT stack_small_id FROM ticket_attestors \
-         WHERE node_small_id = ?1 AND attested_seq IS NULL)) ORDER BY stack_small_id",
+         WHERE node_small_id = ?1 AND attested_seq IS NULL) \
+         OR stack_small_id IN (SELECT stack_small_id FROM disputes \
+         WHERE oracle = ?1 AND outcome IS NULL)) ORDER BY stack_small_id",
         [node.0 as i64],
     )?
     .into_iter()
@@ -96,7 +101,7 @@ pub(super) fn open_tickets_of(c: &Connection, node: NodeSmallId) -> Result<Vec<S
 }
 
 /// Adds one to a node's reputation counter and emits the new score if it changed.
-fn bump(c: &Connection, node: NodeSmallId, counter: &str) -> Result<()> {
+pub(super) fn bump(c: &Connection, node: NodeSmallId, counter: &str) -> Result<()> {
     let before = get_node(c, node)?.reputation_score;
     // `counter` is one of our own column names, never input.
     c.execute(
@@ -122,6 +127,21 @@ fn bump(c: &Connection, node: NodeSmallId, counter: &str) -> Result<()> {
     Ok(())
 }
 
+/// The echelon `n` serves the task's model in (-1: none, or the task names no model).
+pub(super) fn echelon_of(c: &Connection, task: &Task, n: NodeSmallId) -> Result<i64> {
+    let Some(model) = &task.model_name else {
+        return Ok(-1);
+    };
+    Ok(c.query_row(
+        "SELECT echelon_id FROM node_models WHERE node_small_id = ?1 AND model_name = ?2",
+        params![n.0 as i64, model],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map_err(db_err)?
+    .unwrap_or(-1))
+}
+
 /// Samples the attestors of a SamplingConsensus settlement: a roll against the probability,
 /// then `attestation_nodes` distinct nodes by a partial Fisher–Yates shuffle.
 fn sample_attestors(
@@ -134,19 +154,7 @@ fn sample_attestors(
     if roll > u64::from(params.attestation_probability_permille) || params.attestation_nodes == 0 {
         return Ok(Vec::new());
     }
-    let echelon = |n: NodeSmallId| -> Result<i64> {
-        let Some(model) = &task.model_name else {
-            return Ok(-1);
-        };
-        Ok(c.query_row(
-            "SELECT echelon_id FROM node_models WHERE node_small_id = ?1 AND model_name = ?2",
-            params![n.0 as i64, model],
-            |r| r.get::<_, i64>(0),
-        )
-        .optional()
-        .map_err(db_err)?
-        .unwrap_or(-1))
-    };
+    let echelon = |n: NodeSmallId| echelon_of(c, task, n);
     let mut pool = ids(
         c,
         "SELECT s.node_small_id FROM subscriptions s JOIN nodes n ON n.small_id = s.node_small_id \
@@ -225,14 +233,21 @@ pub(super) fn try_settle_stack(
     let p = load_params(c)?;
     let epoch = current_epoch(c)?;
     let window_end = epoch.saturating_add(p.dispute_window_epochs);
+    let sample_seed = {
+        let mut h = [0u8; 32];
+        for (i, chunk) in h.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&draw(c, "sample-seed", &[stack_id.0, i as u64])?.to_le_bytes());
+        }
+        Hash32(h)
+    };
     let attestors = match task.security_level {
         SecurityLevel::SamplingConsensus => sample_attestors(c, &stack, &task, &p)?,
         _ => Vec::new(),
     };
     c.execute(
         "INSERT INTO tickets (stack_small_id, selected_node_id, claimed_units, merkle_root, \
-         leaf_count, blob_id, blob_hash, created_epoch, window_end, blob_size) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         leaf_count, blob_id, blob_hash, created_epoch, window_end, blob_size, sample_seed) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             stack_id.0 as i64,
             node.0 as i64,
@@ -243,7 +258,8 @@ pub(super) fn try_settle_stack(
             commitment.blob_hash.to_string(),
             to_i64(epoch, "epoch")?,
             to_i64(window_end, "epoch")?,
-            to_i64(commitment.blob_size, "blob size")?
+            to_i64(commitment.blob_size, "blob size")?,
+            sample_seed.to_string()
         ],
     )
     .map_err(db_err)?;
@@ -269,6 +285,7 @@ pub(super) fn try_settle_stack(
             blob_hash: commitment.blob_hash,
             blob_size: commitment.blob_size,
             dispute_settled_at_epoch: window_end,
+            sample_seed,
         },
     )?;
     ticket_of(c, stack_id)
@@ -324,7 +341,12 @@ pub(super) fn attest(
 ) -> Result<SettlementTicket> {
     let t = attestor_may_act(c, sender, node, stack)?;
     if proof != t.commitment.merkle_root {
-        open_dispute(c, &t, node, proof)?;
+        let claim = DisputeClaim {
+            attestation_commitment: proof,
+            record: None,
+            position: None,
+        };
+        super::dispute::open(c, &t, node, &claim)?;
         return ticket_of(c, stack);
     }
     let seq: i64 = c
@@ -376,50 +398,15 @@ pub(super) fn attest(
     Ok(t)
 }
 
-fn open_dispute(
-    c: &Connection,
-    t: &SettlementTicket,
-    attestor: NodeSmallId,
-    commitment: Hash32,
-) -> Result<()> {
-    let stack = t.stack_small_id;
-    c.execute(
-        "UPDATE tickets SET in_dispute = 1 WHERE stack_small_id = ?1",
-        [stack.0 as i64],
-    )
-    .map_err(db_err)?;
-    c.execute(
-        "INSERT INTO disputes (stack_small_id, attestor, commitment, opened_epoch) \
-         VALUES (?1, ?2, ?3, ?4)",
-        params![
-            stack.0 as i64,
-            attestor.0 as i64,
-            commitment.to_string(),
-            to_i64(current_epoch(c)?, "epoch")?
-        ],
-    )
-    .map_err(db_err)?;
-    emit(
-        c,
-        &LedgerEvent::StackAttestationDisputeEvent {
-            stack_small_id: stack,
-            attestation_commitment: commitment,
-            attestation_node_id: attestor,
-            original_node_id: t.selected_node_id,
-            original_commitment: t.commitment.merkle_root,
-        },
-    )
-}
-
 pub(super) fn start_dispute(
     c: &Connection,
     sender: Address,
     node: NodeSmallId,
     stack: StackSmallId,
-    commitment: Hash32,
-) -> Result<()> {
+    claim: &DisputeClaim,
+) -> Result<Dispute> {
     let t = attestor_may_act(c, sender, node, stack)?;
-    open_dispute(c, &t, node, commitment)
+    super::dispute::open(c, &t, node, claim)
 }
 
 /// Pays out one settled ticket; the caller checked who claims.
@@ -500,7 +487,7 @@ fn pay_out(c: &Connection, t: &SettlementTicket) -> Result<ClaimOutcome> {
 }
 
 /// Returns what is left of a stack's escrow to its owner.
-fn refund_rest(c: &Connection, stack: &Stack, op: &str) -> Result<Amount> {
+pub(super) fn refund_rest(c: &Connection, stack: &Stack, op: &str) -> Result<Amount> {
     let left: i64 = c
         .query_row(
             "SELECT escrow_left FROM stacks WHERE small_id = ?1",

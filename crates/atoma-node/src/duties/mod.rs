@@ -9,11 +9,17 @@
 //!
 //! Attestation (`attest`): when a ticket names this node, it fetches the log from the DA store
 //! (the content hash is checked by the store client), checks the Merkle root and leaf count
-//! against the ticket, every record's user and node signatures, and that the claimed units are
-//! the sum of the records' usage, then attests or opens a dispute before the window ends.
-//! Re-executing the records is the "Verification" work, which plugs in here.
+//! against the ticket, every record's user signature and node signature, and that the claimed
+//! units are the sum of the records' usage, re-executes the records (all, or a sample drawn from
+//! the ticket's ledger seed) on its own engine (`crate::reexec`), then attests or opens a
+//! dispute naming the record and token before the window ends.
+//!
+//! Oracle (`oracle`): when the ledger hands this node a dispute, it checks the log the same way,
+//! re-executes the disputed record (or all of them), and resolves the dispute before its
+//! deadline. Parties to a dispute whose oracle stays silent past the deadline have it replaced.
 
 mod attest;
+mod oracle;
 mod settle;
 
 use std::sync::Arc;
@@ -23,6 +29,8 @@ use atoma_crypto::Keypair;
 use atoma_da::BlobStore;
 use atoma_ledger::{Address, Ledger};
 use atoma_state::meter::Meter;
+
+use crate::reexec::Reexecutor;
 
 /// When to settle and how fast to go round.
 #[derive(Debug, Clone)]
@@ -36,6 +44,8 @@ pub struct SettlementPolicy {
     /// A pause after each recorded step (0 in production; tests use it to kill a node between
     /// steps).
     pub step_pause: Duration,
+    /// Records an attestor re-executes per log (0: all of them).
+    pub verify_sample: usize,
 }
 
 impl Default for SettlementPolicy {
@@ -45,6 +55,7 @@ impl Default for SettlementPolicy {
             idle: Duration::from_secs(3_600),
             tick: Duration::from_millis(500),
             step_pause: Duration::ZERO,
+            verify_sample: 0,
         }
     }
 }
@@ -57,6 +68,8 @@ pub struct Duties {
     pub da: Arc<dyn BlobStore>,
     pub keys: Keypair,
     pub policy: SettlementPolicy,
+    /// Re-executes logged requests (`None`: integrity checks only).
+    pub reexec: Option<Arc<dyn Reexecutor>>,
 }
 
 impl std::fmt::Debug for Duties {
@@ -77,6 +90,8 @@ pub enum DutyError {
     Da(#[from] atoma_da::DaError),
     #[error("state: {0}")]
     State(#[from] atoma_state::meter::MeterError),
+    #[error("re-execution could not run: {0}")]
+    Reexec(String),
 }
 
 impl Duties {
@@ -92,6 +107,9 @@ impl Duties {
         }
         if let Err(e) = self.attest_round() {
             tracing::warn!(error = %e, "attestation round failed; retrying");
+        }
+        if let Err(e) = self.oracle_round() {
+            tracing::warn!(error = %e, "oracle round failed; retrying");
         }
     }
 

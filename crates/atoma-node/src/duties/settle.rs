@@ -183,7 +183,17 @@ impl Duties {
         };
         let node_fee = |claimed| level.node_fee(atoma_ledger::Amount(s.price), claimed);
         if t.is_claimed {
-            let fee = node_fee(t.num_claimed_compute_units).map_or(0, |a| a.0);
+            // Claimed by us before a crash, or closed by a dispute this node lost.
+            let lost = self
+                .ledger
+                .dispute(s.stack)?
+                .and_then(|d| d.outcome)
+                .is_some_and(|o| o != atoma_ledger::DisputeOutcome::NodeHonest);
+            let fee = if lost {
+                0
+            } else {
+                node_fee(t.num_claimed_compute_units).map_or(0, |a| a.0)
+            };
             return Ok(self.state.record_claimed(s.stack, fee)?);
         }
         if t.is_in_dispute || epoch < t.dispute_settled_at_epoch {

@@ -42,9 +42,10 @@ pub struct UpArgs {
     /// Length of a ledger epoch in milliseconds.
     #[arg(long, default_value_t = 2_000)]
     pub epoch_ms: u64,
-    /// Epochs after a settlement during which attestors may attest or dispute (a ticket opened
-    /// late in an epoch has one epoch less, so keep it at 2 or more).
-    #[arg(long, default_value_t = 3)]
+    /// Epochs after a settlement during which attestors may attest or dispute. Attestors
+    /// re-execute the stack's requests in that time, and a ticket opened late in an epoch has
+    /// one epoch less, so leave room.
+    #[arg(long, default_value_t = 5)]
     pub dispute_window_epochs: u64,
     /// Compute units of each stack bought for the user.
     #[arg(long, default_value_t = 100_000)]

@@ -1,0 +1,243 @@
+//! Re-executing a logged request on this node's engine, as an attestor or an oracle does.
+//!
+//! Nothing in the record is taken on trust that can be recomputed: the model digest and the
+//! determinism class must be this node's; the signed request body is parsed again, rendered
+//! with this node's chat template and tokenized, and must give the logged prompt tokens (a node
+//! that injected a system turn is caught here); the logged sampling parameters must be the
+//! body's after defaults (and its seed, if the body names one); then the engine replays the
+//! seeded sampler over one teacher-forced pass (`atoma_engine::verify`), and the text it
+//! produces must be the text of the signed answer, its finish reason the answer's.
+
+use std::sync::{Arc, OnceLock};
+
+use atoma_api::InferenceRequest;
+use atoma_engine::{FinishReason, SamplingParams, Verdict, VerifyRequest};
+use atoma_state::log::{LogRecord, ResponseRecord};
+use serde_json::Value;
+
+use crate::EngineBackend;
+
+/// What re-executing one record found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordVerdict {
+    Agree,
+    /// The record is wrong; `position` is the first bad output token, when the fault is in
+    /// the output.
+    Disagree {
+        position: Option<usize>,
+        reason: String,
+    },
+}
+
+fn disagree(position: Option<usize>, reason: impl Into<String>) -> RecordVerdict {
+    RecordVerdict::Disagree {
+        position,
+        reason: reason.into(),
+    }
+}
+
+/// Something that can re-execute logged requests. An `Err` means it could not run now (the
+/// model is loading, the engine is busy): retry, do not dispute.
+pub trait Reexecutor: Send + Sync {
+    fn reexecute(&self, record: &LogRecord) -> Result<RecordVerdict, String>;
+}
+
+/// A re-executor that exists before the model is loaded (`Err` until `set`).
+#[derive(Clone, Default)]
+pub struct ReexecSlot(Arc<OnceLock<Arc<dyn Reexecutor>>>);
+
+impl std::fmt::Debug for ReexecSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReexecSlot(ready: {})", self.0.get().is_some())
+    }
+}
+
+impl ReexecSlot {
+    pub fn set(&self, r: Arc<dyn Reexecutor>) {
+        let _ = self.0.set(r);
+    }
+}
+
+impl Reexecutor for ReexecSlot {
+    fn reexecute(&self, record: &LogRecord) -> Result<RecordVerdict, String> {
+        self.0
+            .get()
+            .ok_or_else(|| "the model is still loading".to_string())?
+            .reexecute(record)
+    }
+}
+
+/// The text and finish reason of a signed answer as the client got it.
+fn answer_text(response: &ResponseRecord) -> Result<(String, Option<String>), String> {
+    let parse = |t: &str| serde_json::from_str::<Value>(t).map_err(|e| e.to_string());
+    let piece = |c: &Value| -> String {
+        c["message"]["content"]
+            .as_str()
+            .or_else(|| c["delta"]["content"].as_str())
+            .or_else(|| c["text"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut text = String::new();
+    let mut finish = None;
+    let bodies = match response {
+        ResponseRecord::Json(t) => vec![parse(t)?],
+        ResponseRecord::Stream(chunks) => {
+            chunks.iter().map(|c| parse(c)).collect::<Result<_, _>>()?
+        }
+    };
+    for b in &bodies {
+        for c in b["choices"].as_array().into_iter().flatten() {
+            text.push_str(&piece(c));
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    Ok((text, finish))
+}
+
+fn finish_of(s: &str) -> Option<FinishReason> {
+    match s {
+        "stop" => Some(FinishReason::Stop),
+        "length" => Some(FinishReason::Length),
+        "cancelled" => Some(FinishReason::Cancelled),
+        _ => None,
+    }
+}
+
+impl EngineBackend {
+    /// The re-execution of `rec` (blocking: it waits for the engine's verdict).
+    pub fn reexecute_record(&self, rec: &LogRecord) -> Result<RecordVerdict, String> {
+        if rec.model_sha256 != self.model_sha256() {
+            return Ok(disagree(
+                None,
+                "the record names another model file than the task's",
+            ));
+        }
+        if rec.determinism_class != self.determinism_class() {
+            return Ok(disagree(
+                None,
+                format!(
+                    "the record's determinism class `{}` is not this echelon's `{}`",
+                    rec.determinism_class,
+                    self.determinism_class()
+                ),
+            ));
+        }
+        // The signed body, parsed and prepared as a serving node would.
+        let checked = match atoma_api::openai::parse_logged(&rec.request_body) {
+            Ok(c) => c,
+            Err(e) => {
+                return Ok(disagree(
+                    None,
+                    format!("the signed body is not a valid request: {e}"),
+                ));
+            }
+        };
+        let req: InferenceRequest = checked.inference;
+        if req.seed.is_some_and(|s| s != rec.seed) {
+            return Ok(disagree(
+                None,
+                "the logged seed is not the one the user asked for",
+            ));
+        }
+        let prepared = match self.prepare_logged(req, rec.seed) {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(disagree(
+                    None,
+                    format!("the signed body cannot be served: {e}"),
+                ));
+            }
+        };
+        if prepared.prompt_token_ids != rec.prompt_tokens {
+            return Ok(disagree(
+                None,
+                "the logged prompt is not the signed request's rendered prompt",
+            ));
+        }
+        if prepared.sampling != rec.sampling {
+            return Ok(disagree(
+                None,
+                "the logged sampling parameters are not the signed request's",
+            ));
+        }
+        if rec.usage_prompt_tokens != rec.prompt_tokens.len() as u64
+            || rec.usage_completion_tokens != rec.output_tokens.len() as u64
+        {
+            return Ok(disagree(None, "the usage does not match the token ids"));
+        }
+        let Some(finish) = finish_of(&rec.finish_reason) else {
+            return Ok(disagree(
+                None,
+                format!("unknown finish reason `{}`", rec.finish_reason),
+            ));
+        };
+        let s = &rec.sampling;
+        let verdict = self
+            .engine()
+            .verify(VerifyRequest {
+                prompt: rec.prompt_tokens.clone(),
+                output: rec.output_tokens.clone(),
+                max_tokens: s.max_tokens as usize,
+                sampling: SamplingParams {
+                    temperature: s.temperature,
+                    top_k: s.top_k as usize,
+                    top_p: s.top_p,
+                    min_p: s.min_p,
+                    repetition_penalty: s.repetition_penalty,
+                    presence_penalty: s.presence_penalty,
+                    frequency_penalty: s.frequency_penalty,
+                    seed: rec.seed,
+                    ..SamplingParams::default()
+                },
+                stop: s.stop.clone(),
+                stop_token_ids: Vec::new(),
+                ignore_eos: s.ignore_eos,
+                finish,
+            })
+            .map_err(|e| e.to_string())?
+            .verdict_blocking()
+            .map_err(|e| e.to_string())?;
+        let text = match verdict {
+            Verdict::Disagree {
+                position,
+                expected,
+                logged,
+                reason,
+            } => {
+                return Ok(disagree(
+                    Some(position),
+                    format!("{reason} (sampler: {expected:?}, log: {logged:?})"),
+                ));
+            }
+            Verdict::Agree { text } => text,
+        };
+        let (answered, answered_finish) = match answer_text(&rec.response) {
+            Ok(v) => v,
+            Err(e) => return Ok(disagree(None, format!("the answer is not JSON: {e}"))),
+        };
+        if answered != text {
+            return Ok(disagree(
+                None,
+                "the answer's text is not the detokenized output",
+            ));
+        }
+        if finish != FinishReason::Cancelled
+            && answered_finish.as_deref() != Some(&rec.finish_reason)
+        {
+            return Ok(disagree(
+                None,
+                "the answer's finish reason is not the logged one",
+            ));
+        }
+        Ok(RecordVerdict::Agree)
+    }
+}
+
+impl Reexecutor for EngineBackend {
+    fn reexecute(&self, record: &LogRecord) -> Result<RecordVerdict, String> {
+        self.reexecute_record(record)
+    }
+}
