@@ -39,6 +39,10 @@ pub struct Args {
     /// Do not run llama-bench even if it is found.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Instead: the cost of verifying N logged requests by re-execution next to generating
+    /// them (`-p` prompt and `-n` generated tokens each), one at a time and all at once.
+    #[arg(long, value_name = "N")]
+    pub verify: Option<usize>,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -65,6 +69,15 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     );
     let path = store.resolve(&a.model)?;
     let lm = progress::load_model(&path, &a.load.options())?;
+    if let Some(n) = a.verify {
+        eprintln!(
+            "atoma bench --verify: {} ({}), {threads} threads, kernel {}",
+            lm.info.name,
+            path.display(),
+            atoma_engine::cpu_matmul_kernel()
+        );
+        return crate::cmd::bench_verify::run(lm, n, a.prompt_tokens, a.gen_tokens);
+    }
     let model = &lm.model;
     anyhow::ensure!(
         a.prompt_tokens.max(a.gen_tokens) < model.config().context,
