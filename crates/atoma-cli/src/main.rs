@@ -29,6 +29,16 @@ struct Cli {
     /// Log filter (e.g. `info`, `atoma_engine=debug`); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// CPU kernel of the quantized matmuls: auto (the best this CPU has), avx512-vnni, avx2 or
+    /// scalar. Every kernel gives the same bits; only speed differs.
+    #[arg(
+        long,
+        global = true,
+        env = "ATOMA_KERNEL",
+        default_value = "auto",
+        value_parser = kernel_parser()
+    )]
+    kernel: atoma_engine::KernelChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,6 +101,12 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
+    if cli.kernel != atoma_engine::KernelChoice::Auto
+        && let Err(e) = atoma_engine::select_kernel(cli.kernel)
+    {
+        eprintln!("error: --kernel {}: {e}", cli.kernel);
+        return ExitCode::FAILURE;
+    }
     let store = atoma_models::ModelStore::new(
         cli.model_cache
             .clone()
@@ -146,6 +162,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--kernel`: one of the engine's kernel names, listed in the help and in the error.
+fn kernel_parser() -> impl clap::builder::TypedValueParser<Value = atoma_engine::KernelChoice> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(
+        atoma_engine::KernelChoice::ALL.map(atoma_engine::KernelChoice::as_str),
+    )
+    .try_map(|s| s.parse::<atoma_engine::KernelChoice>())
 }
 
 /// The binary is built for x86-64-v3; say so instead of dying with SIGILL on an older CPU.

@@ -36,12 +36,15 @@ use tokio::sync::oneshot;
 use crate::error::{EngineError, Result};
 use crate::generate::{FinishReason, GenerateRequest, Generation, GenerationEvent, validate};
 use crate::loaded::LoadedModel;
-use crate::model::{BatchSeq, KvDtype, PagedKv};
+use crate::model::{BatchSeq, KernelChoice, KvDtype, PagedKv, select_kernel};
 use crate::verify::{Verdict, VerifyRequest, VerifyState};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// CPU kernel of the quantized matmuls and vector math; fixed once per process (the first
+    /// engine's choice holds; `Auto` accepts the level already in use).
+    pub kernel: KernelChoice,
     /// Requests that may wait to start; one more is refused as overloaded.
     pub queue_capacity: usize,
     /// Requests generating at once.
@@ -60,11 +63,15 @@ pub struct EngineConfig {
     pub kv_dtype: KvDtype,
     /// Rows with logits a verification may take per step (each holds a vocabulary of `f32`).
     pub max_verify_rows: usize,
+    /// Prompt tokens in a step that also decodes (0: no cap), so that a long prompt does not
+    /// stall the running streams' next tokens.
+    pub max_prefill_while_decoding: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
+            kernel: KernelChoice::Auto,
             queue_capacity: 64,
             max_num_seqs: 32,
             max_num_batched_tokens: 512,
@@ -74,6 +81,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             kv_dtype: KvDtype::default(),
             max_verify_rows: 64,
+            max_prefill_while_decoding: 64,
         }
     }
 }
@@ -148,6 +156,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Allocates the KV cache and starts the worker thread for `model`.
     pub fn start(model: LoadedModel, cfg: &EngineConfig) -> Result<Self> {
+        select_kernel(cfg.kernel)?;
         if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
             return Err(EngineError::InvalidRequest(
                 "block_size, max_num_seqs and max_num_batched_tokens must be at least 1".into(),
@@ -171,6 +180,7 @@ impl Engine {
                 max_waiting: usize::MAX,
                 enable_prefix_caching: cfg.enable_prefix_caching,
                 max_logit_rows: cfg.max_verify_rows.max(1),
+                max_prefill_while_decoding: cfg.max_prefill_while_decoding,
             },
             BlockPool::new(blocks, cfg.block_size),
         );

@@ -30,8 +30,8 @@ pub use generate::{
 };
 pub use loaded::{LoadedModel, ModelInfo};
 pub use model::{
-    Architecture, BatchSeq, KvCache, KvDtype, LoadOptions, Model, ModelConfig, PagedKv,
-    cpu_matmul_kernel,
+    Architecture, BatchSeq, KernelChoice, KvCache, KvDtype, LoadOptions, Model, ModelConfig,
+    PagedKv, cpu_matmul_kernel, select_kernel,
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TokenId, Tokenizer};

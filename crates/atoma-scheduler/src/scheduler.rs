@@ -7,6 +7,9 @@
 //! 2. the remaining token budget goes to prefill chunks: first sequences already mid-prompt, then
 //!    waiting ones in arrival order, while fewer than `max_num_seqs` run. A new sequence first
 //!    takes the blocks of its longest cached prefix (prefix caching) and computes only the rest.
+//!    A step that carries decodes gives prefills at most `max_prefill_while_decoding` tokens:
+//!    every running stream waits for the whole step, so a long prompt chunk in it would stall
+//!    them all (the inter-token latency spikes); prompts then take more, shorter steps.
 //!
 //! The engine runs the plan and reports sampled tokens and finished sequences with `complete`.
 //! Cancellation (`abort`) returns a sequence's blocks at once. The waiting queue is bounded;
@@ -39,6 +42,8 @@ pub struct SchedulerConfig {
     /// Rows with logits one background sequence may take per step (their logits are kept in
     /// memory: `rows × vocabulary × 4` bytes).
     pub max_logit_rows: usize,
+    /// Prefill tokens in a step that also decodes (0: no cap beyond the step's budget).
+    pub max_prefill_while_decoding: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -49,6 +54,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             enable_prefix_caching: true,
             max_logit_rows: 64,
+            max_prefill_while_decoding: 64,
         }
     }
 }
@@ -391,6 +397,12 @@ impl Scheduler {
                 budget -= 1;
                 i += 1;
             }
+        }
+        // With decodes in the step, prefills get a small share of it so the step stays short.
+        let decodes = plan.items.len();
+        let cap = self.cfg.max_prefill_while_decoding;
+        if decodes > 0 && cap > 0 {
+            budget = budget.min(cap);
         }
         // 2. Prefill chunks: running sequences mid-prompt (live ones first), then waiting ones.
         let mut mid: Vec<SeqId> = self

@@ -134,6 +134,7 @@ fn cfg(budget: usize, seqs: usize) -> SchedulerConfig {
         max_waiting: 1000,
         enable_prefix_caching: true,
         max_logit_rows: 4,
+        max_prefill_while_decoding: 0,
     }
 }
 
@@ -316,4 +317,84 @@ fn paging_serves_many_more_short_requests_than_full_allocation() {
     assert_eq!(sim.max_running, 16);
     assert!(sim.max_running >= 4 * up_front);
     assert!(sim.outputs.values().all(|o| o.len() == 64));
+}
+
+/// Steps that decode give prefills only `max_prefill_while_decoding` tokens, so a long prompt
+/// arriving amid running streams cannot stall them; alone, a prompt gets the whole budget.
+#[test]
+fn decoding_steps_stay_short_while_prompts_wait() {
+    let mut sim = Sim::new(
+        SchedulerConfig {
+            max_prefill_while_decoding: 32,
+            ..cfg(256, 8)
+        },
+        200,
+        8,
+    );
+    for i in 0..4 {
+        sim.add(i, prompt(i as u32, 10), 40);
+    }
+    // Let the four reach decode.
+    while sim.outputs.len() < 4 {
+        assert!(sim.step());
+    }
+    sim.add(9, prompt(9, 300), 5);
+    let mut decoding_steps = 0;
+    loop {
+        let plan = sim.sched.schedule();
+        let decodes = plan
+            .items
+            .iter()
+            .filter(|it| it.tokens.len() == 1 && it.sample)
+            .count();
+        let prefill: usize = plan
+            .items
+            .iter()
+            .filter(|it| it.seq == 9)
+            .map(|it| it.tokens.len())
+            .sum();
+        if decodes > 0 && prefill > 0 {
+            decoding_steps += 1;
+            assert!(prefill <= 32, "{prefill} prefill tokens in a decoding step");
+        }
+        // Put the plan back through the simulated engine's bookkeeping.
+        let results: Vec<StepResult> = plan
+            .items
+            .iter()
+            .filter(|it| it.sample)
+            .map(|it| {
+                let full = &sim.shadow[&it.seq];
+                let tok = next_token(&full[..it.start + it.tokens.len()]);
+                let out = sim.outputs.entry(it.seq).or_default();
+                out.push(tok);
+                let done = out.len() >= sim.max_new[&it.seq];
+                sim.shadow.get_mut(&it.seq).unwrap().push(tok);
+                StepResult {
+                    seq: it.seq,
+                    sampled: Some(tok),
+                    finished: done,
+                }
+            })
+            .collect();
+        sim.sched.complete(&plan, &results);
+        if sim.outputs.get(&9).is_some_and(|o| o.len() >= 5) {
+            break;
+        }
+    }
+    assert!(
+        decoding_steps >= 300 / 32,
+        "the prompt was cut into short chunks"
+    );
+    // Once nobody decodes, a prompt takes the whole budget.
+    let mut alone = Sim::new(
+        SchedulerConfig {
+            max_prefill_while_decoding: 32,
+            ..cfg(256, 8)
+        },
+        200,
+        8,
+    );
+    alone.add(1, prompt(1, 300), 1);
+    let plan = alone.sched.schedule();
+    assert_eq!(plan.items[0].tokens.len(), 256);
 }

@@ -148,6 +148,12 @@ pub struct EngineSection {
     pub prefix_caching: bool,
     /// KV cache element type: `f16` (half the memory and memory traffic) or `f32`.
     pub kv_dtype: atoma_engine::KvDtype,
+    /// CPU kernel: `auto` (the best this CPU has), `avx512-vnni`, `avx2` or `scalar`; the same
+    /// bits either way, only speed differs.
+    pub kernel: atoma_engine::KernelChoice,
+    /// Prompt tokens in a step that also decodes (0: no cap): a long prompt is cut into short
+    /// chunks so that the running streams' next tokens are not held up.
+    pub max_prefill_while_decoding: usize,
 }
 
 impl Default for NodeSection {
@@ -189,6 +195,8 @@ impl Default for EngineSection {
             kv_cache_mib: 512,
             prefix_caching: true,
             kv_dtype: atoma_engine::KvDtype::default(),
+            kernel: atoma_engine::KernelChoice::Auto,
+            max_prefill_while_decoding: 64,
         }
     }
 }
@@ -355,6 +363,8 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         kv_cache_mib: cfg.engine.kv_cache_mib,
         enable_prefix_caching: cfg.engine.prefix_caching,
         kv_dtype: cfg.engine.kv_dtype,
+        kernel: cfg.engine.kernel,
+        max_prefill_while_decoding: cfg.engine.max_prefill_while_decoding,
         ..EngineConfig::default()
     };
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -370,7 +380,10 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
             let eb = Arc::new(EngineBackend::new(engine, load_name.clone(), digest));
             backend.set(eb.clone());
             reexec.set(eb);
-            eprintln!("model loaded: {info}, served as `{load_name}`");
+            eprintln!(
+                "model loaded: {info}, served as `{load_name}`, kernel {}",
+                atoma_engine::cpu_matmul_kernel()
+            );
             Ok(())
         });
         let _ = loaded_tx.send(res);

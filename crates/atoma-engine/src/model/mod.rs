@@ -11,6 +11,7 @@
 //! layers apply their window during decode too; Gemma's MLP uses GELU-tanh.
 
 pub mod config;
+mod cpu;
 mod paged;
 mod paged_attn;
 mod qmm;
@@ -24,6 +25,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{D, DType, Device, Module, Tensor};
 
 pub use config::{Activation, Architecture, ModelConfig};
+pub use cpu::{KernelChoice, cpu_matmul_kernel, select_kernel};
 pub use paged::{BatchSeq, KvDtype, PagedKv};
 use weights::{Linear, WeightLoader};
 
@@ -499,40 +501,6 @@ impl Rope {
             sin: angles.sin()?.contiguous()?,
         })
     }
-}
-
-/// The f32 values of a CPU tensor's storage from its layout's start offset, read in place (the
-/// caller indexes them by the layout's strides). `what` names the operation in the error.
-pub(crate) fn cpu_f32<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("{what}: the input is not on the CPU");
-    };
-    cpu.as_slice::<f32>()?
-        .get(layout.start_offset()..)
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: layout outside the storage")))
-}
-
-/// An output buffer's base pointer shared by the workers of one kernel call (`qmm`,
-/// `paged_attn`); each worker writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the whole (`Sync`) wrapper.
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// The CPU kernel the quantized matmuls use on this machine (`avx512-vnni`, `avx2` or `scalar`).
-pub fn cpu_matmul_kernel() -> &'static str {
-    qmm::kernel_name()
 }
 
 #[cfg(test)]

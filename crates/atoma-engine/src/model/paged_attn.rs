@@ -13,7 +13,7 @@
 //! (token, head) when there are too few tasks to keep the threads busy; each task writes its own
 //! output slice, and the per-head arithmetic is the same either way.
 
-use super::OutPtr;
+use super::cpu::{Level, OutPtr, level, threads};
 use super::vmath::exp;
 #[cfg(target_arch = "x86_64")]
 use super::vmath::exp8;
@@ -92,8 +92,7 @@ fn vector_ok() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        super::qmm::level() != super::qmm::Level::Scalar
-            && *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
+        level() != Level::Scalar && *F16C.get_or_init(|| is_x86_feature_detected!("f16c"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -227,7 +226,7 @@ unsafe fn scores8<T: KvElem>(
 fn softmax_numerators(v: &mut [f32], max: f32) {
     v.iter_mut().for_each(|x| *x -= max);
     #[cfg(target_arch = "x86_64")]
-    if super::qmm::level() != super::qmm::Level::Scalar {
+    if level() != Level::Scalar {
         let mut chunks = v.chunks_exact_mut(8);
         for c in &mut chunks {
             // SAFETY: AVX2 and FMA were detected; the chunk holds 8 values.
@@ -334,7 +333,7 @@ pub(crate) fn paged_attention<T: KvElem>(
     let kv_row = n_kv_heads * d;
     debug_assert_eq!(q.len(), n_heads * t * d);
     debug_assert_eq!(out.len(), t * n_heads * d);
-    let threads = super::qmm::threads();
+    let threads = threads();
     // Heads per task: a whole KV group (each key and value loaded once for the group) when
     // there are enough tasks for the threads, else one head.
     let hpt = if t * n_kv_heads >= 4 * threads {

@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 
-use super::qmm::{Level, level};
+use super::cpu::{Level, OutPtr, cpu_f32, level};
 
 /// `exp(x)`, clamped to `[-87, 88]` (softmax numerators, GELU, SiLU): Cephes' single-precision polynomial with fused
 /// multiply-adds, about 1 ulp. Written out so that the 8-lane version below gives the same bits
@@ -307,8 +307,8 @@ pub(crate) fn gated_activation(
     }
     let (gst, gl) = gate.storage_and_layout();
     let (ust, ul) = up.storage_and_layout();
-    let gv = super::cpu_f32(&gst, gl, "gated activation")?;
-    let uv = super::cpu_f32(&ust, ul, "gated activation")?;
+    let gv = cpu_f32(&gst, gl, "gated activation")?;
+    let uv = cpu_f32(&ust, ul, "gated activation")?;
     // Check every row once here, so the parallel part below cannot fail.
     let fits = |len: usize, stride: usize| rows == 0 || (rows - 1) * stride + n <= len;
     if !fits(gv.len(), gs) || !fits(uv.len(), us) {
@@ -316,7 +316,7 @@ pub(crate) fn gated_activation(
     }
     let len = rows * n;
     let mut out = vec![0f32; len];
-    let base = super::OutPtr(out.as_mut_ptr());
+    let base = OutPtr(out.as_mut_ptr());
     // Work items: (row, chunk of CHUNK columns).
     const CHUNK: usize = 8192;
     let per_row = n.div_ceil(CHUNK).max(1);
@@ -371,9 +371,9 @@ pub(crate) fn rope(
     let (cst, cl) = cs.storage_and_layout();
     let (sst, sl) = ss.storage_and_layout();
     let half = d / 2;
-    let src = &super::cpu_f32(&xst, xl, "rope")?[..h * t * d];
-    let cv = &super::cpu_f32(&cst, cl, "rope")?[..t * half];
-    let sv = &super::cpu_f32(&sst, sl, "rope")?[..t * half];
+    let src = &cpu_f32(&xst, xl, "rope")?[..h * t * d];
+    let cv = &cpu_f32(&cst, cl, "rope")?[..t * half];
+    let sv = &cpu_f32(&sst, sl, "rope")?[..t * half];
     let mut out = vec![0f32; h * t * d];
     let head = |hi: usize, o: &mut [f32]| {
         let xh = &src[hi * t * d..(hi + 1) * t * d];
@@ -400,7 +400,7 @@ pub(crate) fn rope(
             head(hi, o);
         }
     } else {
-        let base = super::OutPtr(out.as_mut_ptr());
+        let base = OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(h, |range| {
             for hi in range {
                 // SAFETY: head hi owns out[hi*t*d..(hi+1)*t*d]; heads are disjoint.

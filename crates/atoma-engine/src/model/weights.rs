@@ -9,6 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 
+use super::cpu::cpu_f32;
 use super::qmm::PackedMatrix;
 
 /// Reads tensors from a GGUF file, reporting progress.
@@ -133,7 +134,7 @@ impl Module for Linear {
                 let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
                 let out = {
                     let (storage, layout) = x.storage_and_layout();
-                    w.matmul_vec(&super::cpu_f32(&storage, layout, "packed matmul")?[..m * kx])
+                    w.matmul_vec(&cpu_f32(&storage, layout, "packed matmul")?[..m * kx])
                 };
                 Tensor::from_vec(out, (m, w.n()), x.device())
             }

@@ -56,6 +56,13 @@ pub struct UpArgs {
     /// Settle a stack once this share of its units is used (percent).
     #[arg(long, default_value_t = 95)]
     pub threshold_percent: u64,
+    /// CPU kernel of each node, cycled (e.g. `auto,avx2,scalar`: attestors on other vector
+    /// levels than the seller; outputs are the same bits on every level).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub kernels: Vec<atoma_engine::KernelChoice>,
+    /// Records an attestor re-executes per stack log (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub verify_sample: usize,
     /// Settle a used stack idle for this long (seconds).
     #[arg(long, default_value_t = 3_600)]
     pub idle_secs: u64,

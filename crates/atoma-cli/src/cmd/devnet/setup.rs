@@ -126,6 +126,10 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
         cfg.settlement.threshold_percent = a.threshold_percent;
         cfg.settlement.idle_secs = a.idle_secs;
         cfg.settlement.tick_ms = 200;
+        cfg.settlement.verify_sample = a.verify_sample;
+        if !a.kernels.is_empty() {
+            cfg.engine.kernel = a.kernels[(i - 1) % a.kernels.len()];
+        }
         let config = node_home.root.join("node.toml");
         std::fs::write(&config, toml::to_string_pretty(&cfg)?)?;
         nodes.push(NodeEntry {

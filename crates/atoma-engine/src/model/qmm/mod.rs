@@ -1,0 +1,441 @@
+//! `x @ W^T` for quantized weights on the CPU: weights repacked once at load into column panels
+//! of 8-bit integers, multiplied by tiles of activation rows so each weight byte loaded serves
+//! every row of the tile.
+//!
+//! Why by hand: candle 0.11.1's CPU `QMatMul` computes one dot product per (row, column),
+//! re-decoding every weight block for every row of a batch, so a batch of 16 decodes costs
+//! nearly 16 single decodes. Its repacked VNNI tiles only exist for Q8_0/Q4_0 with an inner
+//! dimension that is a multiple of 256, and it takes different code paths (which round
+//! differently) for one row and for several, which breaks batch invariance.
+//!
+//! Format. Every supported GGML type is an affine map of small integers per sub-block of 16 or
+//! 32 values: `w = s * (q - z) + mn`, with `q` an unsigned byte, `z` a zero point fixed per type,
+//! `s` a scale and `mn` an offset (only Q4_1, Q5_1 and the K-quants have one). `s` and `mn` are
+//! exact in f32 (an f16 times a 6- or 8-bit integer), so the repacked matrix holds *exactly* the
+//! weights of the file: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K. The bytes of 8
+//! consecutive output columns are interleaved in groups of 4 (`[group][column][4]`), so one
+//! 32-byte load holds 4 consecutive weights of 8 columns and a VNNI `vpdpbusd` with 4 broadcast
+//! activation bytes adds one 4-term dot product into each of 8 column lanes. Types whose codes
+//! have 4 bits (Q4_0, Q4_1, Q4_K) store two groups per 32-byte load, one in each nibble: a
+//! single decode streams every weight from memory once, so bytes per weight set its speed. The
+//! price is memory for the others: one byte per weight, and for all 4 (or 8) bytes of f32
+//! scales per sub-block.
+//!
+//! Activations are quantized per row to 8 bits per 32 values (`scale = amax / 127`, rounded
+//! through f16 as in ggml's Q8_0). For each output the kernel computes, per weight sub-block, the
+//! exact integer `sum((q - z) * qa)` and then `acc = fma(float(dot), s * da, acc)` (and
+//! `acc = fma(float(sum qa), mn * da, acc)` where there is an offset), one f32 lane per column,
+//! sub-blocks in order. That sequence does not depend on the tile, the number of rows, the
+//! thread split or the instruction set (AVX-512 VNNI, AVX2, scalar give the same bits; tested),
+//! so a request's logits never depend on what else is in the batch.
+//!
+//! Files: this one holds `PackedMatrix`, its layout and the dispatch of a product over tiles and
+//! threads; `pack` repacks each GGUF type exactly into that layout; `quant` quantizes the
+//! activation rows; `tiles` holds the register tiles of each level (VNNI, AVX2, scalar).
+
+mod pack;
+mod quant;
+mod tiles;
+
+use candle_core::quantized::GgmlDType;
+
+use super::cpu::{Level, OutPtr, level, threads};
+use quant::{QuantRows, quantize_rows};
+use tiles::tile_scalar;
+#[cfg(target_arch = "x86_64")]
+use tiles::{tile_avx2, tile_vnni};
+
+/// Activation quantization block (values per activation scale).
+const QA: usize = 32;
+/// Output columns per panel (lanes of one 256-bit register of f32).
+const PANEL: usize = 8;
+/// Activation rows per register tile.
+const RM: usize = 4;
+/// Panels per register tile.
+const RP: usize = 2;
+
+/// A weight matrix `[n, k]` repacked into 8-column panels of bytes (see the module doc).
+pub(crate) struct PackedMatrix {
+    n: usize,
+    k: usize,
+    /// Values per sub-block (one scale): 16 or 32.
+    sb: usize,
+    /// Zero point subtracted from every stored byte.
+    zero: i32,
+    /// `[panel][sub-block][group of 4][column][4]` bytes, or for 4-bit types (`nib`)
+    /// `[panel][sub-block][pair of groups][column][4]` bytes holding group `2h` in the low
+    /// nibble and group `2h + 1` in the high one.
+    q: Vec<u8>,
+    /// Codes are 4-bit (Q4_0, Q4_1, Q4_K): two per byte, half the memory traffic.
+    nib: bool,
+    /// `[panel][sub-block][column]` scales.
+    scale: Vec<f32>,
+    /// `[panel][sub-block][column]` offsets; empty for types without one.
+    min: Vec<f32>,
+    dtype: GgmlDType,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("dtype", &self.dtype)
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Code `l` of column `c` in group `g` of one packed sub-block `qb` (its bytes, halved for
+/// nibbles): the layout of `PackedMatrix::q`, read one value at a time.
+#[inline(always)]
+fn code_at(qb: &[u8], nib: bool, g: usize, c: usize, l: usize) -> u8 {
+    if nib {
+        let b = qb[g / 2 * 4 * PANEL + c * 4 + l];
+        if g.is_multiple_of(2) { b & 0xF } else { b >> 4 }
+    } else {
+        qb[g * 4 * PANEL + c * 4 + l]
+    }
+}
+
+impl PackedMatrix {
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Row `col` of the weight matrix, dequantized (exact).
+    #[cfg(test)]
+    pub(crate) fn dequantize_row(&self, col: usize) -> Vec<f32> {
+        let nsb = self.k / self.sb;
+        let (p, c) = (col / PANEL, col % PANEL);
+        let mut out = vec![0f32; self.k];
+        for t in 0..nsb {
+            let o = (p * nsb + t) * PANEL + c;
+            for e in 0..self.sb {
+                let (g, l) = (e / 4, e % 4);
+                let blk = (p * nsb + t) * self.sb * PANEL;
+                let qb = if self.nib {
+                    &self.q[blk / 2..]
+                } else {
+                    &self.q[blk..]
+                };
+                let byte = code_at(qb, self.nib, g, c, l);
+                let mut v = self.scale[o] * (i32::from(byte) - self.zero) as f32;
+                if !self.min.is_empty() {
+                    v += self.min[o];
+                }
+                out[t * self.sb + e] = v;
+            }
+        }
+        out
+    }
+
+    /// `out[m, n] = x[m, k] @ W^T`.
+    #[cfg(test)]
+    pub(crate) fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        self.matmul_with(level(), x, out);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn matmul_with(&self, lvl: Level, x: &[f32], out: &mut [f32]) {
+        assert!(x.len().is_multiple_of(self.k), "activation size");
+        assert_eq!(out.len(), x.len() / self.k * self.n, "output size");
+        // SAFETY: `out` holds the m x n outputs (checked above).
+        unsafe { self.matmul_raw(lvl, x, out.as_mut_ptr()) }
+    }
+
+    /// `x @ W^T` into a new vector, without zeroing it first: the tiles store every output
+    /// (zeroing a prefill step's outputs was a serial memset on the engine thread while the other
+    /// compute threads waited).
+    pub(crate) fn matmul_vec(&self, x: &[f32]) -> Vec<f32> {
+        assert!(x.len().is_multiple_of(self.k), "activation size");
+        let len = x.len() / self.k * self.n;
+        let mut out = Vec::<f32>::with_capacity(len);
+        // SAFETY: the buffer holds `len` = m x n values; `matmul_raw` stores every one of them
+        // (every row block times every panel, the last panel cut at column n), so all `len`
+        // elements are initialized before `set_len`.
+        unsafe {
+            self.matmul_raw(level(), x, out.as_mut_ptr());
+            out.set_len(len);
+        }
+        out
+    }
+
+    /// # Safety
+    /// `out` must be valid for writes of `x.len() / k * n` values. Every one of them is written.
+    unsafe fn matmul_raw(&self, lvl: Level, x: &[f32], out: *mut f32) {
+        let (n, k) = (self.n, self.k);
+        assert!(x.len().is_multiple_of(k), "activation size");
+        let m = x.len() / k;
+        if m == 0 {
+            return;
+        }
+        let a = quantize_rows(lvl, x, k, self.sb, self.zero);
+        let ptr = OutPtr(out);
+        let tiles = n.div_ceil(PANEL * RP);
+        // Enough chunks to balance the threads, few enough to amortize waking them.
+        let chunks = (threads() * 4).min(tiles).max(1);
+        let per = tiles.div_ceil(chunks);
+        let run = |c: usize| {
+            let p0 = c * per * RP;
+            let p1 = ((c + 1) * per * RP).min(n.div_ceil(PANEL));
+            let mut p = p0;
+            while p < p1 {
+                let np = RP.min(p1 - p);
+                let mut i = 0;
+                while i < m {
+                    let rm = RM.min(m - i);
+                    // SAFETY: outputs (i..i+rm, panels p..p+np) are written by this call only;
+                    // sizes were checked above.
+                    unsafe { self.tile(lvl, &a, i, rm, p, np, ptr.get()) };
+                    i += rm;
+                }
+                p += np;
+            }
+        };
+        if chunks == 1 {
+            run(0);
+        } else {
+            // candle's persistent spinning pool: waking it costs far less than a rayon
+            // fork-join, which matters for the many small matmuls of a decode step.
+            candle_core::utils::barrier_pool().execute_chunked(chunks, |range| range.for_each(run));
+        }
+    }
+
+    /// One tile: rows `i..i+rm`, panels `p..p+np`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        lvl: Level,
+        a: &QuantRows,
+        i: usize,
+        rm: usize,
+        p: usize,
+        np: usize,
+        out: *mut f32,
+    ) {
+        macro_rules! go {
+            ($f:ident, $sb:literal, $min:literal, $nib:literal) => {
+                match (rm, np) {
+                    (4, 2) => $f::<4, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (3, 2) => $f::<3, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (2, 2) => $f::<2, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (1, 2) => $f::<1, 2, $sb, $min, $nib>(self, a, i, p, out),
+                    (4, _) => $f::<4, 1, $sb, $min, $nib>(self, a, i, p, out),
+                    (3, _) => $f::<3, 1, $sb, $min, $nib>(self, a, i, p, out),
+                    (2, _) => $f::<2, 1, $sb, $min, $nib>(self, a, i, p, out),
+                    _ => $f::<1, 1, $sb, $min, $nib>(self, a, i, p, out),
+                }
+            };
+        }
+        macro_rules! by_format {
+            ($f:ident) => {
+                match (self.sb, self.min.is_empty(), self.nib) {
+                    (32, true, true) => go!($f, 32, false, true),
+                    (32, false, true) => go!($f, 32, true, true),
+                    (32, true, false) => go!($f, 32, false, false),
+                    (32, false, false) => go!($f, 32, true, false),
+                    (16, true, _) => go!($f, 16, false, false),
+                    _ => go!($f, 16, true, false),
+                }
+            };
+        }
+        unsafe {
+            match lvl {
+                #[cfg(target_arch = "x86_64")]
+                Level::Vnni => by_format!(tile_vnni),
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 => by_format!(tile_avx2),
+                _ => by_format!(tile_scalar),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quant::quantize_block;
+    #[cfg(target_arch = "x86_64")]
+    use super::quant::quantize_block_avx2;
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    const TYPES: [GgmlDType; 8] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
+    fn pattern(len: usize, seed: usize, amp: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 2654435761 + seed * 40503) % 1009) as f32 / 1009.0 - 0.5) * amp)
+            .collect()
+    }
+
+    fn quantized(dtype: GgmlDType, n: usize, k: usize) -> QTensor {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(pattern(n * k, 7, 0.4), (n, k), &dev).unwrap();
+        QTensor::quantize(&w, dtype).unwrap()
+    }
+
+    /// The repacked weights are exactly candle's dequantized weights, for every type.
+    #[test]
+    fn packing_is_exact() {
+        let (n, k) = (11, 512);
+        for dtype in TYPES {
+            let qt = quantized(dtype, n, k);
+            let deq = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let packed = PackedMatrix::pack(dtype, &qt.data().unwrap(), n, k);
+            for (col, want) in deq.iter().enumerate() {
+                let got = packed.dequantize_row(col);
+                for (e, (g, w)) in got.iter().zip(want).enumerate() {
+                    // Identical up to the rounding of candle's `d * sc * q - m` (one f32 op
+                    // apart at most).
+                    assert!(
+                        (g - w).abs() <= w.abs() * 2e-7 + 1e-9,
+                        "{dtype:?} [{col},{e}]: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every type, tile shape and kernel level: close to the exact product with the
+    /// dequantized weights, the same bits on every level, and each row's bits independent of
+    /// the other rows.
+    #[test]
+    fn every_type_tile_and_level_agree_and_rows_are_independent() {
+        let (n, k) = (21, 512);
+        let mut levels = vec![Level::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                levels.push(Level::Avx2);
+            }
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                levels.push(Level::Vnni);
+            }
+        }
+        for dtype in TYPES {
+            let qt = quantized(dtype, n, k);
+            let packed = PackedMatrix::pack(dtype, &qt.data().unwrap(), n, k);
+            let deq: Vec<Vec<f32>> = (0..n).map(|c| packed.dequantize_row(c)).collect();
+            for m in [1usize, 2, 5, 9] {
+                let x = pattern(m * k, m, 3.0);
+                let mut first: Option<Vec<f32>> = None;
+                for &lvl in &levels {
+                    let mut out = vec![0f32; m * n];
+                    packed.matmul_with(lvl, &x, &mut out);
+                    for r in 0..m {
+                        for c in 0..n {
+                            let xr = &x[r * k..(r + 1) * k];
+                            let want: f32 = xr.iter().zip(&deq[c]).map(|(a, b)| a * b).sum();
+                            let mag: f32 = xr.iter().zip(&deq[c]).map(|(a, b)| (a * b).abs()).sum();
+                            let got = out[r * n + c];
+                            // Activation quantization: about 1% of the magnitude.
+                            assert!(
+                                (want - got).abs() <= 0.02 * mag + 1e-6,
+                                "{dtype:?} {lvl:?} m={m} ({r},{c}): {want} vs {got}"
+                            );
+                        }
+                        let mut alone = vec![0f32; n];
+                        packed.matmul_with(lvl, &x[r * k..(r + 1) * k], &mut alone);
+                        assert_eq!(
+                            alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            out[r * n..(r + 1) * n]
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect::<Vec<_>>(),
+                            "{dtype:?} {lvl:?}: row {r} of {m} depends on its batch"
+                        );
+                    }
+                    match &first {
+                        None => first = Some(out),
+                        Some(f) => assert_eq!(
+                            f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{dtype:?} m={m}: {lvl:?} differs from the scalar kernel"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vectorized activation quantization gives the scalar one's bytes and scale.
+    #[test]
+    fn activation_quantization_is_the_same_on_every_level() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            for seed in 0..50 {
+                let mut xb = pattern(QA, seed, 10.0 + seed as f32);
+                // Ties: values exactly half-way between two steps after scaling.
+                xb[0] = 127.0;
+                xb[1] = 0.5;
+                xb[2] = -2.5;
+                xb[3] = 3.5;
+                if seed == 7 {
+                    xb.iter_mut().for_each(|v| *v = 0.0);
+                }
+                let (mut a, mut b) = ([0i8; QA], [0i8; QA]);
+                let sa = quantize_block(&xb, &mut a);
+                // SAFETY: AVX2 detected above.
+                let sb = unsafe { quantize_block_avx2(&xb, &mut b) };
+                assert_eq!(a, b, "seed {seed}");
+                assert_eq!(sa.to_bits(), sb.to_bits());
+            }
+        }
+    }
+
+    /// Kernel timings on the shapes of SmolLM2 and Gemma 3 (`cargo test --release -p
+    /// atoma-engine qmm::tests::timings -- --ignored --nocapture`); prints, asserts nothing.
+    #[test]
+    #[ignore = "benchmark: prints figures"]
+    #[allow(clippy::print_stderr)]
+    fn timings() {
+        let shapes = [
+            (GgmlDType::Q8_0, 576usize, 576usize),
+            (GgmlDType::Q8_0, 1536, 576),
+            (GgmlDType::Q8_0, 49152, 576),
+            (GgmlDType::Q5_0, 2048, 640),
+            (GgmlDType::Q4K, 640, 1024),
+            (GgmlDType::Q4_1, 1536, 576),
+            (GgmlDType::Q4_1, 4608, 576),
+            (GgmlDType::Q6K, 640, 2048),
+            (GgmlDType::Q8_0, 262144, 640),
+        ];
+        for (dtype, n, k) in shapes {
+            let qt = quantized(dtype, n, k);
+            let packed = PackedMatrix::pack(dtype, &qt.data().unwrap(), n, k);
+            for m in [1usize, 4, 16, 64] {
+                let x = pattern(m * k, 3, 2.0);
+                let mut out = vec![0f32; m * n];
+                packed.matmul(&x, &mut out);
+                let reps = (2_000_000_000 / (m * n * k)).clamp(3, 2000);
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    packed.matmul(&x, &mut out);
+                }
+                let dt = t.elapsed().as_secs_f64() / reps as f64;
+                eprintln!(
+                    "{dtype:?} {n:>6}x{k:<4} m={m:<3} {:>9.1} us  {:>6.1} GMAC/s",
+                    dt * 1e6,
+                    (m * n * k) as f64 / dt / 1e9
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Exact repacking of each supported GGUF type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+//! Q6_K) into `PackedMatrix`'s panels: each row's blocks are decoded into unsigned bytes with a
+//! zero point fixed per type and an exact f32 scale (and offset, where the type has one) per
+//! sub-block, then interleaved by column in groups of 4, two groups per byte for 4-bit codes.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+use super::{PANEL, PackedMatrix};
+
+/// One row of a matrix unpacked: bytes, and a scale and offset per sub-block.
+struct RowCodes {
+    q: Vec<u8>,
+    scale: Vec<f32>,
+    min: Vec<f32>,
+}
+
+/// Layout of a GGML type in the packed format: `(sub-block, zero point, has offset)`.
+fn format_of(dtype: GgmlDType) -> Option<(usize, i32, bool)> {
+    Some(match dtype {
+        GgmlDType::Q8_0 => (32, 128, false),
+        GgmlDType::Q4_0 => (32, 8, false),
+        GgmlDType::Q5_0 => (32, 16, false),
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => (32, 0, true),
+        GgmlDType::Q4K | GgmlDType::Q5K => (32, 0, true),
+        GgmlDType::Q6K => (16, 32, false),
+        _ => return None,
+    })
+}
+
+fn f16_at(b: &[u8], o: usize) -> f32 {
+    f16::from_le_bytes([b[o], b[o + 1]]).to_f32()
+}
+
+/// Scale and min of sub-block `j` of a Q4_K/Q5_K super-block (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Whether `dtype`'s codes fit in 4 bits (stored two per byte).
+fn nibbles(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
+}
+
+/// Decodes one row of raw GGML blocks into bytes and per-sub-block scales and offsets.
+fn unpack_row(dtype: GgmlDType, raw: &[u8], k: usize) -> RowCodes {
+    let (sb, _, has_min) = format_of(dtype).expect("supported type");
+    let mut q = vec![0u8; k];
+    let mut scale = vec![0f32; k / sb];
+    let mut min = if has_min {
+        vec![0f32; k / sb]
+    } else {
+        Vec::new()
+    };
+    let bs = dtype.block_size();
+    let ts = dtype.type_size();
+    for (bi, b) in raw.chunks_exact(ts).enumerate() {
+        let q = &mut q[bi * bs..(bi + 1) * bs];
+        let s0 = bi * bs / sb;
+        match dtype {
+            GgmlDType::Q8_0 => {
+                scale[s0] = f16_at(b, 0);
+                for (d, &v) in q.iter_mut().zip(&b[2..34]) {
+                    *d = (v as i8 as i32 + 128) as u8;
+                }
+            }
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
+                scale[s0] = f16_at(b, 0);
+                let qs = if dtype == GgmlDType::Q4_1 {
+                    min[s0] = f16_at(b, 2);
+                    &b[4..20]
+                } else {
+                    &b[2..18]
+                };
+                for (j, &v) in qs.iter().enumerate() {
+                    q[j] = v & 0xF;
+                    q[j + 16] = v >> 4;
+                }
+            }
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+                scale[s0] = f16_at(b, 0);
+                let o = if dtype == GgmlDType::Q5_1 {
+                    min[s0] = f16_at(b, 2);
+                    4
+                } else {
+                    2
+                };
+                let qh = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+                for (j, &v) in b[o + 4..o + 20].iter().enumerate() {
+                    q[j] = (v & 0xF) | ((((qh >> j) & 1) as u8) << 4);
+                    q[j + 16] = (v >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+                }
+            }
+            GgmlDType::Q4K | GgmlDType::Q5K => {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let (qh, qs) = if dtype == GgmlDType::Q5K {
+                    (Some(&b[16..48]), &b[48..176])
+                } else {
+                    (None, &b[16..144])
+                };
+                for c in 0..4 {
+                    for h in 0..2 {
+                        let (sc, m) = scale_min_k4(2 * c + h, scales);
+                        scale[s0 + 2 * c + h] = d * f32::from(sc);
+                        min[s0 + 2 * c + h] = -(dmin * f32::from(m));
+                        for l in 0..32 {
+                            let nib = if h == 0 {
+                                qs[32 * c + l] & 0xF
+                            } else {
+                                qs[32 * c + l] >> 4
+                            };
+                            let hi = qh.map_or(0, |qh| ((qh[l] >> (2 * c + h)) & 1) << 4);
+                            q[64 * c + 32 * h + l] = nib | hi;
+                        }
+                    }
+                }
+            }
+            GgmlDType::Q6K => {
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                for (i, &s) in sc.iter().enumerate() {
+                    scale[s0 + i] = d * f32::from(s as i8);
+                }
+                for half in 0..2 {
+                    let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+                    let q = &mut q[128 * half..];
+                    for l in 0..32 {
+                        q[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                        q[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                        q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                        q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                    }
+                }
+            }
+            _ => unreachable!("checked by format_of"),
+        }
+    }
+    RowCodes { q, scale, min }
+}
+
+impl PackedMatrix {
+    /// Whether `dtype` weights of inner size `k` can be packed.
+    pub(crate) fn supports(dtype: GgmlDType, k: usize) -> bool {
+        format_of(dtype).is_some() && k.is_multiple_of(dtype.block_size()) && k > 0
+    }
+
+    /// Repacks `n` rows of raw GGML blocks of type `dtype` (each row `k` values).
+    pub(crate) fn pack(dtype: GgmlDType, raw: &[u8], n: usize, k: usize) -> Self {
+        assert!(Self::supports(dtype, k), "cannot pack {dtype:?} with k={k}");
+        let (sb, zero, has_min) = format_of(dtype).expect("supported");
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        assert_eq!(raw.len(), n * row_bytes, "weight size");
+        let panels = n.div_ceil(PANEL);
+        let nsb = k / sb;
+        // Padding columns: byte `zero` with scale 0 (their outputs are never stored).
+        let mut q = vec![zero as u8; panels * k * PANEL];
+        let mut scale = vec![0f32; panels * nsb * PANEL];
+        let mut min = if has_min {
+            vec![0f32; panels * nsb * PANEL]
+        } else {
+            Vec::new()
+        };
+        for col in 0..n {
+            let codes = unpack_row(dtype, &raw[col * row_bytes..(col + 1) * row_bytes], k);
+            debug_assert!(!nibbles(dtype) || codes.q.iter().all(|&b| b < 16));
+            let (p, c) = (col / PANEL, col % PANEL);
+            for t in 0..nsb {
+                let o = (p * nsb + t) * PANEL + c;
+                scale[o] = codes.scale[t];
+                if has_min {
+                    min[o] = codes.min[t];
+                }
+                for g in 0..sb / 4 {
+                    let dst = (p * nsb + t) * sb * PANEL + g * 4 * PANEL + c * 4;
+                    let src = t * sb + g * 4;
+                    q[dst..dst + 4].copy_from_slice(&codes.q[src..src + 4]);
+                }
+            }
+        }
+        let nib = nibbles(dtype);
+        if nib {
+            // Each sub-block's 8 groups of 32 bytes become 4 pairs: low nibble = group 2h,
+            // high nibble = group 2h + 1.
+            let half = 4 * PANEL;
+            q = q
+                .chunks_exact(sb * PANEL)
+                .flat_map(|blk| {
+                    blk.chunks_exact(2 * half)
+                        .flat_map(|pair| (0..half).map(move |j| pair[j] | (pair[half + j] << 4)))
+                })
+                .collect();
+        }
+        Self {
+            n,
+            k,
+            sb,
+            zero,
+            q,
+            nib,
+            scale,
+            min,
+            dtype,
+        }
+    }
+}
