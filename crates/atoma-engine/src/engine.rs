@@ -81,7 +81,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             kv_dtype: KvDtype::default(),
             max_verify_rows: 64,
-            max_prefill_while_decoding: 64,
+            max_prefill_while_decoding: 32,
         }
     }
 }

@@ -54,7 +54,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             enable_prefix_caching: true,
             max_logit_rows: 64,
-            max_prefill_while_decoding: 64,
+            max_prefill_while_decoding: 32,
         }
     }
 }

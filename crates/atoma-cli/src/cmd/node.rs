@@ -196,7 +196,7 @@ impl Default for EngineSection {
             prefix_caching: true,
             kv_dtype: atoma_engine::KvDtype::default(),
             kernel: atoma_engine::KernelChoice::Auto,
-            max_prefill_while_decoding: 64,
+            max_prefill_while_decoding: 32,
         }
     }
 }
