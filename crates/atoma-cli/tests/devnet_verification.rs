@@ -127,6 +127,7 @@ fn request(url: &str, user: &Keypair, stack: u64, i: usize) -> u64 {
 }
 
 #[test]
+#[allow(clippy::print_stdout)] // the figures of the run, for the issue note
 fn a_thousand_requests_attested_across_kernel_levels_without_a_dispute() {
     let dir = tempfile::tempdir().unwrap();
     let (_devnet, net) = start(dir.path());
