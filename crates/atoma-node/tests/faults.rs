@@ -8,7 +8,7 @@
 //! Faults: (a) one output token swapped; (b) more completion tokens billed than produced;
 //! (c) another model than the one its log names; (d) a system turn injected into the prompt;
 //! (e) another seed than the one logged; (f) more units claimed on the ledger than its log
-//! accounts for.
+//! accounts for; and a log with a request the user never signed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ enum Fault {
     AlterPrompt,
     OtherSeed,
     OverClaim,
+    ForgedRecord,
 }
 
 /// The honest backend with one fault.
@@ -229,8 +230,8 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
         keys: parties[0].key.clone(),
         bind: "127.0.0.1:0".parse().unwrap(),
         poll_interval: Duration::from_millis(20),
-        // (f) settles by hand below.
-        da: (fault != Fault::OverClaim).then(|| da.clone()),
+        // (f) and the forged record settle by hand below.
+        da: (!matches!(fault, Fault::OverClaim | Fault::ForgedRecord)).then(|| da.clone()),
         policy: policy(),
         reexec: None,
     })
@@ -264,10 +265,21 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
     .await
     .unwrap();
 
-    if fault == Fault::OverClaim {
-        // (f): the seller's own settlement, claiming ten units more than its log holds.
+    if matches!(fault, Fault::OverClaim | Fault::ForgedRecord) {
+        // The seller's own settlement: (f) claims ten units more than its log holds; the
+        // forged record carries a request body the user never signed (same usage).
         assert!(seller_state.freeze(stack.small_id).unwrap());
-        let log = seller_state.frozen_log(stack.small_id).unwrap();
+        let mut log = seller_state.frozen_log(stack.small_id).unwrap();
+        if fault == Fault::ForgedRecord {
+            let mut rec = atoma_state::log::LogRecord::decode(&log.records[1]).unwrap();
+            let forged = String::from_utf8(rec.request_body.clone())
+                .unwrap()
+                .replace("q1", "q9");
+            rec.request_body = forged.into_bytes();
+            log.leaves[1] = rec.leaf().unwrap();
+            log.records[1] = rec.encode();
+        }
+        let extra = if fault == Fault::OverClaim { 10 } else { 0 };
         let blob = StackLog::assemble(stack.small_id.0, parties[0].node.0, &log.records);
         let stored = da.put(&blob).unwrap();
         let c = StackCommitment {
@@ -282,7 +294,7 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
                 addr(&parties[0].key),
                 parties[0].node,
                 stack.small_id,
-                ComputeUnits(log.units + 10),
+                ComputeUnits(log.units + extra),
                 &c,
             )
             .unwrap();
@@ -335,6 +347,12 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
         return None;
     };
     assert_eq!(d.attestor, attestor);
+    match fault {
+        // The third token of every answer was swapped: the first record, at position 2.
+        Fault::SwapToken => assert_eq!((d.claim.record, d.claim.position), (Some(0), Some(2))),
+        Fault::ForgedRecord => assert_eq!(d.claim.record, Some(1), "the forged record"),
+        _ => {}
+    }
     let oracle = d.oracles_drawn[0];
     assert!(oracle != attestor && oracle != parties[0].node);
     if d.outcome == Some(DisputeOutcome::NodeCheated) {
@@ -379,6 +397,7 @@ async fn every_fault_is_disputed_and_resolved_against_the_cheater() {
         Fault::AlterPrompt,
         Fault::OtherSeed,
         Fault::OverClaim,
+        Fault::ForgedRecord,
     ] {
         assert_eq!(
             run(fault).await,
