@@ -148,8 +148,26 @@ impl Prepared {
     }
 }
 
+/// How busy a backend is, for the node's status endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct BackendLoad {
+    /// Requests generating now.
+    pub running: usize,
+    /// Requests waiting to start.
+    pub waiting: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+}
+
 /// An inference engine as the API sees it.
 pub trait InferenceBackend: Send + Sync + 'static {
+    /// How busy it is (by default: the queue depth as waiting requests).
+    fn load(&self) -> BackendLoad {
+        BackendLoad {
+            waiting: self.queue_depth(),
+            ..BackendLoad::default()
+        }
+    }
     /// Names of the models served.
     fn models(&self) -> Vec<String>;
     /// Whether the models are loaded and requests can be served.

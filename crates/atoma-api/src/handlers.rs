@@ -176,11 +176,13 @@ async fn serve(
     let mut events = events;
     let mut text = String::new();
     let mut output_ids = Vec::new();
+    let mut first_token_at: Option<Instant> = None;
     let mut done = None;
     while let Some(ev) = events.next().await {
         match ev {
             BackendEvent::Token { id, text: t } => {
-                if text.is_empty() && !t.is_empty() {
+                if first_token_at.is_none() {
+                    first_token_at = Some(Instant::now());
                     metrics::time_to_first_token(t0.elapsed().as_secs_f64());
                 }
                 output_ids.push(id);
@@ -197,6 +199,11 @@ async fn serve(
     }
     let (finish, p, c) =
         done.ok_or_else(|| ApiError::Internal("the backend stopped without finishing".into()))?;
+    if let Some(first) = first_token_at
+        && c > 1
+    {
+        metrics::time_per_output_token(first.elapsed().as_secs_f64() / (c - 1) as f64);
+    }
     let choice = match kind {
         Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
                               "finish_reason": finish, "logprobs": null}),
@@ -246,6 +253,21 @@ pub(crate) async fn models(State(s): State<AppState>) -> Response {
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "atoma"}))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/node/status`: what a gateway routes by: the models, readiness, load and recent
+/// latencies.
+pub(crate) async fn status(State(s): State<AppState>) -> Response {
+    let b = &s.inner.backend;
+    let (ttft, tpot) = metrics::recent_latency();
+    Json(json!({
+        "models": b.models(),
+        "ready": b.ready(),
+        "load": b.load(),
+        "ttft_seconds": ttft,
+        "tpot_seconds": tpot,
+    }))
+    .into_response()
 }
 
 pub(crate) async fn health(State(s): State<AppState>) -> Response {

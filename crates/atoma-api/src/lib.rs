@@ -27,8 +27,8 @@ use atoma_crypto::Keypair;
 use atoma_state::meter::Meter;
 
 pub use backend::{
-    BackendError, BackendEvent, ChatTurn, Execution, InferenceBackend, InferenceRequest, Prepared,
-    Prompt, SamplingRecord,
+    BackendError, BackendEvent, BackendLoad, ChatTurn, Execution, InferenceBackend,
+    InferenceRequest, Prepared, Prompt, SamplingRecord,
 };
 pub use error::ApiError;
 
@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
+        .route("/v1/node/status", get(handlers::status))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)

@@ -43,9 +43,50 @@ pub fn usage(prompt_tokens: u64, completion_tokens: u64) {
         .increment(prompt_tokens + completion_tokens);
 }
 
+/// Recent latencies as exponentially weighted averages (weight 1/8 for each new sample), for
+/// the node's status endpoint: gateways route by them.
+struct Recent {
+    ttft: std::sync::atomic::AtomicU64,
+    tpot: std::sync::atomic::AtomicU64,
+}
+
+static RECENT: Recent = Recent {
+    ttft: std::sync::atomic::AtomicU64::new(0),
+    tpot: std::sync::atomic::AtomicU64::new(0),
+};
+
+fn ewma(cell: &std::sync::atomic::AtomicU64, sample: f64) {
+    use std::sync::atomic::Ordering;
+    let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+        let old = f64::from_bits(bits);
+        let new = if bits == 0 {
+            sample
+        } else {
+            old + (sample - old) / 8.0
+        };
+        Some(new.to_bits())
+    });
+}
+
+/// Recent time to first token and time per output token, in seconds (0: nothing served yet).
+pub fn recent_latency() -> (f64, f64) {
+    use std::sync::atomic::Ordering;
+    (
+        f64::from_bits(RECENT.ttft.load(Ordering::Acquire)),
+        f64::from_bits(RECENT.tpot.load(Ordering::Acquire)),
+    )
+}
+
 /// Records the time to the first generated token.
 pub fn time_to_first_token(seconds: f64) {
     metrics::histogram!("atoma_time_to_first_token_seconds").record(seconds);
+    ewma(&RECENT.ttft, seconds);
+}
+
+/// Records the time per output token after the first (the decode pace) of a finished request.
+pub fn time_per_output_token(seconds: f64) {
+    metrics::histogram!("atoma_time_per_output_token_seconds").record(seconds);
+    ewma(&RECENT.tpot, seconds);
 }
 
 /// Sets the engine queue depth gauge.

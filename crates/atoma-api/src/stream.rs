@@ -65,7 +65,7 @@ struct State {
     log: RequestLog,
     pending: VecDeque<Event>,
     started: Instant,
-    first_token: bool,
+    first_token_at: Option<Instant>,
     finished: bool,
 }
 
@@ -110,11 +110,11 @@ impl State {
             BackendEvent::Token { id, text: t } => {
                 self.completion_tokens += 1;
                 self.output_ids.push(id);
+                if self.first_token_at.is_none() {
+                    self.first_token_at = Some(Instant::now());
+                    metrics::time_to_first_token(self.started.elapsed().as_secs_f64());
+                }
                 if !t.is_empty() {
-                    if !self.first_token {
-                        self.first_token = true;
-                        metrics::time_to_first_token(self.started.elapsed().as_secs_f64());
-                    }
                     let e = self.chunk(Some(&t), None, None);
                     self.pending.push_back(e);
                 }
@@ -159,6 +159,11 @@ impl State {
     }
 
     fn settle(&mut self, prompt: u64, completion: u64, finish_reason: &str) {
+        if let Some(first) = self.first_token_at
+            && completion > 1
+        {
+            metrics::time_per_output_token(first.elapsed().as_secs_f64() / (completion - 1) as f64);
+        }
         if let Some(r) = self.reservation.take() {
             let settled = self.log.settled(
                 ResponseRecord::Stream(std::mem::take(&mut self.chunks)),
@@ -229,7 +234,7 @@ pub(crate) fn sse(
         log,
         pending: VecDeque::new(),
         started: Instant::now(),
-        first_token: false,
+        first_token_at: None,
         finished: false,
     };
     Sse::new(events(state))

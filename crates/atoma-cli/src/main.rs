@@ -75,6 +75,9 @@ enum Command {
     /// Data-availability store: run a local Walrus-compatible server, put and get blobs.
     #[command(subcommand)]
     Da(cmd::da::DaCommand),
+    /// The users' OpenAI front door with API keys: `serve`, and `keys` to manage them.
+    #[command(subcommand)]
+    Gateway(cmd::gateway::GatewayCommand),
     /// A local network: one ledger, one DA server and N nodes on loopback (`up`, `status`).
     #[command(subcommand)]
     Devnet(cmd::devnet::DevnetCommand),
@@ -126,6 +129,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => cmd::client::chat(&home, &a),
         Command::Loadgen(a) => cmd::loadgen::run(&home, &store, &a),
         Command::Da(c) => cmd::da::run(&home, c),
+        Command::Gateway(c) => cmd::gateway::run(&home, c),
         Command::Devnet(c) => {
             // Without --home the devnet gets its own directory beside `atoma up`'s files.
             let dir = if cli.home.is_some() {

@@ -191,6 +191,11 @@ pub enum LedgerEvent {
     LedgerParamsUpdatedEvent {
         params: LedgerParams,
     },
+    /// A node announced where it serves its API.
+    NodePublicUrlUpdatedEvent {
+        node_small_id: NodeSmallId,
+        public_url: String,
+    },
 }
 
 impl LedgerEvent {
@@ -219,6 +224,7 @@ impl LedgerEvent {
             Self::NodeSlashedEvent { .. } => "NodeSlashedEvent",
             Self::NodeReputationUpdatedEvent { .. } => "NodeReputationUpdatedEvent",
             Self::LedgerParamsUpdatedEvent { .. } => "LedgerParamsUpdatedEvent",
+            Self::NodePublicUrlUpdatedEvent { .. } => "NodePublicUrlUpdatedEvent",
         }
     }
 }

@@ -181,6 +181,13 @@ pub type Result<T, E = LedgerError> = std::result::Result<T, E>;
 pub trait Ledger: Send + Sync {
     /// Registers a node; its badge belongs to `sender`. Emits `NodeRegisteredEvent`.
     fn register_node(&self, sender: Address) -> Result<Node>;
+    /// Announces where a node serves its API (`http://` or `https://`, at most 512 characters).
+    /// Emits `NodePublicUrlUpdatedEvent`.
+    fn set_node_public_url(&self, sender: Address, node: NodeSmallId, url: &str) -> Result<()>;
+    /// Every registered node, by id.
+    fn nodes(&self) -> Result<Vec<Node>>;
+    /// Tasks by id (deprecated ones included).
+    fn tasks(&self) -> Result<Vec<Task>>;
     /// Puts a node in an echelon of a model (at most one echelon per model).
     fn add_node_to_model(
         &self,

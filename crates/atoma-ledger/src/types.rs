@@ -221,6 +221,8 @@ pub struct Node {
     pub collateral: Amount,
     /// What settlement outcomes have recorded about the node.
     pub record: Reputation,
+    /// Where the node serves its API (`set_node_public_url`), for gateways and users.
+    pub public_url: Option<String>,
 }
 
 /// Per-node counters that settlement outcomes update, and the score derived from them.

@@ -107,6 +107,16 @@ impl InferenceBackend for EngineBackend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    fn load(&self) -> atoma_api::BackendLoad {
+        let s = self.engine.stats();
+        atoma_api::BackendLoad {
+            running: s.running,
+            waiting: self.engine.waiting(),
+            kv_blocks_used: s.kv_blocks_used,
+            kv_blocks_total: s.kv_blocks_total,
+        }
+    }
+
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         let seed = req.seed.unwrap_or_else(random_seed);
         let (execution, sampling) = self.execution(&req, seed)?;

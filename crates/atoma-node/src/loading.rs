@@ -59,6 +59,10 @@ impl InferenceBackend for LoadingBackend {
         self.inner.get().map_or(0, |b| b.queue_depth())
     }
 
+    fn load(&self) -> atoma_api::BackendLoad {
+        self.inner.get().map(|b| b.load()).unwrap_or_default()
+    }
+
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         self.get()?.prepare(req)
     }

@@ -7,6 +7,7 @@ pub mod da;
 pub mod db;
 pub mod db_settle;
 pub mod devnet;
+pub mod gateway;
 pub mod generate;
 pub mod keys;
 pub mod loadgen;

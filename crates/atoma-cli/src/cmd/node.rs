@@ -126,6 +126,9 @@ pub struct LedgerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSection {
     pub bind: SocketAddr,
+    /// Where users and gateways reach this node (`http(s)://host:port`); announced on the
+    /// ledger at start when set.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,6 +182,7 @@ impl Default for ApiSection {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            public_url: None,
         }
     }
 }
@@ -340,6 +344,15 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         max_context: Some(cfg.engine.max_context),
     };
     let name = cfg.served_name();
+    if let Some(url) = &cfg.api.public_url {
+        for id in &ids {
+            if ledger.node(*id)?.public_url.as_deref() != Some(url) {
+                ledger
+                    .set_node_public_url(address_of(&key), *id, url)
+                    .with_context(|| format!("announcing node {id}'s URL {url}"))?;
+            }
+        }
+    }
     let state = Meter::open(&state_path(home), ids.clone())?;
     let (da, policy) = cfg.settlement.build(home)?;
     // Bind first and answer 503 while the model loads on another thread.

@@ -86,6 +86,33 @@ pub fn node_operations_need_the_badge_owner(l: &dyn Ledger) {
         l.add_node_to_model(addr(1), n.small_id, "m", 2),
         Err(LedgerError::AlreadyInEchelon { .. })
     ));
+    // The public URL: the owner only, an http(s) URL only.
+    assert!(matches!(
+        l.set_node_public_url(addr(2), n.small_id, "http://127.0.0.1:3000"),
+        Err(LedgerError::NotNodeOwner { .. })
+    ));
+    for bad in ["ftp://x", "127.0.0.1:3000", "http://a b"] {
+        assert!(matches!(
+            l.set_node_public_url(addr(1), n.small_id, bad),
+            Err(LedgerError::Invalid(_))
+        ));
+    }
+    assert_eq!(l.node(n.small_id).unwrap().public_url, None);
+    l.set_node_public_url(addr(1), n.small_id, "https://node.example:8443")
+        .unwrap();
+    assert_eq!(
+        l.node(n.small_id).unwrap().public_url.as_deref(),
+        Some("https://node.example:8443")
+    );
+    let all = l.nodes().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].small_id, n.small_id);
+    assert_eq!(l.tasks().unwrap(), vec![l.task(t.small_id).unwrap()]);
+    let last = l.events_after(EventCursor(0), 100).unwrap();
+    assert_eq!(
+        last.last().unwrap().event.name(),
+        "NodePublicUrlUpdatedEvent"
+    );
 }
 
 pub fn subscription_rules(l: &dyn Ledger) {

@@ -12,7 +12,7 @@ use crate::{LedgerError, Result};
 pub(super) fn get_node(c: &Connection, id: NodeSmallId) -> Result<Node> {
     c.query_row(
         "SELECT owner, badge_id, disabled, collateral, settled_on_time, attestations_made, \
-         attestations_missed, disputes_lost FROM nodes WHERE small_id = ?1",
+         attestations_missed, disputes_lost, public_url FROM nodes WHERE small_id = ?1",
         [id.0 as i64],
         |r| {
             Ok((
@@ -26,28 +26,32 @@ pub(super) fn get_node(c: &Connection, id: NodeSmallId) -> Result<Node> {
                     r.get::<_, i64>(6)?,
                     r.get::<_, i64>(7)?,
                 ],
+                r.get::<_, Option<String>>(8)?,
             ))
         },
     )
     .optional()
     .map_err(db_err)?
-    .map(|(owner, badge_id, disabled, collateral, counts)| {
-        let record = Reputation {
-            settled_on_time: counts[0] as u64,
-            attestations_made: counts[1] as u64,
-            attestations_missed: counts[2] as u64,
-            disputes_lost: counts[3] as u64,
-        };
-        Ok(Node {
-            small_id: id,
-            owner: owner.parse().map_err(LedgerError::Storage)?,
-            badge_id,
-            reputation_score: record.score(),
-            is_disabled: disabled,
-            collateral: Amount(collateral as u64),
-            record,
-        })
-    })
+    .map(
+        |(owner, badge_id, disabled, collateral, counts, public_url)| {
+            let record = Reputation {
+                settled_on_time: counts[0] as u64,
+                attestations_made: counts[1] as u64,
+                attestations_missed: counts[2] as u64,
+                disputes_lost: counts[3] as u64,
+            };
+            Ok(Node {
+                small_id: id,
+                owner: owner.parse().map_err(LedgerError::Storage)?,
+                badge_id,
+                reputation_score: record.score(),
+                is_disabled: disabled,
+                collateral: Amount(collateral as u64),
+                record,
+                public_url,
+            })
+        },
+    )
     .ok_or(LedgerError::NodeNotFound(id))?
 }
 
@@ -250,6 +254,33 @@ pub(super) fn add_node_to_model(
             node_small_id: node,
             model_name: model_name.to_string(),
             echelon_id,
+        },
+    )
+}
+
+pub(super) fn set_node_public_url(
+    tx: &Connection,
+    sender: Address,
+    node: NodeSmallId,
+    url: &str,
+) -> Result<()> {
+    let ok_scheme = url.starts_with("http://") || url.starts_with("https://");
+    if !ok_scheme || url.len() > 512 || url.chars().any(char::is_whitespace) {
+        return Err(LedgerError::Invalid(format!(
+            "`{url}` is not an http(s) URL of at most 512 characters"
+        )));
+    }
+    owned_node(tx, sender, node)?;
+    tx.execute(
+        "UPDATE nodes SET public_url = ?1 WHERE small_id = ?2",
+        params![url, node.0 as i64],
+    )
+    .map_err(db_err)?;
+    emit(
+        tx,
+        &LedgerEvent::NodePublicUrlUpdatedEvent {
+            node_small_id: node,
+            public_url: url.to_string(),
         },
     )
 }

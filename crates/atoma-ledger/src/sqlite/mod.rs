@@ -27,8 +27,9 @@ use crate::settlement::*;
 use crate::types::*;
 use crate::{Ledger, LedgerError, Result};
 
-/// Schema version in `PRAGMA user_version`; files of version 1 (before settlement) migrate.
-const SCHEMA_VERSION: i64 = 2;
+/// Schema version in `PRAGMA user_version`; files of versions 1 (before settlement) and 2
+/// (before public URLs) migrate.
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 PRAGMA foreign_keys = ON;
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS nodes (
   reputation INTEGER NOT NULL, disabled INTEGER NOT NULL DEFAULT 0,
   collateral INTEGER NOT NULL DEFAULT 0 CHECK (collateral >= 0),
   settled_on_time INTEGER NOT NULL DEFAULT 0, attestations_made INTEGER NOT NULL DEFAULT 0,
-  attestations_missed INTEGER NOT NULL DEFAULT 0, disputes_lost INTEGER NOT NULL DEFAULT 0);
+  attestations_missed INTEGER NOT NULL DEFAULT 0, disputes_lost INTEGER NOT NULL DEFAULT 0,
+  public_url TEXT);
 CREATE TABLE IF NOT EXISTS node_models (
   node_small_id INTEGER NOT NULL REFERENCES nodes(small_id), model_name TEXT NOT NULL,
   echelon_id INTEGER NOT NULL, PRIMARY KEY (node_small_id, model_name));
@@ -166,7 +168,11 @@ impl SqliteLedger {
                 |r| r.get(0),
             )
             .map_err(db_err)?;
-        if old && version < SCHEMA_VERSION {
+        if old && version < 3 {
+            tx.execute_batch("ALTER TABLE nodes ADD COLUMN public_url TEXT")
+                .map_err(|e| LedgerError::Storage(format!("migrating the ledger file: {e}")))?;
+        }
+        if old && version < 2 {
             for stmt in MIGRATE_V1 {
                 tx.execute_batch(stmt)
                     .map_err(|e| LedgerError::Storage(format!("migrating the ledger file: {e}")))?;
@@ -322,6 +328,28 @@ impl Ledger for SqliteLedger {
         echelon_id: u64,
     ) -> Result<()> {
         self.write(|tx| market::add_node_to_model(tx, sender, node, model_name, echelon_id))
+    }
+
+    fn set_node_public_url(&self, sender: Address, node: NodeSmallId, url: &str) -> Result<()> {
+        self.write(|tx| market::set_node_public_url(tx, sender, node, url))
+    }
+
+    fn nodes(&self) -> Result<Vec<Node>> {
+        self.read(|c| {
+            market::ids(c, "SELECT small_id FROM nodes ORDER BY small_id", [])?
+                .into_iter()
+                .map(|id| market::get_node(c, NodeSmallId(id)))
+                .collect()
+        })
+    }
+
+    fn tasks(&self) -> Result<Vec<Task>> {
+        self.read(|c| {
+            market::ids(c, "SELECT small_id FROM tasks ORDER BY small_id", [])?
+                .into_iter()
+                .map(|id| market::get_task(c, TaskSmallId(id)))
+                .collect()
+        })
     }
 
     fn create_task(&self, _sender: Address, t: &NewTask) -> Result<Task> {

@@ -1,9 +1,10 @@
 //! `atoma devnet`: a local network on one machine. `up` makes one embedded ledger (a short
 //! epoch, SamplingConsensus always attested), one `atoma da serve`, and N node processes on
 //! loopback, each with its own key, home and collateral, registered and subscribed to a
-//! NoSecurity and a SamplingConsensus task at different prices, and a funded user with a stack on
-//! each task; it writes `DIR/devnet.json` for scripts and tests, prints what runs where, and
-//! stops every child cleanly on Ctrl-C (or SIGTERM). `status` shows nodes, stacks, tickets and
+//! NoSecurity and a SamplingConsensus task at different prices, a funded user with a stack on
+//! each task, and a gateway (its own funded ledger key, an API key with credit); it writes
+//! `DIR/devnet.json` for scripts and tests, prints what runs where, and stops every child
+//! cleanly on Ctrl-C (or SIGTERM). `status` shows nodes, stacks, tickets and
 //! balances from the ledger.
 //!
 //! Layout of `DIR` (`--home`, default `<home>/devnet`): `ledger.db`, `da/`, `keys/` (user and
@@ -66,6 +67,9 @@ pub struct UpArgs {
     /// Settle a used stack idle for this long (seconds).
     #[arg(long, default_value_t = 3_600)]
     pub idle_secs: u64,
+    /// Routing policy of the gateway: cheapest, fastest, balanced or random.
+    #[arg(long, default_value = "balanced")]
+    pub gateway_policy: String,
     /// Set everything up and write devnet.json, but start nothing.
     #[arg(long)]
     pub no_run: bool,
@@ -96,6 +100,9 @@ pub struct DevnetFile {
     pub nodes: Vec<NodeEntry>,
     pub user: UserEntry,
     pub stacks: Vec<StackEntry>,
+    /// The gateway's OpenAI-compatible URL and an API key with credit.
+    pub gateway_url: String,
+    pub gateway_api_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

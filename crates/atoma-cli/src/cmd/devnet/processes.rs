@@ -108,8 +108,36 @@ pub fn run(dir: &Path, net: &DevnetFile, a: &UpArgs) -> anyhow::Result<()> {
                 &[],
             )?);
         }
+        let gw_config = dir.join("gateway.toml");
+        std::fs::write(
+            &gw_config,
+            format!(
+                "[gateway]\npolicy = \"{}\"\npoll_ms = 500\nledger_poll_ms = 500\n",
+                a.gateway_policy
+            ),
+        )?;
+        procs.push(spawn(
+            "gateway",
+            &dir.join("gateway.log"),
+            &[
+                "--home",
+                &dir.display().to_string(),
+                "--log",
+                "info",
+                "gateway",
+                "serve",
+                "--config",
+                &gw_config.display().to_string(),
+                "--bind",
+                net.gateway_url.trim_start_matches("http://"),
+                "--ledger",
+                &net.ledger.display().to_string(),
+            ],
+            &[],
+        )?);
         let t = Instant::now();
-        let mut waiting: Vec<&str> = std::iter::once(net.da_url.as_str())
+        let mut waiting: Vec<&str> = [net.da_url.as_str(), net.gateway_url.as_str()]
+            .into_iter()
             .chain(net.nodes.iter().map(|n| n.url.as_str()))
             .collect();
         while !waiting.is_empty() {

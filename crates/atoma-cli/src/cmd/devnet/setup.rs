@@ -117,6 +117,7 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
         cfg.ledger.path = Some(ledger_path.clone());
         cfg.ledger.poll_interval_ms = 200;
         cfg.api.bind = url.trim_start_matches("http://").parse()?;
+        cfg.api.public_url = Some(url.clone());
         cfg.engine.model = model_path.display().to_string();
         cfg.engine.name = Some(model.clone());
         cfg.engine.max_context = 2048;
@@ -143,6 +144,15 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
             price,
         });
     }
+    // The gateway: a ledger key with USDC to buy stacks, and one API key for the user.
+    let gw_key = home.key_or_new("gateway")?;
+    l.faucet(address_of(&gw_key), Amount(USER_FUNDS))?;
+    let (_, api_key) = atoma_gateway::keys::KeyStore::open(&dir.join("gateway.db"))?.create(
+        "devnet",
+        100_000_000,
+        atoma_gateway::keys::Limits::default(),
+    )?;
+    let gateway_url = format!("http://127.0.0.1:{}", port(a, a.nodes as u16 + 1)?);
     let user_key = home.key_or_new("user")?;
     let user = address_of(&user_key);
     l.faucet(user, Amount(USER_FUNDS))?;
@@ -193,6 +203,8 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
             address: hex_of(&user_key),
         },
         stacks,
+        gateway_url,
+        gateway_api_key: api_key,
     };
     net.save(dir)?;
     Ok(net)
@@ -233,12 +245,21 @@ pub fn print_summary(dir: &Path, net: &DevnetFile) {
             s.small_id, s.task, s.units, s.selected_node, s.url
         );
     }
+    eprintln!(
+        "\ngateway {} (OpenAI-compatible; API key {})",
+        net.gateway_url, net.gateway_api_key
+    );
     let h = dir.display();
     eprintln!(
-        "\ntry:\n  atoma --home {h} chat \"What is the capital of France?\"\n  \
+        "\ntry:\n  curl {}/v1/chat/completions -H 'Authorization: Bearer {}' \\\n    \
+         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'\n  \
+         atoma --home {h} chat \"What is the capital of France?\"\n  \
          atoma --home {h} devnet status\n  \
          atoma --home {h} db acquire-stack --task {} --units 10000 --price {USER_PRICE_CAP}\n  \
          atoma --home {}/nodes/node-1 node status --config {}\n",
+        net.gateway_url,
+        net.gateway_api_key,
+        net.model,
         net.tasks.sampling_consensus,
         h,
         net.nodes
