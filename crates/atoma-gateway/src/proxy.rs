@@ -375,6 +375,12 @@ async fn forward(
             task: offer.task,
             price: offer.price_per_million,
             units,
+            eligible: offers
+                .iter()
+                .filter(|(o, _)| {
+                    o.task == offer.task && o.price_per_million <= offer.price_per_million
+                })
+                .count(),
             shape: &s,
         };
         match ctx.attempt(&v, &mut hold).await {
@@ -403,23 +409,27 @@ struct Ctx<'a> {
     task: atoma_ledger::TaskSmallId,
     price: u64,
     units: u64,
+    /// Nodes the ledger may sample for a stack bought at `price` (the chosen one and cheaper).
+    eligible: usize,
     shape: &'a Shape,
 }
 
 impl Ctx<'_> {
     async fn attempt(&self, v: &Value, hold: &mut Option<Hold>) -> Result<Response, Attempt> {
         let gw = self.gw;
-        let (stacks, task, node, price, units) = (
+        let (stacks, task, node, price, units, eligible) = (
             gw.stacks.clone(),
             self.task,
             self.node,
             self.price,
             self.units,
+            self.eligible,
         );
-        let lease = tokio::task::spawn_blocking(move || stacks.lease(task, node, price, units))
-            .await
-            .map_err(|e| Attempt::Next(e.to_string()))?
-            .map_err(|e| Attempt::Next(format!("no stack: {e}")))?;
+        let lease =
+            tokio::task::spawn_blocking(move || stacks.lease(task, node, price, units, eligible))
+                .await
+                .map_err(|e| Attempt::Next(e.to_string()))?
+                .map_err(|e| Attempt::Next(format!("no stack: {e}")))?;
         let mut upstream = v.clone();
         upstream["nonce"] = json!(random_u64());
         if self.shape.stream {

@@ -20,8 +20,11 @@ use atoma_ledger::{
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-/// Purchases one lease may make when the ledger keeps sampling other nodes.
-pub const MAX_BUYS: usize = 4;
+/// Purchases one lease makes per node eligible at the chosen node's price: the ledger samples
+/// uniformly among them, so `8 × eligible` purchases all miss with probability about `e^-8`.
+pub const BUYS_PER_ELIGIBLE_NODE: usize = 8;
+/// And never more than this many.
+pub const MAX_BUYS: usize = 64;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS gw_stacks (
@@ -180,18 +183,21 @@ impl StackBook {
     }
 
     /// A lease of `units` on a stack of `task` sold to `node`, buying stacks at `node_price`
-    /// (blocking: ledger calls) when none has room.
+    /// (blocking: ledger calls) when none has room; `eligible` nodes can be sampled at that
+    /// price (the chosen one and any cheaper).
     pub fn lease(
         &self,
         task: TaskSmallId,
         node: u64,
         node_price: u64,
         units: u64,
+        eligible: usize,
     ) -> Result<Lease, StackError> {
         if let Some(l) = self.reserve(task.0, node, units)? {
             return Ok(l);
         }
-        for _ in 0..MAX_BUYS {
+        let tries = (BUYS_PER_ELIGIBLE_NODE * eligible.max(1)).min(MAX_BUYS);
+        for _ in 0..tries {
             let s = self.ledger.acquire_stack(
                 self.owner,
                 &StackRequest {
@@ -222,10 +228,7 @@ impl StackBook {
                 return Ok(l);
             }
         }
-        Err(StackError::NotSold {
-            node,
-            tries: MAX_BUYS,
-        })
+        Err(StackError::NotSold { node, tries })
     }
 
     /// Every stack of the book.

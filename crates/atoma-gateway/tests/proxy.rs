@@ -1,0 +1,347 @@
+//! The gateway against simulated nodes on loopback (signed answers, plain and streamed, with
+//! faults on demand) and an in-memory ledger: routing, failover, signature checks, 423, API-key
+//! errors, and exact books (key charges = stack spend + margin).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+use atoma_crypto::Keypair;
+use atoma_crypto::signed_json::sign_json;
+use atoma_gateway::keys::{KeyStore, Limits, margin_of};
+use atoma_gateway::registry::Registry;
+use atoma_gateway::routing::Policy;
+use atoma_gateway::stacks::StackBook;
+use atoma_gateway::{Gateway, GatewayConfig, router};
+use atoma_ledger::{Address, Amount, Ledger, NewTask, SecurityLevel, SqliteLedger, TaskRole};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::response::IntoResponse;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const NORMAL: u8 = 0;
+const FAIL: u8 = 1;
+const FORGE: u8 = 2;
+const LOCKED: u8 = 3;
+
+/// A simulated node: answers with 10 prompt + 5 completion tokens, signed by `key` (or by a
+/// stranger when forging).
+#[derive(Clone)]
+struct FakeNode {
+    key: Keypair,
+    mode: Arc<AtomicU8>,
+    served: Arc<AtomicUsize>,
+}
+
+async fn fake_chat(
+    axum::extract::State(n): axum::extract::State<FakeNode>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let mode = n.mode.load(Ordering::Relaxed);
+    match mode {
+        FAIL => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        LOCKED => return StatusCode::LOCKED.into_response(),
+        _ => {}
+    }
+    n.served.fetch_add(1, Ordering::Relaxed);
+    let signer = if mode == FORGE {
+        Keypair::from_secret([66; 32])
+    } else {
+        n.key.clone()
+    };
+    let req: Value = serde_json::from_slice(&body).unwrap();
+    let usage = json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
+    if req["stream"] == true {
+        let mut out = String::new();
+        for t in ["a", "b", "c", "d", "e"] {
+            let c = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+                "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]});
+            out.push_str(&format!("data: {}\n\n", sign_json(&signer, c).0));
+        }
+        let u = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+                       "choices": [], "usage": usage});
+        out.push_str(&format!(
+            "data: {}\n\ndata: [DONE]\n\n",
+            sign_json(&signer, u).0
+        ));
+        return ([("content-type", "text/event-stream")], out).into_response();
+    }
+    let answer = json!({"id": "x", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "abcde"},
+                     "finish_reason": "stop"}], "usage": usage});
+    axum::Json(sign_json(&signer, answer).0).into_response()
+}
+
+async fn start(node: FakeNode) -> String {
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", axum::routing::post(fake_chat))
+        .route(
+            "/v1/node/status",
+            axum::routing::get(|| async {
+                axum::Json(json!({"ready": true, "load": {"running": 0, "waiting": 0,
+                    "kv_blocks_used": 0, "kv_blocks_total": 10}, "ttft_seconds": 0.1,
+                    "tpot_seconds": 0.01}))
+            }),
+        )
+        .with_state(node);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+struct World {
+    app: axum::Router,
+    nodes: Vec<FakeNode>,
+    keys: KeyStore,
+    stacks: StackBook,
+    secret: String,
+    gw: Arc<Gateway>,
+    _dir: tempfile::TempDir,
+}
+
+async fn world(policy: Policy) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(SqliteLedger::in_memory().unwrap());
+    let admin: Address = "0x99".parse().unwrap();
+    let task = ledger
+        .create_task(
+            admin,
+            &NewTask {
+                role: TaskRole::ChatCompletion,
+                model_name: Some("m".into()),
+                security_level: SecurityLevel::NoSecurity,
+                minimum_reputation_score: 0,
+                is_public: true,
+                minimum_collateral: Amount(0),
+            },
+        )
+        .unwrap()
+        .small_id;
+    let mut nodes = Vec::new();
+    for (i, price) in [1_000u64, 1_100, 1_300].into_iter().enumerate() {
+        let key = Keypair::from_secret([i as u8 + 1; 32]);
+        let who = Address(key.address());
+        let id = ledger.register_node(who).unwrap().small_id;
+        let n = FakeNode {
+            key,
+            mode: Arc::default(),
+            served: Arc::default(),
+        };
+        let url = start(n.clone()).await;
+        ledger.set_node_public_url(who, id, &url).unwrap();
+        ledger
+            .subscribe_node_to_task(who, id, task, Amount(price))
+            .unwrap();
+        nodes.push(n);
+    }
+    let signer = Keypair::from_secret([9; 32]);
+    ledger
+        .faucet(Address(signer.address()), Amount(1_000_000_000))
+        .unwrap();
+    let keys = KeyStore::in_memory().unwrap();
+    let (_, secret) = keys.create("alice", 1_000, Limits::default()).unwrap();
+    let stacks = StackBook::in_memory(ledger.clone(), Address(signer.address()), 10_000).unwrap();
+    let registry = Arc::new(Registry::new(ledger.clone()));
+    registry.refresh_ledger().unwrap();
+    let cfg = GatewayConfig {
+        policy,
+        ..GatewayConfig::default()
+    };
+    let gw = Arc::new(
+        Gateway::new(
+            cfg,
+            keys.clone(),
+            registry,
+            stacks.clone(),
+            signer,
+            &dir.path().join("gw.db"),
+        )
+        .unwrap(),
+    );
+    World {
+        app: router(gw.clone()),
+        nodes,
+        keys,
+        stacks,
+        secret,
+        gw,
+        _dir: dir,
+    }
+}
+
+async fn call(w: &World, key: &str, body: Value) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let req = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = w.app.clone().oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, headers, bytes)
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+           "stream": stream})
+}
+
+/// Σ key spend on nodes equals what the gateway's stacks used, and the books balance.
+fn books_balance(w: &World) {
+    let t = w.keys.totals().unwrap();
+    assert!(t.is_conserved(), "{t:?}");
+    assert_eq!(t.spent_node_micro, w.stacks.spend_micro().unwrap());
+    assert_eq!(
+        t.spent_margin_micro,
+        u128::from(margin_of(t.spent_node_micro as u64, 100))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_streamed_answers_are_checked_routed_and_charged_exactly() {
+    let w = world(Policy::Cheapest).await;
+    let (status, _, body) = call(&w, &w.secret, chat(false)).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "abcde");
+    assert_eq!(
+        w.nodes[0].served.load(Ordering::Relaxed),
+        1,
+        "the cheapest node"
+    );
+    let (status, headers, body) = call(&w, &w.secret, chat(true)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let text = String::from_utf8(body).unwrap();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    assert_eq!(
+        data.len(),
+        6,
+        "5 content chunks, the usage chunk not asked for is dropped"
+    );
+    let key = &w.keys.list().unwrap()[0];
+    // 2 requests × 15 units × 1 000 per million, plus 10%.
+    assert_eq!(key.spent_node_micro, 30_000);
+    assert_eq!(key.spent_margin_micro, 3_000);
+    assert_eq!(key.held_micro, 0);
+    books_balance(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_fail_over_and_forged_answers_never_reach_the_client() {
+    let w = world(Policy::Cheapest).await;
+    w.nodes[0].mode.store(FAIL, Ordering::Relaxed);
+    let (status, _, _) = call(&w, &w.secret, chat(false)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        w.nodes[1].served.load(Ordering::Relaxed),
+        1,
+        "failed over to node 2"
+    );
+    // A forging node: its answer is refused, the node ejected at once, the next one answers.
+    w.nodes[0].mode.store(NORMAL, Ordering::Relaxed);
+    w.nodes[1].mode.store(FORGE, Ordering::Relaxed);
+    for stream in [false, true] {
+        w.nodes[0].mode.store(FORGE, Ordering::Relaxed);
+        let (status, _, body) = call(&w, &w.secret, chat(stream)).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains("abcde") || text.contains("\"content\":\"a\""));
+        w.nodes[0].mode.store(NORMAL, Ordering::Relaxed);
+    }
+    assert!(
+        w.nodes[2].served.load(Ordering::Relaxed) >= 2,
+        "node 3 answered"
+    );
+    let stats = w.gw.registry.stats();
+    assert!(
+        !stats[&1].available(std::time::Instant::now()),
+        "the forger is ejected"
+    );
+    books_balance(&w);
+    // Locked: the stack is retired and the next node answers.
+    let w = world(Policy::Cheapest).await;
+    w.nodes[0].mode.store(LOCKED, Ordering::Relaxed);
+    let (status, _, _) = call(&w, &w.secret, chat(false)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        w.stacks
+            .rows()
+            .unwrap()
+            .iter()
+            .any(|r| r.node == 1 && r.retired)
+    );
+    // Every node failing: 503 with Retry-After, nothing charged.
+    for n in &w.nodes {
+        n.mode.store(FAIL, Ordering::Relaxed);
+    }
+    let before = w.keys.list().unwrap()[0].clone();
+    let (status, headers, _) = call(&w, &w.secret, chat(false)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    let after = w.keys.list().unwrap()[0].clone();
+    assert_eq!(before.balance_micro, after.balance_micro);
+    books_balance(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_credit_limits_and_models_are_enforced() {
+    let w = world(Policy::Balanced).await;
+    let (status, _, _) = call(&w, "sk-atoma-nope", chat(false)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (poor, poor_secret) = w.keys.create("poor", 0, Limits::default()).unwrap();
+    let (status, _, body) = call(&w, &poor_secret, chat(false)).await;
+    assert_eq!(
+        status,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    w.keys.revoke(poor.id).unwrap();
+    let (status, _, _) = call(&w, &poor_secret, chat(false)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (_, limited) = w
+        .keys
+        .create(
+            "limited",
+            1_000,
+            Limits {
+                requests_per_minute: 2,
+                tokens_per_minute: 0,
+            },
+        )
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(call(&w, &limited, chat(false)).await.0, StatusCode::OK);
+    }
+    let (status, headers, _) = call(&w, &limited, chat(false)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let mut bad = chat(false);
+    bad["model"] = json!("nope");
+    assert_eq!(call(&w, &w.secret, bad).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(&w, &w.secret, json!("not an object")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    books_balance(&w);
+}
