@@ -33,7 +33,7 @@ use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::keys::{Hold, KeyInfo, KeyStore, margin_of};
 use crate::ratelimit::RateLimiter;
-use crate::registry::Registry;
+use crate::registry::{NodeInfo, Offer, Registry};
 use crate::routing::{Candidate, Policy, RouteOptions, rank};
 use crate::stacks::{Lease, StackBook};
 
@@ -335,7 +335,20 @@ async fn forward(
         .unwrap_or(gw.cfg.policy);
     let stats = gw.registry.stats();
     let idle = crate::routing::NodeStats::default();
-    let cands: Vec<Candidate<'_>> = offers
+    // One candidate per node (a node may sell the model in several tasks): its cheapest
+    // offer, so a node is never tried twice for one request.
+    let mut best: Vec<&(Offer, &NodeInfo)> = Vec::new();
+    for entry in &offers {
+        let (o, _) = entry;
+        match best.iter_mut().find(|(b, _)| b.node == o.node) {
+            Some(b) if (o.price_per_million, o.task.0) < (b.0.price_per_million, b.0.task.0) => {
+                *b = entry;
+            }
+            Some(_) => {}
+            None => best.push(entry),
+        }
+    }
+    let cands: Vec<Candidate<'_>> = best
         .iter()
         .map(|(o, n)| Candidate {
             node: o.node,
@@ -361,7 +374,7 @@ async fn forward(
     let mut last = String::from("no candidate was available");
     let mut hold = Some(hold);
     for node in order {
-        let Some((offer, info)) = offers.iter().find(|(o, _)| o.node == node) else {
+        let Some((offer, info)) = best.iter().find(|(o, _)| o.node == node) else {
             continue;
         };
         let ctx = Ctx {
@@ -384,7 +397,12 @@ async fn forward(
             shape: &s,
         };
         match ctx.attempt(&v, &mut hold).await {
-            Ok(resp) => return Ok(resp),
+            Ok(mut resp) => {
+                // Which node served: the signature inside says it too, this saves a lookup.
+                resp.headers_mut()
+                    .insert("x-atoma-node", HeaderValue::from(node));
+                return Ok(resp);
+            }
             Err(Attempt::Refused(resp)) => return Ok(resp),
             Err(Attempt::Next(why)) => {
                 tracing::info!(node, reason = %why, "failing over to the next node");

@@ -31,13 +31,16 @@ const LOCKED: u8 = 3;
 struct FakeNode {
     key: Keypair,
     mode: Arc<AtomicU8>,
+    /// Requests answered (not failed), and requests received.
     served: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
 }
 
 async fn fake_chat(
     axum::extract::State(n): axum::extract::State<FakeNode>,
     body: axum::body::Bytes,
 ) -> axum::response::Response {
+    n.calls.fetch_add(1, Ordering::Relaxed);
     let mode = n.mode.load(Ordering::Relaxed);
     match mode {
         FAIL => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -105,20 +108,27 @@ async fn world(policy: Policy) -> World {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Arc::new(SqliteLedger::in_memory().unwrap());
     let admin: Address = "0x99".parse().unwrap();
-    let task = ledger
-        .create_task(
-            admin,
-            &NewTask {
-                role: TaskRole::ChatCompletion,
-                model_name: Some("m".into()),
-                security_level: SecurityLevel::NoSecurity,
-                minimum_reputation_score: 0,
-                is_public: true,
-                minimum_collateral: Amount(0),
-            },
-        )
-        .unwrap()
-        .small_id;
+    // Two tasks serve the model, as on the devnet (NoSecurity and SamplingConsensus), and
+    // every node sells both: a node must still be one candidate, tried once per request.
+    let tasks: Vec<_> = [SecurityLevel::NoSecurity, SecurityLevel::SamplingConsensus]
+        .into_iter()
+        .map(|security_level| {
+            ledger
+                .create_task(
+                    admin,
+                    &NewTask {
+                        role: TaskRole::ChatCompletion,
+                        model_name: Some("m".into()),
+                        security_level,
+                        minimum_reputation_score: 0,
+                        is_public: true,
+                        minimum_collateral: Amount(0),
+                    },
+                )
+                .unwrap()
+                .small_id
+        })
+        .collect();
     let mut nodes = Vec::new();
     for (i, price) in [1_000u64, 1_100, 1_300].into_iter().enumerate() {
         let key = Keypair::from_secret([i as u8 + 1; 32]);
@@ -128,12 +138,15 @@ async fn world(policy: Policy) -> World {
             key,
             mode: Arc::default(),
             served: Arc::default(),
+            calls: Arc::default(),
         };
         let url = start(n.clone()).await;
         ledger.set_node_public_url(who, id, &url).unwrap();
-        ledger
-            .subscribe_node_to_task(who, id, task, Amount(price))
-            .unwrap();
+        for &task in &tasks {
+            ledger
+                .subscribe_node_to_task(who, id, task, Amount(price))
+                .unwrap();
+        }
         nodes.push(n);
     }
     let signer = Keypair::from_secret([9; 32]);
@@ -208,8 +221,9 @@ fn books_balance(w: &World) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_and_streamed_answers_are_checked_routed_and_charged_exactly() {
     let w = world(Policy::Cheapest).await;
-    let (status, _, body) = call(&w, &w.secret, chat(false)).await;
+    let (status, headers, body) = call(&w, &w.secret, chat(false)).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["x-atoma-node"], "1");
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "abcde");
     assert_eq!(
@@ -220,6 +234,7 @@ async fn plain_and_streamed_answers_are_checked_routed_and_charged_exactly() {
     let (status, headers, body) = call(&w, &w.secret, chat(true)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(headers["x-atoma-node"], "1");
     let text = String::from_utf8(body).unwrap();
     let data: Vec<&str> = text
         .lines()
@@ -246,6 +261,11 @@ async fn failures_fail_over_and_forged_answers_never_reach_the_client() {
     let (status, _, _) = call(&w, &w.secret, chat(false)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
+        w.nodes[0].calls.load(Ordering::Relaxed),
+        1,
+        "a node is tried once per request, whatever number of tasks it sells"
+    );
+    assert_eq!(
         w.nodes[1].served.load(Ordering::Relaxed),
         1,
         "failed over to node 2"
@@ -253,6 +273,7 @@ async fn failures_fail_over_and_forged_answers_never_reach_the_client() {
     // A forging node: its answer is refused, the node ejected at once, the next one answers.
     w.nodes[0].mode.store(NORMAL, Ordering::Relaxed);
     w.nodes[1].mode.store(FORGE, Ordering::Relaxed);
+    let forger_before = w.nodes[1].served.load(Ordering::Relaxed);
     for stream in [false, true] {
         w.nodes[0].mode.store(FORGE, Ordering::Relaxed);
         let (status, _, body) = call(&w, &w.secret, chat(stream)).await;
@@ -264,6 +285,11 @@ async fn failures_fail_over_and_forged_answers_never_reach_the_client() {
     assert!(
         w.nodes[2].served.load(Ordering::Relaxed) >= 2,
         "node 3 answered"
+    );
+    assert_eq!(
+        w.nodes[1].served.load(Ordering::Relaxed) - forger_before,
+        1,
+        "the forger got one request, then none: it is ejected"
     );
     let stats = w.gw.registry.stats();
     assert!(
