@@ -304,6 +304,7 @@ fn keys(dir: &Path) -> HashMap<String, Value> {
 }
 
 #[test]
+#[allow(clippy::print_stderr)] // the figures of the run, for the issue note
 fn gateway_routes_fails_over_ejects_forgers_and_charges_exactly() {
     let py = python();
     let tmp = tempfile::tempdir().unwrap();
