@@ -155,27 +155,25 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    /// Opens (or creates) the store at `path` with WAL and a busy timeout, and releases the
-    /// holds a crash left open.
+    /// Opens (or creates) the store in the gateway's file at `path` (see [`crate::books`]),
+    /// and releases the holds a crash left open.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        Self::init(conn)
+        Self::on(crate::books::open(path)?)
     }
 
     /// A store in memory, for tests.
     pub fn in_memory() -> Result<Self, KeyError> {
-        Self::init(Connection::open_in_memory()?)
+        Self::on(crate::books::in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Self, KeyError> {
-        conn.execute_batch("PRAGMA foreign_keys = ON;")?;
-        conn.execute_batch(SCHEMA)?;
-        let store = Self {
-            conn: Arc::new(Mutex::new(conn)),
-        };
+    /// The store on the gateway's shared connection.
+    pub fn on(conn: crate::books::Books) -> Result<Self, KeyError> {
+        {
+            let c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            c.execute_batch("PRAGMA foreign_keys = ON;")?;
+            c.execute_batch(SCHEMA)?;
+        }
+        let store = Self { conn };
         store.release_stale_holds()?;
         Ok(store)
     }

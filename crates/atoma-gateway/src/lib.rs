@@ -11,8 +11,9 @@
 //! requests and tokens per minute), `routing` (node statistics, ejection, policies and
 //! ranking), `registry` (nodes from the ledger, health and status polling), `stacks` (the stacks
 //! the gateway owns and their spend), `proxy` (the HTTP surface, forwarding, failover,
-//! signature checks), `config`.
+//! signature checks), `books` (the one SQLite connection they share), `config`.
 
+pub mod books;
 pub mod config;
 pub mod error;
 pub mod keys;

@@ -51,7 +51,7 @@ pub struct Gateway {
     pub signer: Keypair,
     pub http: reqwest::Client,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    evidence: std::sync::Mutex<rusqlite::Connection>,
+    evidence: crate::books::Books,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -63,27 +63,25 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    /// A gateway over its parts; `evidence_db` is the SQLite file for kept answers.
+    /// A gateway over its parts; kept answers go to `books` (the `evidence` table), normally
+    /// the connection `keys` and `stacks` share (see [`crate::books`]).
     pub fn new(
         cfg: GatewayConfig,
         keys: KeyStore,
         registry: Arc<Registry>,
         stacks: StackBook,
         signer: Keypair,
-        evidence_db: &std::path::Path,
+        books: crate::books::Books,
     ) -> Result<Self, GatewayError> {
-        let conn = rusqlite::Connection::open(evidence_db)
-            .map_err(|e| GatewayError::Internal(format!("opening the evidence store: {e}")))?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .and_then(|()| {
-                conn.execute_batch(
-                    "PRAGMA journal_mode = WAL;
-                     CREATE TABLE IF NOT EXISTS evidence (
-                       id INTEGER PRIMARY KEY AUTOINCREMENT, stack INTEGER NOT NULL,
-                       node INTEGER NOT NULL, request_hash BLOB NOT NULL, response BLOB NOT NULL,
-                       verified INTEGER NOT NULL, at INTEGER NOT NULL);",
-                )
-            })
+        books
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS evidence (
+                   id INTEGER PRIMARY KEY AUTOINCREMENT, stack INTEGER NOT NULL,
+                   node INTEGER NOT NULL, request_hash BLOB NOT NULL, response BLOB NOT NULL,
+                   verified INTEGER NOT NULL, at INTEGER NOT NULL);",
+            )
             .map_err(|e| GatewayError::Internal(format!("evidence store: {e}")))?;
         Ok(Self {
             http: reqwest::Client::builder()
@@ -97,7 +95,7 @@ impl Gateway {
             registry,
             stacks,
             signer,
-            evidence: std::sync::Mutex::new(conn),
+            evidence: books,
         })
     }
 

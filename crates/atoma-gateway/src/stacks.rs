@@ -92,19 +92,20 @@ pub struct Lease {
 }
 
 impl StackBook {
-    /// Opens the book in `path` (the gateway's file). Reservations left by a crash are released.
+    /// Opens the book in `path` (the gateway's file, see [`crate::books`]). Reservations left
+    /// by a crash are released.
     pub fn open(
         path: &Path,
         ledger: Arc<dyn Ledger>,
         owner: Address,
         stack_units: u64,
     ) -> Result<Self, StackError> {
-        let conn = Connection::open(path).map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db)?;
-        Self::init(conn, ledger, owner, stack_units)
+        Self::on(
+            crate::books::open(path).map_err(db)?,
+            ledger,
+            owner,
+            stack_units,
+        )
     }
 
     /// A book in memory (tests).
@@ -113,25 +114,29 @@ impl StackBook {
         owner: Address,
         stack_units: u64,
     ) -> Result<Self, StackError> {
-        Self::init(
-            Connection::open_in_memory().map_err(db)?,
+        Self::on(
+            crate::books::in_memory().map_err(db)?,
             ledger,
             owner,
             stack_units,
         )
     }
 
-    fn init(
-        conn: Connection,
+    /// The book on the gateway's shared connection.
+    pub fn on(
+        conn: crate::books::Books,
         ledger: Arc<dyn Ledger>,
         owner: Address,
         stack_units: u64,
     ) -> Result<Self, StackError> {
-        conn.execute_batch(SCHEMA).map_err(db)?;
-        conn.execute("UPDATE gw_stacks SET reserved = 0", [])
-            .map_err(db)?;
+        {
+            let c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            c.execute_batch(SCHEMA).map_err(db)?;
+            c.execute("UPDATE gw_stacks SET reserved = 0", [])
+                .map_err(db)?;
+        }
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn,
             ledger,
             owner,
             stack_units,

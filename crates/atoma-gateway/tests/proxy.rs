@@ -169,7 +169,7 @@ async fn world(policy: Policy) -> World {
             registry,
             stacks.clone(),
             signer,
-            &dir.path().join("gw.db"),
+            atoma_gateway::books::open(&dir.path().join("gw.db")).unwrap(),
         )
         .unwrap(),
     );

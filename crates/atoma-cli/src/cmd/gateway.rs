@@ -151,8 +151,10 @@ fn serve(home: &Home, a: &ServeArgs) -> anyhow::Result<()> {
     let owner = address_of(&signer);
     let balance = ledger.balance(owner)?;
     let db = db_path(home);
-    let keys = KeyStore::open(&db).context("opening the gateway's key store")?;
-    let stacks = StackBook::open(&db, ledger.clone(), owner, cfg.stack_units)?;
+    let books =
+        atoma_gateway::books::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let keys = KeyStore::on(books.clone()).context("opening the gateway's key store")?;
+    let stacks = StackBook::on(books.clone(), ledger.clone(), owner, cfg.stack_units)?;
     let registry = Arc::new(Registry::new(ledger));
     registry.refresh_ledger()?;
     let gw = Arc::new(Gateway::new(
@@ -161,7 +163,7 @@ fn serve(home: &Home, a: &ServeArgs) -> anyhow::Result<()> {
         registry,
         stacks,
         signer,
-        &db,
+        books,
     )?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
