@@ -16,6 +16,9 @@
 //!    got; the gateway's stacks used exactly those units per node; the living nodes' own
 //!    meters agree with the gateway to the unit (the forging node's also counts the units of
 //!    the answers the gateway refused).
+//! 6. SIGKILL of the gateway with requests in flight, and a restart: no hold or stack
+//!    reservation stays, every unit granted to a key is kept or spent, every answer that
+//!    got out was charged.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -396,24 +399,23 @@ fn gateway_routes_fails_over_ejects_forgers_and_charges_exactly() {
         "[gateway]\npolicy = \"cheapest\"\npoll_ms = 500\nledger_poll_ms = 500\nstack_units = 3000\n",
     )
     .unwrap();
-    procs.spawn(
+    let gw_toml = dir.join("gw.toml").display().to_string();
+    let ledger = s(&net["ledger"]);
+    let gw_args = [
+        "--home",
+        d,
+        "--log",
+        "info",
         "gateway",
-        &dir.join("gateway.log"),
-        &[
-            "--home",
-            d,
-            "--log",
-            "info",
-            "gateway",
-            "serve",
-            "--config",
-            dir.join("gw.toml").to_str().unwrap(),
-            "--bind",
-            gw_url.trim_start_matches("http://"),
-            "--ledger",
-            &s(&net["ledger"]),
-        ],
-    );
+        "serve",
+        "--config",
+        &gw_toml,
+        "--bind",
+        gw_url.trim_start_matches("http://"),
+        "--ledger",
+        &ledger,
+    ];
+    procs.spawn("gateway", &dir.join("gateway.log"), &gw_args);
     for n in &nodes {
         let u = s(&n["url"]);
         wait_for(&format!("node {u}"), Duration::from_secs(240), || {
@@ -701,4 +703,92 @@ fn gateway_routes_fails_over_ejects_forgers_and_charges_exactly() {
         "the forging node's meter: what it served plus what the gateway refused"
     );
     assert_eq!(node_used(dear), units_to(dear), "the dearest node's meter");
+
+    // 6. SIGKILL the gateway with requests in flight, restart it: its holds and stack
+    //    reservations are released, every unit granted to a key is in a balance or spent, and
+    //    the key paid at least for every answer its clients got (an answer charged in the
+    //    instant before the kill may not have got out; an answer that got out was charged).
+    let spent = |k: &HashMap<String, Value>| {
+        k["devnet"]["spent_node_micro"].as_u64().unwrap()
+            + k["devnet"]["spent_margin_micro"].as_u64().unwrap()
+    };
+    let spent0 = spent(&keys(dir));
+    let mut run = client
+        .command(&key, &["run", "12", "4", "p"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut phase6 = Vec::new();
+    let mut in_flight = (0i64, 0i64);
+    for line in BufReader::new(run.stdout.take().unwrap()).lines() {
+        phase6.push(parse(&line.unwrap()));
+        if phase6.len() == 3 {
+            procs.kill("gateway");
+            in_flight = gw
+                .query_row(
+                    "SELECT (SELECT COUNT(*) FROM holds), \
+                     (SELECT COALESCE(SUM(reserved), 0) FROM gw_stacks)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+        }
+    }
+    run.wait().unwrap();
+    assert!(
+        in_flight.0 > 0 && in_flight.1 > 0,
+        "the kill hit requests in flight: {in_flight:?}"
+    );
+    procs.spawn("gateway restarted", &dir.join("gateway2.log"), &gw_args);
+    wait_for("the restarted gateway", Duration::from_secs(60), || {
+        ureq::get(&format!("{gw_url}/health")).call().is_ok()
+    });
+    let after = client.run(&key, 1, 1, "p");
+    all_ok("after the restart", &after);
+    let k = keys(dir);
+    assert_eq!(k["devnet"]["held_micro"].as_u64(), Some(0));
+    let (granted, balances, held, spent_all): (i64, i64, i64, i64) = gw
+        .query_row(
+            "SELECT SUM(granted), SUM(balance), SUM(held), SUM(spent_node + spent_margin) \
+             FROM keys",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(held, 0);
+    assert_eq!(
+        granted,
+        balances + spent_all,
+        "every unit granted is kept or spent"
+    );
+    let reserved: i64 = gw
+        .query_row(
+            "SELECT COALESCE(SUM(reserved), 0) FROM gw_stacks",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(reserved, 0, "stack reservations left after the restart");
+    let delivered: Vec<Done> = phase6
+        .iter()
+        .chain(&after)
+        .filter(|d| d.ok)
+        .cloned()
+        .collect();
+    let (node_micro, margin_micro) = bill(&delivered);
+    let paid6 = spent(&k) - spent0;
+    assert!(
+        paid6 >= node_micro + margin_micro,
+        "answers delivered but not charged: paid {paid6}, delivered {}",
+        node_micro + margin_micro
+    );
+    eprintln!(
+        "gateway SIGKILL: {} holds and {} stack units reserved at the kill; {} answers got \
+         out ({} µ), the key paid {paid6} µ",
+        in_flight.0,
+        in_flight.1,
+        delivered.len(),
+        node_micro + margin_micro
+    );
 }
