@@ -179,6 +179,12 @@ fn serve(home: &Home, a: &ServeArgs) -> anyhow::Result<()> {
             balance.0,
             cfg.policy
         );
+        if balance.0 == 0 {
+            eprintln!(
+                "warning: the gateway's ledger key holds no USDC, so it cannot buy stacks; fund \
+                 {owner} (on a local ledger: `atoma db faucet --to {owner} --amount …`)"
+            );
+        }
         atoma_gateway::serve(gw, listener, async {
             let _ = tokio::signal::ctrl_c().await;
             eprintln!("shutting down: finishing requests in flight");

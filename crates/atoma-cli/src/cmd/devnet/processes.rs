@@ -149,8 +149,9 @@ pub fn run(dir: &Path, net: &DevnetFile, a: &UpArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
         eprintln!(
-            "devnet up: DA server and {} node(s) serving; Ctrl-C stops them",
-            net.nodes.len()
+            "devnet up: DA server, {} node(s) and the gateway ({}) serving; Ctrl-C stops them",
+            net.nodes.len(),
+            net.gateway_url
         );
         wait_for_signal(&mut procs)
     })();
