@@ -538,8 +538,11 @@ impl Ctx<'_> {
 
     /// Charges the key what the node charged the stack, plus the margin.
     fn charge(&self, hold: &mut Option<Hold>, lease: Lease, units_used: u64) {
+        // At the stack's price: what the node is paid for these units (at most its asking
+        // price, see `StackBook::lease`).
+        let price = lease.price;
         let used = lease.settle(units_used).unwrap_or(0);
-        let node_micro = used.saturating_mul(self.price);
+        let node_micro = used.saturating_mul(price);
         let margin = margin_of(node_micro, self.gw.cfg.margin_permille);
         if let Some(h) = hold.take()
             && let Err(e) = h.settle(node_micro, margin)
@@ -587,7 +590,7 @@ impl Ctx<'_> {
             key: self.key.clone(),
             node,
             owner: self.node_owner,
-            price: self.price,
+            price: lease.price,
             wants_usage: self.shape.wants_usage,
             lease: Some(lease),
             hold: hold.take(),

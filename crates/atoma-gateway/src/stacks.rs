@@ -157,13 +157,24 @@ impl StackBook {
     }
 
     /// Reserves `units` on a stack of `task` sold to `node` with room, if there is one.
-    fn reserve(&self, task: u64, node: u64, units: u64) -> Result<Option<Lease>, StackError> {
+    /// Reserves `units` on the cheapest stack of `task` sold to `node` at a price of at most
+    /// `max_price`. Stacks bought dearer (for a dearer node, sold by the ledger to this one; or
+    /// before the node lowered its price) are never used for it: the key would pay more than
+    /// the node asks. They stay unused until they expire and their escrow comes back.
+    fn reserve(
+        &self,
+        task: u64,
+        node: u64,
+        max_price: u64,
+        units: u64,
+    ) -> Result<Option<Lease>, StackError> {
         self.with_tx(|tx| {
             let row: Option<(i64, i64)> = tx
                 .query_row(
                     "SELECT small_id, price FROM gw_stacks WHERE task = ?1 AND node = ?2 \
-                     AND retired = 0 AND units - used - reserved >= ?3 ORDER BY small_id LIMIT 1",
-                    params![task as i64, node as i64, units as i64],
+                     AND retired = 0 AND price <= ?4 AND units - used - reserved >= ?3 \
+                     ORDER BY price, small_id LIMIT 1",
+                    params![task as i64, node as i64, units as i64, max_price as i64],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
@@ -198,7 +209,7 @@ impl StackBook {
         units: u64,
         eligible: usize,
     ) -> Result<Lease, StackError> {
-        if let Some(l) = self.reserve(task.0, node, units)? {
+        if let Some(l) = self.reserve(task.0, node, node_price, units)? {
             return Ok(l);
         }
         let tries = (BUYS_PER_ELIGIBLE_NODE * eligible.max(1)).min(MAX_BUYS);
@@ -229,7 +240,7 @@ impl StackBook {
             tracing::info!(stack = %s.small_id, node = %s.selected_node_id, wanted = node,
                            units = s.num_compute_units.0, "bought a stack");
             metrics::counter!("atoma_gateway_stacks_bought_total").increment(1);
-            if let Some(l) = self.reserve(task.0, node, units)? {
+            if let Some(l) = self.reserve(task.0, node, node_price, units)? {
                 return Ok(l);
             }
         }
