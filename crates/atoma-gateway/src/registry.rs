@@ -174,21 +174,36 @@ impl Registry {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Polls every node's `/v1/node/status` once, concurrently.
+    /// Polls every node's `/v1/node/status` once, concurrently, except nodes ejected now: a
+    /// node that stops answering is polled again only when its backoff (1 s, 2 s, … 60 s) ends.
     pub async fn poll_nodes(&self, timeout: Duration) {
         let snap = self.snapshot();
-        let polls = snap.nodes.values().map(|n| {
-            let url = format!("{}/v1/node/status", n.url);
-            let id = n.small_id;
-            async move {
-                let res = self.http.get(&url).timeout(timeout).send().await;
-                let body = match res {
-                    Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
-                    _ => None,
-                };
-                (id, body)
-            }
-        });
+        let now = Instant::now();
+        let stats = self.stats();
+        let resting = |id: u64| {
+            stats
+                .get(&id)
+                .and_then(NodeStats::ejected_until)
+                .is_some_and(|until| now < until)
+        };
+        let polls = snap
+            .nodes
+            .values()
+            .filter(|n| !resting(n.small_id))
+            .map(|n| {
+                let url = format!("{}/v1/node/status", n.url);
+                let id = n.small_id;
+                async move {
+                    let res = self.http.get(&url).timeout(timeout).send().await;
+                    let body = match res {
+                        Ok(r) if r.status().is_success() => {
+                            r.json::<serde_json::Value>().await.ok()
+                        }
+                        _ => None,
+                    };
+                    (id, body)
+                }
+            });
         let results = futures_util::future::join_all(polls).await;
         let now = Instant::now();
         for (id, body) in results {

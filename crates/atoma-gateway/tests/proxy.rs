@@ -34,6 +34,8 @@ struct FakeNode {
     /// Requests answered (not failed), and requests received.
     served: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
+    /// Status polls received.
+    polls: Arc<AtomicUsize>,
 }
 
 async fn fake_chat(
@@ -81,11 +83,14 @@ async fn start(node: FakeNode) -> String {
         .route("/v1/chat/completions", axum::routing::post(fake_chat))
         .route(
             "/v1/node/status",
-            axum::routing::get(|| async {
-                axum::Json(json!({"ready": true, "load": {"running": 0, "waiting": 0,
-                    "kv_blocks_used": 0, "kv_blocks_total": 10}, "ttft_seconds": 0.1,
-                    "tpot_seconds": 0.01}))
-            }),
+            axum::routing::get(
+                |axum::extract::State(n): axum::extract::State<FakeNode>| async move {
+                    n.polls.fetch_add(1, Ordering::Relaxed);
+                    axum::Json(json!({"ready": true, "load": {"running": 0, "waiting": 0,
+                        "kv_blocks_used": 0, "kv_blocks_total": 10}, "ttft_seconds": 0.1,
+                        "tpot_seconds": 0.01}))
+                },
+            ),
         )
         .with_state(node);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -139,6 +144,7 @@ async fn world(policy: Policy) -> World {
             mode: Arc::default(),
             served: Arc::default(),
             calls: Arc::default(),
+            polls: Arc::default(),
         };
         let url = start(n.clone()).await;
         ledger.set_node_public_url(who, id, &url).unwrap();
@@ -450,4 +456,23 @@ async fn property_key_charges_equal_stack_spend_plus_margin() {
             "seed {seed}: {answered} answered, {refused} refused"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejected_nodes_are_not_polled_until_their_backoff_ends() {
+    let w = world(Policy::Cheapest).await;
+    let timeout = std::time::Duration::from_secs(2);
+    w.gw.registry.poll_nodes(timeout).await;
+    assert!(w.nodes.iter().all(|n| n.polls.load(Ordering::Relaxed) == 1));
+    // A bad signature ejects node 1 for a minute: no polls meanwhile.
+    w.gw.registry
+        .with_stats(1, |s| s.record_failure(true, std::time::Instant::now()));
+    w.gw.registry.poll_nodes(timeout).await;
+    assert_eq!(w.nodes[0].polls.load(Ordering::Relaxed), 1, "resting");
+    assert_eq!(w.nodes[1].polls.load(Ordering::Relaxed), 2);
+    // Its backoff over (statistics forgotten here), it is polled again.
+    w.gw.registry
+        .with_stats(1, |s| *s = atoma_gateway::routing::NodeStats::default());
+    w.gw.registry.poll_nodes(timeout).await;
+    assert_eq!(w.nodes[0].polls.load(Ordering::Relaxed), 2);
 }
