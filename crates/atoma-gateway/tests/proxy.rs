@@ -24,6 +24,8 @@ const NORMAL: u8 = 0;
 const FAIL: u8 = 1;
 const FORGE: u8 = 2;
 const LOCKED: u8 = 3;
+/// Streams 50 content chunks, one every 20 ms.
+const SLOW: u8 = 4;
 
 /// A simulated node: answers with 10 prompt + 5 completion tokens, signed by `key` (or by a
 /// stranger when forging).
@@ -36,6 +38,54 @@ struct FakeNode {
     calls: Arc<AtomicUsize>,
     /// Status polls received.
     polls: Arc<AtomicUsize>,
+    /// Set when a slow stream was dropped before its end (the gateway hung up).
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Sets its flag when dropped before `done`.
+struct Cancel {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    done: bool,
+}
+
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn slow_stream(
+    signer: Keypair,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+) -> axum::response::Response {
+    let chunks = futures_util::stream::unfold(
+        (0usize, Cancel { flag, done: false }),
+        move |(i, mut cancel)| {
+            let signer = signer.clone();
+            async move {
+                if i > 50 {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let data = if i == 50 {
+                    cancel.done = true;
+                    "data: [DONE]\n\n".to_string()
+                } else {
+                    let c = json!({"id": "x", "object": "chat.completion.chunk", "model": "m",
+                        "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": null}]});
+                    format!("data: {}\n\n", sign_json(&signer, c).0)
+                };
+                Some((Ok::<_, std::convert::Infallible>(data), (i + 1, cancel)))
+            }
+        },
+    );
+    (
+        [("content-type", "text/event-stream")],
+        Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 async fn fake_chat(
@@ -56,6 +106,9 @@ async fn fake_chat(
         n.key.clone()
     };
     let req: Value = serde_json::from_slice(&body).unwrap();
+    if mode == SLOW {
+        return slow_stream(signer, n.cancelled.clone());
+    }
     let usage = json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15});
     if req["stream"] == true {
         let mut out = String::new();
@@ -145,6 +198,7 @@ async fn world(policy: Policy) -> World {
             served: Arc::default(),
             calls: Arc::default(),
             polls: Arc::default(),
+            cancelled: Arc::default(),
         };
         let url = start(n.clone()).await;
         ledger.set_node_public_url(who, id, &url).unwrap();
@@ -475,4 +529,45 @@ async fn ejected_nodes_are_not_polled_until_their_backoff_ends() {
         .with_stats(1, |s| *s = atoma_gateway::routing::NodeStats::default());
     w.gw.registry.poll_nodes(timeout).await;
     assert_eq!(w.nodes[0].polls.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_the_node_and_pays_for_what_it_got() {
+    let w = world(Policy::Cheapest).await;
+    w.nodes[0].mode.store(SLOW, Ordering::Relaxed);
+    let req = Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {}", w.secret))
+        .header("content-type", "application/json")
+        .body(Body::from(chat(true).to_string()))
+        .unwrap();
+    let resp = w.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut chunks = 0;
+    while chunks < 3 {
+        let frame = body.frame().await.unwrap().unwrap();
+        if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+            chunks += 1;
+        }
+    }
+    drop(body);
+    let t = std::time::Instant::now();
+    while !w.nodes[0].cancelled.load(Ordering::SeqCst) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "the node kept generating for a client that left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let key = &w.keys.list().unwrap()[0];
+    assert_eq!(key.held_micro, 0);
+    // One unit per content chunk the gateway relayed (no usage chunk came): the three the
+    // client read, and at most one more already in flight.
+    assert!(
+        (3_000..=4_000).contains(&key.spent_node_micro),
+        "{}",
+        key.spent_node_micro
+    );
+    assert_eq!(key.spent_node_micro % 1_000, 0);
+    books_balance(&w);
 }
