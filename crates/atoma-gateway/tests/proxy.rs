@@ -135,6 +135,28 @@ async fn start(node: FakeNode) -> String {
     let app = axum::Router::new()
         .route("/v1/chat/completions", axum::routing::post(fake_chat))
         .route(
+            "/v1/completions",
+            axum::routing::post(
+                |axum::extract::State(n): axum::extract::State<FakeNode>| async move {
+                    let a = json!({"id": "c", "object": "text_completion", "model": "m",
+                        "choices": [{"index": 0, "text": "fghij", "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}});
+                    axum::Json(sign_json(&n.key, a).0)
+                },
+            ),
+        )
+        .route(
+            "/v1/embeddings",
+            axum::routing::post(
+                |axum::extract::State(n): axum::extract::State<FakeNode>| async move {
+                    let a = json!({"object": "list", "model": "emb",
+                        "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.5]}],
+                        "usage": {"prompt_tokens": 4, "total_tokens": 4}});
+                    axum::Json(sign_json(&n.key, a).0)
+                },
+            ),
+        )
+        .route(
             "/v1/node/status",
             axum::routing::get(
                 |axum::extract::State(n): axum::extract::State<FakeNode>| async move {
@@ -187,6 +209,20 @@ async fn world(policy: Policy) -> World {
                 .small_id
         })
         .collect();
+    let embedding_task = ledger
+        .create_task(
+            admin,
+            &NewTask {
+                role: TaskRole::Embedding,
+                model_name: Some("emb".into()),
+                security_level: SecurityLevel::NoSecurity,
+                minimum_reputation_score: 0,
+                is_public: true,
+                minimum_collateral: Amount(0),
+            },
+        )
+        .unwrap()
+        .small_id;
     let mut nodes = Vec::new();
     for (i, price) in [1_000u64, 1_100, 1_300].into_iter().enumerate() {
         let key = Keypair::from_secret([i as u8 + 1; 32]);
@@ -205,6 +241,11 @@ async fn world(policy: Policy) -> World {
         for &task in &tasks {
             ledger
                 .subscribe_node_to_task(who, id, task, Amount(price))
+                .unwrap();
+        }
+        if i == 1 {
+            ledger
+                .subscribe_node_to_task(who, id, embedding_task, Amount(price))
                 .unwrap();
         }
         nodes.push(n);
@@ -570,4 +611,72 @@ async fn a_client_that_hangs_up_cancels_the_node_and_pays_for_what_it_got() {
     );
     assert_eq!(key.spent_node_micro % 1_000, 0);
     books_balance(&w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_embeddings_and_models_go_through_too() {
+    let w = world(Policy::Cheapest).await;
+    let post = |path: &str, body: Value| {
+        Request::post(path)
+            .header("authorization", format!("Bearer {}", w.secret))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let resp = w
+        .app
+        .clone()
+        .oneshot(post(
+            "/v1/completions",
+            json!({"model": "m", "prompt": "hi", "max_tokens": 5}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["choices"][0]["text"], "fghij");
+    // Only node 2 serves embeddings (at 1 100 per million).
+    let resp = w
+        .app
+        .clone()
+        .oneshot(post(
+            "/v1/embeddings",
+            json!({"model": "emb", "input": "hi"}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-atoma-node"], "2");
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["data"][0]["embedding"], json!([0.5, -0.5]));
+    // A chat model asked for embeddings is unknown there.
+    let resp = w
+        .app
+        .clone()
+        .oneshot(post("/v1/embeddings", json!({"model": "m", "input": "hi"})))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let key = &w.keys.list().unwrap()[0];
+    assert_eq!(key.spent_node_micro, 15 * 1_000 + 4 * 1_100);
+    assert_eq!(key.held_micro, 0);
+    books_balance(&w);
+    let resp = w
+        .app
+        .clone()
+        .oneshot(Request::get("/v1/models").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let mut ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["emb", "m"]);
 }
