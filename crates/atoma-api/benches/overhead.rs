@@ -44,11 +44,13 @@ impl InferenceBackend for Trivial {
                     BackendEvent::Token {
                         id: 1,
                         text: "ok".into(),
+                        logprobs: None,
                     },
                     BackendEvent::Done {
-                        finish_reason: "stop".into(),
+                        finish_reason: atoma_api::FinishReason::Stop,
                         prompt_tokens: 8,
                         completion_tokens: 1,
+                        cached_tokens: 0,
                     },
                 ])
                 .boxed())
@@ -123,6 +125,12 @@ fn main() {
                 presence_penalty: 0.0,
                 frequency_penalty: 0.0,
                 ignore_eos: false,
+                top_k: 0,
+                min_p: 0.0,
+                repetition_penalty: 1.0,
+                logit_bias: vec![],
+                logprobs: None,
+                echo: false,
             };
             let _events: Vec<_> = Trivial
                 .prepare(req)

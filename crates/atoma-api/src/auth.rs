@@ -11,8 +11,8 @@
 
 use axum::http::HeaderMap;
 
-use atoma_crypto::{address_hex, blake2b256};
-use atoma_ledger::StackSmallId;
+use atoma_crypto::blake2b256;
+use atoma_ledger::{Address, StackSmallId};
 
 use crate::error::ApiError;
 
@@ -24,8 +24,8 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// A request whose signature verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signed {
-    /// The signer's Sui address, `0x…`.
-    pub signer: String,
+    /// The signer's Sui address.
+    pub signer: Address,
     pub stack: StackSmallId,
     /// Blake2b-256 of the body: the signed message and the request-log key.
     pub request_hash: [u8; 32],
@@ -60,7 +60,7 @@ pub fn authenticate(headers: &HeaderMap, body: &[u8]) -> Result<Signed, ApiError
     let signer = atoma_crypto::verify(sig, &request_hash)
         .map_err(|e| ApiError::Unauthorized(format!("bad X-Signature: {e}")))?;
     Ok(Signed {
-        signer: address_hex(&signer),
+        signer: Address(signer),
         stack: StackSmallId(stack),
         request_hash,
         signature: sig.to_string(),

@@ -5,10 +5,29 @@ use futures_util::stream::BoxStream;
 
 pub use atoma_state::log::SamplingRecord;
 
+/// Who speaks a chat turn (OpenAI's `developer` is a `System` turn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The role's name in chat templates and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+}
+
 /// One chat turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatTurn {
-    pub role: String,
+    pub role: Role,
     pub content: String,
 }
 
@@ -19,6 +38,57 @@ pub enum Prompt {
     Chat(Vec<ChatTurn>),
     /// Raw text (completions).
     Text(String),
+    /// Token ids, used as given (completions).
+    Tokens(Vec<u32>),
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context's end.
+    Length,
+    /// The client went away (logged only; never sent).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The reason named `s` on the wire.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stop" => Some(Self::Stop),
+            "length" => Some(Self::Length),
+            "cancelled" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// One token with its log-probability under the model's raw distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    /// The token's bytes (a piece of UTF-8 text, possibly incomplete; special tokens as text).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    pub chosen: TokenLogprob,
+    /// Most likely first; as many as the request's `top_logprobs`.
+    pub top: Vec<TokenLogprob>,
 }
 
 /// A validated inference request.
@@ -35,6 +105,18 @@ pub struct InferenceRequest {
     pub frequency_penalty: f32,
     /// Generate past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Keep the k most likely tokens (0: off).
+    pub top_k: u32,
+    /// Drop tokens less likely than `min_p` × the most likely (0: off).
+    pub min_p: f32,
+    /// Repetition penalty over the last 64 tokens (1: off).
+    pub repetition_penalty: f32,
+    /// Added to the named tokens' logits, in token-id order.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report log-probabilities: `Some(k)` gives the chosen token's and the `k` most likely.
+    pub logprobs: Option<u8>,
+    /// Completions: the prompt's text comes back before the generated text.
+    pub echo: bool,
 }
 
 /// What a backend reports while generating: one `Token` per generated token (its text may be
@@ -44,13 +126,17 @@ pub enum BackendEvent {
     Token {
         id: u32,
         text: String,
+        /// When the request asked for log-probabilities.
+        logprobs: Option<Logprobs>,
     },
     /// Text that completes without a new token (e.g. released when generation ends).
     Text(String),
     Done {
-        finish_reason: String,
+        finish_reason: FinishReason,
         prompt_tokens: u64,
         completion_tokens: u64,
+        /// Prompt tokens served from the prefix cache.
+        cached_tokens: u64,
     },
     Error(String),
 }
@@ -81,6 +167,9 @@ pub struct Execution {
     pub sampling: SamplingRecord,
     pub model_sha256: [u8; 32],
     pub determinism_class: String,
+    /// The request's `logit_bias` as the sampler applies it (part of the signed body, so not
+    /// kept in the record's sampling parameters: a verifier reads it from the body).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Execution {
@@ -93,9 +182,9 @@ impl Execution {
             sampling: SamplingRecord {
                 temperature: req.temperature,
                 top_p: req.top_p,
-                top_k: 0,
-                min_p: 0.0,
-                repetition_penalty: 1.0,
+                top_k: req.top_k,
+                min_p: req.min_p,
+                repetition_penalty: req.repetition_penalty,
                 presence_penalty: req.presence_penalty,
                 frequency_penalty: req.frequency_penalty,
                 max_tokens: req.max_tokens,
@@ -104,7 +193,18 @@ impl Execution {
             },
             model_sha256: [0; 32],
             determinism_class: String::new(),
+            logit_bias: req.logit_bias.clone(),
         }
+    }
+
+    /// `system_fingerprint`: what a verifier must match to reproduce the answer bit for bit:
+    /// the engine's determinism class and the model file's SHA-256.
+    pub fn fingerprint(&self) -> String {
+        let mut hex = String::with_capacity(64);
+        for b in self.model_sha256 {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        format!("{}/model-sha256:{hex}", self.determinism_class)
     }
 }
 
@@ -113,6 +213,8 @@ impl Execution {
 pub struct Prepared {
     /// Tokens of the rendered prompt.
     pub prompt_tokens: u64,
+    /// The prompt's text, when the request asked for it back (`echo`).
+    pub echo: Option<String>,
     /// How it will run (for the request log).
     pub execution: Execution,
     start: Start,
@@ -137,9 +239,16 @@ impl Prepared {
     ) -> Self {
         Self {
             prompt_tokens,
+            echo: None,
             execution,
             start: Box::new(start),
         }
+    }
+
+    /// The same, echoing `text` before the output.
+    pub fn with_echo(mut self, text: Option<String>) -> Self {
+        self.echo = text;
+        self
     }
 
     /// Starts generating. Dropping the stream cancels the request.
@@ -176,4 +285,20 @@ pub trait InferenceBackend: Send + Sync + 'static {
     fn queue_depth(&self) -> usize;
     /// Validates and tokenizes `req`, ready to start.
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError>;
+    /// Tokenizes `text` for `model` as a completion prompt would be (`add_special`: with the
+    /// model's start-of-text token), with each token's bytes.
+    fn tokenize(
+        &self,
+        model: &str,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<(u32, Vec<u8>)>, BackendError> {
+        let _ = (text, add_special);
+        Err(BackendError::UnknownModel(model.to_string()))
+    }
+    /// The text of `ids` for `model`.
+    fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, BackendError> {
+        let _ = ids;
+        Err(BackendError::UnknownModel(model.to_string()))
+    }
 }

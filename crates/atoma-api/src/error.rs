@@ -1,6 +1,6 @@
 //! The API's error type and its one mapping to HTTP: the OpenAI error envelope
 //! `{"error": {"message", "type", "code"}}` with the status codes of the protocol
-//! (400, 401, 404, 423, 429, 500, 503).
+//! (400, 401, 404, 413, 423, 429, 500, 503).
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -16,6 +16,8 @@ use crate::backend::BackendError;
 pub enum ApiError {
     #[error("{0}")]
     InvalidRequest(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("model `{0}` is not served by this node")]
@@ -37,6 +39,11 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "INVALID_BODY",
+            ),
+            Self::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "PAYLOAD_TOO_LARGE",
             ),
             Self::Unauthorized(_) => (
                 StatusCode::UNAUTHORIZED,
@@ -73,13 +80,22 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The OpenAI error envelope of this error (also sent as an SSE event when a stream fails
+    /// midway).
+    pub fn envelope(&self) -> serde_json::Value {
+        let (_, kind, code) = self.parts();
+        json!({"error": {"message": self.to_string(), "type": kind, "code": code}})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, kind, code) = self.parts();
+        let (status, _, _) = self.parts();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        let body = json!({"error": {"message": self.to_string(), "type": kind, "code": code}});
+        let body = self.envelope();
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
             resp.headers_mut()

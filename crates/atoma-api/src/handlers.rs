@@ -11,8 +11,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::{Value, json};
 
+use atoma_ledger::ComputeUnits;
 use atoma_state::log::ResponseRecord;
 use atoma_state::meter::MeterError;
 
@@ -22,7 +23,7 @@ use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, Checked, CompletionRequest};
 use crate::record::RequestLog;
 use crate::sign::sign_json;
-use crate::{AppState, metrics, stream};
+use crate::{AppState, metrics, render, stream};
 
 /// Which endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +95,7 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::InvalidRequest(format!(
+            ApiError::PayloadTooLarge(format!(
                 "the request body exceeds {} bytes",
                 crate::MAX_BODY_BYTES
             ))
@@ -107,10 +108,27 @@ async fn serve(
         return Err(ApiError::NotReady);
     }
     let signed = authenticate(&headers, &body)?;
+    // Authorization before any work: nothing is parsed, rendered or tokenized for a signer
+    // who may not spend this stack here.
+    let gate = s.inner.gate.clone();
+    let (stack, signer) = (signed.stack, signed.signer);
+    let task_model = tokio::task::spawn_blocking(move || gate.authorize(stack, &signer))
+        .await
+        .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
     let checked = parse(kind, &body)?;
     let req = checked.inference;
     if !backend.models().contains(&req.model) {
         return Err(ApiError::UnknownModel(req.model));
+    }
+    if let Some(expected) = task_model
+        && expected != req.model
+    {
+        return Err(MeterError::WrongModel {
+            stack,
+            expected,
+            requested: req.model,
+        }
+        .into());
     }
     let prepared = backend.prepare(req.clone())?;
     let prompt_tokens = prepared.prompt_tokens;
@@ -119,33 +137,21 @@ async fn serve(
         signature: signed.signature.clone(),
         execution: prepared.execution.clone(),
     };
-    let units = prompt_tokens + u64::from(req.max_tokens);
+    let units = ComputeUnits(prompt_tokens + u64::from(req.max_tokens));
     let meter = s.inner.meter.clone();
     let model = req.model.clone();
-    let refresh = s.inner.refresh.clone();
     let reservation = tokio::task::spawn_blocking(move || {
-        let reserve = || {
-            meter.reserve(
-                signed.stack,
-                &signed.signer,
-                signed.request_hash,
-                units,
-                Some(&model),
-            )
-        };
-        match (reserve(), refresh) {
-            // A stack bought a moment ago: catch up with the ledger once and retry.
-            (Err(MeterError::UnknownStack(_)), Some(refresh)) => {
-                refresh();
-                reserve()
-            }
-            (res, _) => res,
-        }
+        meter.reserve(
+            signed.stack,
+            &signed.signer,
+            signed.request_hash,
+            units,
+            Some(&model),
+        )
     })
     .await
     .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
     metrics::queue_depth(backend.queue_depth());
-    let events = prepared.start()?;
     let meta = stream::Meta {
         id: format!(
             "{}-{}",
@@ -161,7 +167,11 @@ async fn serve(
         kind,
         prompt_tokens,
         seed: log.execution.seed,
+        fingerprint: log.execution.fingerprint(),
+        logprobs: req.logprobs.is_some(),
+        echo: prepared.echo.clone(),
     };
+    let events = prepared.start()?;
     if checked.stream {
         return Ok(stream::sse(
             s,
@@ -174,41 +184,61 @@ async fn serve(
     }
     let t0 = Instant::now();
     let mut events = events;
-    let mut text = String::new();
+    let mut text = meta.echo.clone().unwrap_or_default();
+    let echoed = text.chars().count();
     let mut output_ids = Vec::new();
+    let mut logprobs = Vec::new();
     let mut first_token_at: Option<Instant> = None;
     let mut done = None;
     while let Some(ev) = events.next().await {
         match ev {
-            BackendEvent::Token { id, text: t } => {
+            BackendEvent::Token {
+                id,
+                text: t,
+                logprobs: l,
+            } => {
                 if first_token_at.is_none() {
                     first_token_at = Some(Instant::now());
                     metrics::time_to_first_token(t0.elapsed().as_secs_f64());
                 }
                 output_ids.push(id);
                 text.push_str(&t);
+                logprobs.extend(l);
             }
             BackendEvent::Text(t) => text.push_str(&t),
             BackendEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
-            } => done = Some((finish_reason, prompt_tokens, completion_tokens)),
+                cached_tokens,
+            } => {
+                done = Some((
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                ))
+            }
             BackendEvent::Error(e) => return Err(ApiError::Internal(e)),
         }
     }
-    let (finish, p, c) =
+    let (finish, p, c, cached) =
         done.ok_or_else(|| ApiError::Internal("the backend stopped without finishing".into()))?;
     if let Some(first) = first_token_at
         && c > 1
     {
         metrics::time_per_output_token(first.elapsed().as_secs_f64() / (c - 1) as f64);
     }
+    let lp = if meta.logprobs {
+        render::logprobs(kind, &logprobs, echoed)
+    } else {
+        Value::Null
+    };
     let choice = match kind {
         Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                              "finish_reason": finish, "logprobs": null}),
+                              "finish_reason": finish.as_str(), "logprobs": lp}),
         Kind::Completion => {
-            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+            json!({"index": 0, "text": text, "finish_reason": finish.as_str(), "logprobs": lp})
         }
     };
     let body = json!({
@@ -216,8 +246,9 @@ async fn serve(
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": meta.created,
         "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
         "choices": [choice],
-        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+        "usage": render::usage(p, c, cached),
         "seed": meta.seed,
     });
     let (body, hash) = sign_json(&s.inner.keys, body);
@@ -226,7 +257,7 @@ async fn serve(
         ResponseRecord::Json(text.clone()),
         hash,
         output_ids,
-        &finish,
+        finish,
         (p, c),
     );
     tokio::task::spawn_blocking(move || reservation.settle(settled))

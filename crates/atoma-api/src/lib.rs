@@ -10,10 +10,12 @@
 pub mod auth;
 pub mod backend;
 pub mod error;
+mod gate;
 mod handlers;
 pub mod metrics;
 pub mod openai;
 mod record;
+mod render;
 pub mod sign;
 mod stream;
 
@@ -27,8 +29,8 @@ use atoma_crypto::Keypair;
 use atoma_state::meter::Meter;
 
 pub use backend::{
-    BackendError, BackendEvent, BackendLoad, ChatTurn, Execution, InferenceBackend,
-    InferenceRequest, Prepared, Prompt, SamplingRecord,
+    BackendError, BackendEvent, BackendLoad, ChatTurn, Execution, FinishReason, InferenceBackend,
+    InferenceRequest, Logprobs, Prepared, Prompt, Role, SamplingRecord, TokenLogprob,
 };
 pub use error::ApiError;
 
@@ -50,7 +52,7 @@ struct Inner {
     meter: Meter,
     keys: Keypair,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
-    refresh: Option<Refresh>,
+    gate: Arc<gate::Gate>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -67,27 +69,24 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 backend,
-                meter,
                 keys,
                 metrics: metrics::install(),
-                refresh: None,
+                gate: Arc::new(gate::Gate::new(meter.clone(), None)),
+                meter,
             }),
         }
     }
 
     /// Adds the hook that syncs with the ledger when a request names an unknown stack.
     pub fn with_refresh(self, refresh: Refresh) -> Self {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|arc| Inner {
-            backend: arc.backend.clone(),
-            meter: arc.meter.clone(),
-            keys: arc.keys.clone(),
-            metrics: arc.metrics.clone(),
-            refresh: None,
-        });
+        let i = &self.inner;
         Self {
             inner: Arc::new(Inner {
-                refresh: Some(refresh),
-                ..inner
+                backend: i.backend.clone(),
+                meter: i.meter.clone(),
+                keys: i.keys.clone(),
+                metrics: i.metrics.clone(),
+                gate: Arc::new(gate::Gate::new(i.meter.clone(), Some(refresh))),
             }),
         }
     }

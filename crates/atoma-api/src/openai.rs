@@ -1,16 +1,81 @@
 //! OpenAI wire types for `/v1/chat/completions` and `/v1/completions`, and their validation into
-//! an `InferenceRequest` (parse, don't validate: handlers only see checked values). Unknown
-//! fields are accepted and ignored, as OpenAI clients send many.
+//! an `InferenceRequest` (parse, don't validate: handlers only see checked values).
+//!
+//! No parameter is silently ignored: a recognised OpenAI parameter this node does not implement
+//! is refused with a 400 that names it (`UNSUPPORTED`, listed in the README), since a request
+//! that sets a parameter we drop is worse than one we refuse: its sender believes they got what
+//! they asked for. Harmless bookkeeping fields (`user`, `metadata`, `store: false`,
+//! `service_tier`, the protocol's `nonce`) are accepted; other unknown fields are ignored, as
+//! OpenAI clients send many.
 
 use serde::Deserialize;
+use serde_json::Value;
 
-use crate::backend::{ChatTurn, InferenceRequest, Prompt};
+use crate::backend::{ChatTurn, InferenceRequest, Prompt, Role};
 use crate::error::ApiError;
 
 /// Output tokens reserved when a request gives no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
 /// Largest `max_tokens` accepted.
 pub const MAX_MAX_TOKENS: u32 = 32_768;
+/// Most alternatives per position in `top_logprobs` (chat) or `logprobs` (completions).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+/// Most entries in `logit_bias`.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// Recognised OpenAI parameters this node refuses, with why (the README's table).
+pub const UNSUPPORTED: &[(&str, &str)] = &[
+    ("audio", "audio output is not supported"),
+    (
+        "modalities",
+        "only text output is supported (`modalities: [\"text\"]` is accepted)",
+    ),
+    ("prediction", "predicted outputs are not supported"),
+    (
+        "response_format",
+        "structured outputs are not supported yet (`{\"type\": \"text\"}` is accepted)",
+    ),
+    ("tools", "tool calling is not supported yet"),
+    (
+        "tool_choice",
+        "tool calling is not supported yet (`\"none\"` is accepted)",
+    ),
+    ("functions", "function calling is not supported"),
+    (
+        "function_call",
+        "function calling is not supported (`\"none\"` is accepted)",
+    ),
+    ("web_search_options", "web search is not supported"),
+    (
+        "reasoning_effort",
+        "the served models do not reason; reasoning effort cannot be set",
+    ),
+    ("verbosity", "output verbosity cannot be set"),
+    (
+        "store",
+        "this node stores nothing for later retrieval (`store: false` is accepted)",
+    ),
+    (
+        "n",
+        "one choice per request (`n: 1`); several choices are not supported yet",
+    ),
+    (
+        "best_of",
+        "`best_of` must be 1: server-side best-of sampling is not supported",
+    ),
+    (
+        "suffix",
+        "the served models have no fill-in-the-middle tokens, so `suffix` cannot be honoured",
+    ),
+];
+
+fn unsupported(name: &str) -> ApiError {
+    let why = UNSUPPORTED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or("not supported", |(_, w)| w);
+    ApiError::InvalidRequest(format!("unsupported parameter `{name}`: {why}"))
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -43,10 +108,18 @@ pub struct ContentPart {
 #[derive(Debug, Deserialize)]
 pub struct MessageIn {
     pub role: String,
-    pub content: Content,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
 }
 
-/// Sampling fields shared by both endpoints.
+/// A field that must be absent, or have one harmless value.
+type Probe = Option<Value>;
+/// Whether a probed field's value is the harmless one.
+type Harmless = fn(&Value) -> bool;
+
+/// Sampling fields shared by both endpoints, and the recognised fields this node refuses.
 #[derive(Debug, Deserialize, Default)]
 pub struct Common {
     pub max_tokens: Option<u32>,
@@ -61,10 +134,29 @@ pub struct Common {
     pub seed: Option<u64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    /// Extensions as vLLM names them: `top_k` (0 or -1: off), `min_p`, `repetition_penalty`.
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) → bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
     /// Extension (as in vLLM and llama.cpp): keep generating past end-of-sequence tokens, for
     /// benchmarks with fixed output lengths.
     #[serde(default)]
     pub ignore_eos: bool,
+    // Refused unless harmless (see `UNSUPPORTED`).
+    pub audio: Probe,
+    pub modalities: Probe,
+    pub prediction: Probe,
+    pub response_format: Probe,
+    pub tools: Probe,
+    pub tool_choice: Probe,
+    pub functions: Probe,
+    pub function_call: Probe,
+    pub web_search_options: Probe,
+    pub reasoning_effort: Probe,
+    pub verbosity: Probe,
+    pub store: Probe,
 }
 
 /// `POST /v1/chat/completions`.
@@ -72,15 +164,20 @@ pub struct Common {
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<MessageIn>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u8>,
     #[serde(flatten)]
     pub common: Common,
 }
 
+/// A completion prompt: text, token ids, or a list of either.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum PromptIn {
     One(String),
+    Tokens(Vec<u32>),
     Many(Vec<String>),
+    ManyTokens(Vec<Vec<u32>>),
 }
 
 /// `POST /v1/completions`.
@@ -88,6 +185,12 @@ pub enum PromptIn {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptIn,
+    /// Alternatives per position (0: the chosen token's log-probability only).
+    pub logprobs: Option<u8>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Probe,
+    pub best_of: Option<u32>,
     #[serde(flatten)]
     pub common: Common,
 }
@@ -104,15 +207,55 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest(msg.into())
 }
 
-fn check_common(model: String, prompt: Prompt, c: Common) -> Result<Checked, ApiError> {
+/// Refuses every recognised parameter we do not implement, unless it has its harmless value.
+fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
+    let probes: [(&str, &Probe, Harmless); 12] = [
+        ("audio", &c.audio, |_| false),
+        ("modalities", &c.modalities, |v| {
+            v.as_array().is_some_and(|a| a.iter().all(|m| m == "text"))
+        }),
+        ("prediction", &c.prediction, |_| false),
+        ("response_format", &c.response_format, |v| {
+            v.get("type").is_some_and(|t| t == "text")
+        }),
+        ("tools", &c.tools, |v| {
+            v.as_array().is_some_and(Vec::is_empty)
+        }),
+        ("tool_choice", &c.tool_choice, |v| v == "none"),
+        ("functions", &c.functions, |v| {
+            v.as_array().is_some_and(Vec::is_empty)
+        }),
+        ("function_call", &c.function_call, |v| v == "none"),
+        ("web_search_options", &c.web_search_options, |_| false),
+        ("reasoning_effort", &c.reasoning_effort, |_| false),
+        ("verbosity", &c.verbosity, |_| false),
+        ("store", &c.store, |v| v == false),
+    ];
+    for (name, probe, harmless) in probes {
+        if let Some(v) = probe
+            && !v.is_null()
+            && !harmless(v)
+        {
+            return Err(unsupported(name));
+        }
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(unsupported("n"));
+    }
+    Ok(())
+}
+
+fn check_common(
+    model: String,
+    prompt: Prompt,
+    c: Common,
+    logprobs: Option<u8>,
+    echo: bool,
+) -> Result<Checked, ApiError> {
     if model.trim().is_empty() {
         return Err(bad("`model` must not be empty"));
     }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(bad(
-            "`n` must be 1: this node returns one choice per request",
-        ));
-    }
+    refuse_unsupported(&c)?;
     let max_tokens = c
         .max_completion_tokens
         .or(c.max_tokens)
@@ -135,6 +278,44 @@ fn check_common(model: String, prompt: Prompt, c: Common) -> Result<Checked, Api
     if !(-2.0..=2.0).contains(&presence_penalty) || !(-2.0..=2.0).contains(&frequency_penalty) {
         return Err(bad("penalties must be between -2 and 2"));
     }
+    let top_k = match c.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if (1..=i64::from(u32::MAX)).contains(&k) => k as u32,
+        k => {
+            return Err(bad(format!(
+                "`top_k` must be -1 or 0 (off) or a positive count, got {k}"
+            )));
+        }
+    };
+    let min_p = c.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(bad("`min_p` must be in [0, 1]"));
+    }
+    let repetition_penalty = c.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        return Err(bad("`repetition_penalty` must be in (0, 10]"));
+    }
+    let mut logit_bias = Vec::new();
+    if let Some(map) = c.logit_bias {
+        if map.len() > MAX_LOGIT_BIAS {
+            return Err(bad(format!(
+                "`logit_bias` takes at most {MAX_LOGIT_BIAS} tokens"
+            )));
+        }
+        for (k, b) in map {
+            let id = k
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| bad(format!("`logit_bias` key `{k}` is not a token id")))?;
+            if !(-100.0..=100.0).contains(&b) {
+                return Err(bad(format!(
+                    "`logit_bias` of token {id} must be in [-100, 100], got {b}"
+                )));
+            }
+            logit_bias.push((id, b));
+        }
+        logit_bias.sort_by_key(|&(id, _)| id);
+    }
     let stop = match c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -156,10 +337,31 @@ fn check_common(model: String, prompt: Prompt, c: Common) -> Result<Checked, Api
             presence_penalty,
             frequency_penalty,
             ignore_eos: c.ignore_eos,
+            top_k,
+            min_p,
+            repetition_penalty,
+            logit_bias,
+            logprobs,
+            echo,
         },
         stream: c.stream,
         include_usage,
     })
+}
+
+fn role(i: usize, m: &MessageIn) -> Result<Role, ApiError> {
+    match m.role.as_str() {
+        "system" | "developer" => Ok(Role::System),
+        "user" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        "tool" | "function" => Err(bad(format!(
+            "messages[{i}]: role `{}` is not supported yet (tool calling is not supported)",
+            m.role
+        ))),
+        other => Err(bad(format!(
+            "messages[{i}].role `{other}` is not one of system, developer, user, assistant"
+        ))),
+    }
 }
 
 impl ChatCompletionRequest {
@@ -170,18 +372,17 @@ impl ChatCompletionRequest {
         }
         let mut turns = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "user" | "assistant" | "developer"
-            ) {
+            let role = role(i, &m)?;
+            if m.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
                 return Err(bad(format!(
-                    "messages[{i}].role `{}` is not one of system, user, assistant",
-                    m.role
+                    "messages[{i}]: `tool_calls` are not supported yet (tool calling is not supported)"
                 )));
             }
             let content = match m.content {
-                Content::Text(t) => t,
-                Content::Parts(parts) => {
+                Some(Content::Text(t)) => t,
+                None if role == Role::Assistant => String::new(),
+                None => return Err(bad(format!("messages[{i}]: `content` is missing"))),
+                Some(Content::Parts(parts)) => {
                     let mut text = String::new();
                     for p in parts {
                         match (p.kind.as_str(), p.text) {
@@ -196,29 +397,76 @@ impl ChatCompletionRequest {
                     text
                 }
             };
-            let role = if m.role == "developer" {
-                "system".into()
-            } else {
-                m.role
-            };
             turns.push(ChatTurn { role, content });
         }
-        check_common(self.model, Prompt::Chat(turns), self.common)
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, None | Some(0)) => None,
+            (false, Some(_)) => {
+                return Err(bad("`top_logprobs` needs `logprobs: true`"));
+            }
+            (true, k) => {
+                let k = k.unwrap_or(0);
+                if k > MAX_TOP_LOGPROBS {
+                    return Err(bad(format!(
+                        "`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}"
+                    )));
+                }
+                Some(k)
+            }
+        };
+        check_common(
+            self.model,
+            Prompt::Chat(turns),
+            self.common,
+            logprobs,
+            false,
+        )
     }
 }
 
 impl CompletionRequest {
     /// Validates into a checked request.
     pub fn check(self) -> Result<Checked, ApiError> {
-        let prompt = match self.prompt {
-            PromptIn::One(s) => s,
-            PromptIn::Many(mut v) if v.len() == 1 => v.remove(0),
-            PromptIn::Many(_) => return Err(bad("`prompt` must be one string")),
-        };
-        if prompt.is_empty() {
-            return Err(bad("`prompt` must not be empty"));
+        if self
+            .suffix
+            .as_ref()
+            .is_some_and(|s| !s.is_null() && s != "")
+        {
+            return Err(unsupported("suffix"));
         }
-        check_common(self.model, Prompt::Text(prompt), self.common)
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(unsupported("best_of"));
+        }
+        let one = || {
+            bad(
+                "`prompt` lists of more than one prompt are not supported yet (one choice per request)",
+            )
+        };
+        let prompt = match self.prompt {
+            PromptIn::One(s) => Prompt::Text(s),
+            PromptIn::Tokens(t) => Prompt::Tokens(t),
+            PromptIn::Many(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
+            PromptIn::ManyTokens(mut v) if v.len() == 1 => Prompt::Tokens(v.remove(0)),
+            PromptIn::Many(_) | PromptIn::ManyTokens(_) => return Err(one()),
+        };
+        match &prompt {
+            Prompt::Text(t) if t.is_empty() => return Err(bad("`prompt` must not be empty")),
+            Prompt::Tokens(t) if t.is_empty() => return Err(bad("`prompt` must not be empty")),
+            _ => {}
+        }
+        if let Some(k) = self.logprobs
+            && k > MAX_TOP_LOGPROBS
+        {
+            return Err(bad(format!(
+                "`logprobs` must be between 0 and {MAX_TOP_LOGPROBS}"
+            )));
+        }
+        if self.echo && self.logprobs.is_some() {
+            return Err(bad(
+                "`echo` with `logprobs` is not supported: prompt log-probabilities are not computed",
+            ));
+        }
+        check_common(self.model, prompt, self.common, self.logprobs, self.echo)
     }
 }
 

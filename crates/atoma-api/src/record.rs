@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use atoma_state::log::{LogRecord, ResponseRecord};
 use atoma_state::meter::Settled;
 
-use crate::backend::Execution;
+use crate::backend::{Execution, FinishReason};
 
 /// What the API keeps about a request from its arrival to its settlement.
 #[derive(Debug, Clone)]
@@ -25,7 +25,7 @@ impl RequestLog {
         response: ResponseRecord,
         response_hash: [u8; 32],
         output_tokens: Vec<u32>,
-        finish_reason: &str,
+        finish_reason: FinishReason,
         usage: (u64, u64),
     ) -> Settled {
         let e = &self.execution;
@@ -37,7 +37,7 @@ impl RequestLog {
             output_tokens,
             seed: e.seed,
             sampling: e.sampling.clone(),
-            finish_reason: finish_reason.to_string(),
+            finish_reason: finish_reason.as_str().to_string(),
             usage_prompt_tokens: usage.0,
             usage_completion_tokens: usage.1,
             model_sha256: e.model_sha256,

@@ -18,11 +18,12 @@ use atoma_crypto::Keypair;
 use atoma_state::log::{ResponseRecord, stream_hash};
 use atoma_state::meter::Reservation;
 
-use crate::backend::BackendEvent;
+use crate::backend::{BackendEvent, FinishReason, Logprobs};
+use crate::error::ApiError;
 use crate::handlers::Kind;
 use crate::record::RequestLog;
 use crate::sign::sign_json;
-use crate::{AppState, metrics};
+use crate::{AppState, metrics, render};
 
 /// Identity of one response.
 #[derive(Debug, Clone)]
@@ -34,6 +35,12 @@ pub(crate) struct Meta {
     pub prompt_tokens: u64,
     /// The sampler's seed, returned to the client.
     pub seed: u64,
+    /// `system_fingerprint` (`Execution::fingerprint`).
+    pub fingerprint: String,
+    /// Whether the request asked for log-probabilities.
+    pub logprobs: bool,
+    /// The prompt's text, sent first, when the request asked for it back.
+    pub echo: Option<String>,
 }
 
 /// Hash of a whole stream, for the request log: Blake2b-256 over the concatenated hashes of its
@@ -64,13 +71,35 @@ struct State {
     output_ids: Vec<u32>,
     log: RequestLog,
     pending: VecDeque<Event>,
+    /// Log-probabilities of tokens whose text is not sent yet (held back or incomplete UTF-8):
+    /// they go with the next chunk that carries text.
+    logprobs: Vec<Logprobs>,
+    /// Characters of completion text sent so far (for `text_offset`).
+    sent_chars: usize,
     started: Instant,
     first_token_at: Option<Instant>,
     finished: bool,
 }
 
 impl State {
-    fn chunk(&mut self, delta: Option<&str>, finish: Option<&str>, usage: Option<Value>) -> Event {
+    fn chunk(
+        &mut self,
+        delta: Option<&str>,
+        finish: Option<FinishReason>,
+        usage: Option<Value>,
+    ) -> Event {
+        let lp = if self.meta.logprobs && usage.is_none() {
+            let l = render::logprobs(
+                self.meta.kind,
+                &std::mem::take(&mut self.logprobs),
+                self.sent_chars,
+            );
+            self.sent_chars += delta.map_or(0, |d| d.chars().count());
+            l
+        } else {
+            Value::Null
+        };
+        let finish = finish.map(FinishReason::as_str);
         let choices = match (usage.is_some(), self.meta.kind) {
             (true, _) => json!([]),
             (false, Kind::Chat) => {
@@ -78,10 +107,10 @@ impl State {
                     Some(t) => json!({"role": "assistant", "content": t}),
                     None => json!({}),
                 };
-                json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}])
+                json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}])
             }
             (false, Kind::Completion) => {
-                json!([{"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}])
+                json!([{"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": lp}])
             }
         };
         let mut body = json!({
@@ -89,6 +118,7 @@ impl State {
             "object": if self.meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
             "created": self.meta.created,
             "model": self.meta.model,
+            "system_fingerprint": self.meta.fingerprint,
             "choices": choices,
         });
         if let Some(u) = usage {
@@ -107,9 +137,14 @@ impl State {
 
     fn on_event(&mut self, ev: BackendEvent) {
         match ev {
-            BackendEvent::Token { id, text: t } => {
+            BackendEvent::Token {
+                id,
+                text: t,
+                logprobs,
+            } => {
                 self.completion_tokens += 1;
                 self.output_ids.push(id);
+                self.logprobs.extend(logprobs);
                 if self.first_token_at.is_none() {
                     self.first_token_at = Some(Instant::now());
                     metrics::time_to_first_token(self.started.elapsed().as_secs_f64());
@@ -129,22 +164,22 @@ impl State {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
-                let e = self.chunk(None, Some(&finish_reason), None);
+                let e = self.chunk(None, Some(finish_reason), None);
                 self.pending.push_back(e);
                 if self.include_usage {
-                    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                       "total_tokens": prompt_tokens + completion_tokens});
+                    let usage = render::usage(prompt_tokens, completion_tokens, cached_tokens);
                     let e = self.chunk(None, None, Some(usage));
                     self.pending.push_back(e);
                 }
                 self.pending.push_back(Event::default().data("[DONE]"));
-                self.settle(prompt_tokens, completion_tokens, &finish_reason);
+                self.settle(prompt_tokens, completion_tokens, finish_reason);
                 self.finished = true;
             }
             BackendEvent::Error(msg) => {
                 tracing::warn!(error = %msg, "generation failed mid-stream");
-                let body = json!({"error": {"message": msg, "type": "internal_error", "code": "INTERNAL_ERROR"}});
+                let body = ApiError::Internal(msg).envelope();
                 self.pending
                     .push_back(Event::default().data(body.to_string()));
                 // Nothing billable was delivered completely: give the units back.
@@ -158,7 +193,7 @@ impl State {
         }
     }
 
-    fn settle(&mut self, prompt: u64, completion: u64, finish_reason: &str) {
+    fn settle(&mut self, prompt: u64, completion: u64, finish_reason: FinishReason) {
         if let Some(first) = self.first_token_at
             && completion > 1
         {
@@ -186,7 +221,7 @@ impl Drop for State {
         if self.reservation.is_some() {
             let (p, c) = (self.meta.prompt_tokens, self.completion_tokens);
             tracing::info!(id = %self.meta.id, completion_tokens = c, "client disconnected mid-stream");
-            self.settle(p, c, "cancelled");
+            self.settle(p, c, FinishReason::Cancelled);
         }
     }
 }
@@ -221,7 +256,8 @@ pub(crate) fn sse(
     log: RequestLog,
 ) -> Response {
     let keys = s.inner.keys.clone();
-    let state = State {
+    let echo = meta.echo.clone();
+    let mut state = State {
         events: backend_events,
         reservation: Some(reservation),
         keys,
@@ -233,10 +269,16 @@ pub(crate) fn sse(
         output_ids: Vec::new(),
         log,
         pending: VecDeque::new(),
+        logprobs: Vec::new(),
+        sent_chars: 0,
         started: Instant::now(),
         first_token_at: None,
         finished: false,
     };
+    if let Some(text) = echo.filter(|t| !t.is_empty()) {
+        let e = state.chunk(Some(&text), None, None);
+        state.pending.push_back(e);
+    }
     Sse::new(events(state))
         .keep_alive(KeepAlive::default())
         .into_response()

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use atoma_api::sign::verify_json;
 use atoma_api::{
-    AppState, BackendError, BackendEvent, InferenceBackend, InferenceRequest, Prepared, Prompt,
-    router,
+    AppState, BackendError, BackendEvent, FinishReason, InferenceBackend, InferenceRequest,
+    Logprobs, Prepared, Prompt, TokenLogprob, router,
 };
 use atoma_crypto::{Keypair, blake2b256};
 use atoma_ledger::{Address, Amount, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskSmallId};
@@ -49,14 +49,17 @@ impl InferenceBackend for Trivial {
                 .collect::<Vec<_>>()
                 .join(" "),
             Prompt::Text(t) => t.clone(),
+            Prompt::Tokens(ids) => ids.iter().map(|i| format!("<{i}>")).collect(),
         };
         let prompt = text.split_whitespace().count() as u64 + 3;
         let overloaded = self.overloaded.load(Ordering::Relaxed);
         let delay = self.delay;
         let execution = atoma_api::Execution::from_request(&req);
+        let echo = req.echo.then(|| text.clone());
         Ok(Prepared::new(prompt, execution, move || {
-            reply(prompt, req.max_tokens, delay, overloaded)
-        }))
+            reply(prompt, req.max_tokens, delay, overloaded, req.logprobs)
+        })
+        .with_echo(echo))
     }
 }
 
@@ -66,23 +69,42 @@ fn reply(
     max_tokens: u32,
     delay: Duration,
     overloaded: bool,
+    logprobs: Option<u8>,
 ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
     if overloaded {
         return Err(BackendError::Overloaded);
     }
     let n = (max_tokens as usize).min(REPLY.len());
-    let reason = if n == REPLY.len() { "stop" } else { "length" };
-    let tokens = futures_util::stream::iter(REPLY[..n].iter().map(|t| t.to_string())).then(
-        move |t| async move {
+    let reason = if n == REPLY.len() {
+        FinishReason::Stop
+    } else {
+        FinishReason::Length
+    };
+    let tokens =
+        futures_util::stream::iter(REPLY[..n].iter().enumerate()).then(move |(i, t)| async move {
             tokio::time::sleep(delay).await;
-            BackendEvent::Token { id: 1, text: t }
-        },
-    );
+            let entry = |id: u32, logprob: f32| TokenLogprob {
+                id,
+                bytes: REPLY[id as usize % REPLY.len()].as_bytes().to_vec(),
+                logprob,
+            };
+            BackendEvent::Token {
+                id: i as u32,
+                text: t.to_string(),
+                logprobs: logprobs.map(|k| Logprobs {
+                    chosen: entry(i as u32, -0.5),
+                    top: (0..u32::from(k))
+                        .map(|j| entry(i as u32 + j, -0.5 - j as f32))
+                        .collect(),
+                }),
+            }
+        });
     let done = futures_util::stream::once(async move {
         BackendEvent::Done {
-            finish_reason: reason.into(),
+            finish_reason: reason,
             prompt_tokens: prompt,
             completion_tokens: n as u64,
+            cached_tokens: 0,
         }
     });
     Ok(tokens.chain(done).boxed())
@@ -246,7 +268,7 @@ async fn bad_input_is_400() {
     );
     let huge = "x".repeat(atoma_api::MAX_BODY_BYTES + 10);
     let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 1, &huge)).await;
-    assert_error(status, &resp, StatusCode::BAD_REQUEST, "exceeds");
+    assert_error(status, &resp, StatusCode::PAYLOAD_TOO_LARGE, "exceeds");
 }
 
 #[tokio::test]

@@ -125,6 +125,17 @@ pub struct Engine {
     kv_tokens: usize,
     kv_dtype: crate::KvDtype,
     stats: Arc<Mutex<EngineStats>>,
+    /// False once the worker thread has ended (normally only when it panicked).
+    alive: Arc<AtomicBool>,
+}
+
+/// Clears the engine's liveness flag when the worker thread ends, by return or by panic.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Version of the engine's numerics: bump it whenever any kernel, reduction order or sampler
@@ -196,9 +207,14 @@ impl Engine {
             waiting: waiting.clone(),
             stats: stats.clone(),
         };
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         std::thread::Builder::new()
             .name("atoma-engine".into())
-            .spawn(move || worker.run(&rx))
+            .spawn(move || {
+                let _guard = guard;
+                worker.run(&rx);
+            })
             .map_err(|e| {
                 EngineError::InvalidRequest(format!("cannot start the engine thread: {e}"))
             })?;
@@ -210,7 +226,13 @@ impl Engine {
             kv_tokens: blocks * cfg.block_size,
             kv_dtype: cfg.kv_dtype,
             stats,
+            alive,
         })
+    }
+
+    /// Whether the worker thread is running (false after it panicked: the node is unhealthy).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
     }
 
     /// What the bits of an output depend on besides the model file and the request: the
@@ -228,6 +250,11 @@ impl Engine {
     /// The loaded model (tokenizer, chat template, info).
     pub fn model(&self) -> &LoadedModel {
         &self.model
+    }
+
+    /// The loaded model, shared (for work that outlives a borrow of the engine).
+    pub fn model_arc(&self) -> Arc<LoadedModel> {
+        self.model.clone()
     }
 
     /// Totals and gauges of the worker (updated after every step).
@@ -590,6 +617,7 @@ impl Worker {
         let mut rows = logits.iter();
         for item in &plan.items {
             let item_rows: Vec<&Vec<f32>> = rows.by_ref().take(item.logit_rows).collect();
+            let cached = self.sched.cached_prompt_tokens(item.seq);
             let Some(a) = self.active.get_mut(&item.seq) else {
                 continue;
             };
@@ -606,6 +634,7 @@ impl Worker {
                     let finished = match (alive, done) {
                         (false, _) => true,
                         (true, Some(reason)) => {
+                            generation.set_cached_tokens(cached);
                             let f = generation.finish(reason);
                             let _ = events.send(GenerationEvent::Finished(f));
                             true

@@ -79,6 +79,8 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (the batching engine only).
+    pub cached_tokens: usize,
 }
 
 /// Where the time went.
@@ -164,6 +166,7 @@ impl Generation {
             usage: Usage {
                 prompt_tokens: req.prompt.len(),
                 completion_tokens: 0,
+                cached_tokens: 0,
             },
             seed: req.sampling.seed,
             started: Instant::now(),
@@ -214,6 +217,11 @@ impl Generation {
             top_logprobs: s.top,
         };
         (event, reason)
+    }
+
+    /// Records how many prompt tokens came from the prefix cache (reported in `Usage`).
+    pub(crate) fn set_cached_tokens(&mut self, n: usize) {
+        self.usage.cached_tokens = n;
     }
 
     /// The closing event: releases held-back text (unless a stop string cut it).

@@ -3,7 +3,7 @@
 //! Determinism is a protocol requirement (other nodes re-execute requests to verify them), so
 //! the RNG is SplitMix64 written here rather than a crate whose stream could change with a
 //! version bump, every sort breaks ties by token id, and the order of operations is fixed:
-//! penalties → greedy or (temperature → top-k → top-p → min-p → draw).
+//! logit bias → penalties → greedy or (temperature → top-k → top-p → min-p → draw).
 
 use crate::error::{EngineError, Result};
 use crate::tokenizer::TokenId;
@@ -30,6 +30,9 @@ pub struct SamplingParams {
     pub penalty_last_n: usize,
     /// RNG seed. The same request with the same seed yields the same tokens.
     pub seed: u64,
+    /// Added to the logits of the named tokens before anything else (OpenAI `logit_bias`,
+    /// -100..=100; -100 effectively bans a token). Applied in the order given.
+    pub logit_bias: Vec<(TokenId, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +47,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             penalty_last_n: 64,
             seed: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -77,6 +81,15 @@ impl SamplingParams {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(format!(
+                "logit_bias of token {t} must be in [-100, 100], got {b}"
+            ));
         }
         Ok(())
     }
@@ -199,13 +212,19 @@ impl Sampler {
 
     fn has_penalties(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty != 1.0
+        !p.logit_bias.is_empty()
+            || p.repetition_penalty != 1.0
             || ((p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)
                 && !self.counts.is_empty())
     }
 
     fn apply_penalties(&self, l: &mut [f32], context: &[TokenId]) {
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let window = if p.penalty_last_n == 0 {
                 context

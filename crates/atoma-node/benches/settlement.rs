@@ -125,9 +125,9 @@ fn main() {
         meter
             .reserve(
                 StackSmallId(1),
-                &owner.to_string(),
+                &owner,
                 rec.request_hash(),
-                200,
+                ComputeUnits(200),
                 None,
             )
             .unwrap()

@@ -3,15 +3,13 @@
 //! event stream into the API's. Dropping the API's stream drops the engine's, which cancels the
 //! request at the next token.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use atoma_api::{
-    BackendError, BackendEvent, Execution, InferenceBackend, InferenceRequest, Prepared, Prompt,
-    SamplingRecord,
+    BackendError, BackendEvent, Execution, InferenceBackend, InferenceRequest, Logprobs, Prepared,
+    Prompt, SamplingRecord, TokenLogprob,
 };
 use atoma_engine::{
-    ChatMessage, Engine, EngineError, GenerateRequest, GenerationEvent, Role, SamplingParams,
+    ChatMessage, Engine, EngineError, FinishReason, GenerateRequest, GenerationEvent, Role,
+    SamplingParams,
 };
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -21,7 +19,6 @@ use futures_util::stream::BoxStream;
 pub struct EngineBackend {
     engine: Engine,
     name: String,
-    in_flight: Arc<AtomicUsize>,
     model_sha256: [u8; 32],
     determinism_class: String,
 }
@@ -34,7 +31,6 @@ impl EngineBackend {
         Self {
             engine,
             name: name.into(),
-            in_flight: Arc::default(),
             model_sha256,
             determinism_class,
         }
@@ -42,24 +38,32 @@ impl EngineBackend {
 
     fn tokens(&self, req: &InferenceRequest) -> Result<Vec<u32>, BackendError> {
         let lm = self.engine.model();
-        let text = match &req.prompt {
-            Prompt::Text(t) => t.clone(),
+        let ids = match &req.prompt {
+            Prompt::Text(t) => lm.tokenize_prompt(t),
+            Prompt::Tokens(ids) => {
+                let vocab = lm.tokenizer.vocab_size();
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(BackendError::Invalid(format!(
+                        "prompt token id {bad} is not in the model's vocabulary of {vocab}"
+                    )));
+                }
+                ids.clone()
+            }
             Prompt::Chat(turns) => {
                 let msgs: Vec<ChatMessage> = turns
                     .iter()
                     .map(|t| {
-                        let role = match t.role.as_str() {
-                            "system" => Role::System,
-                            "assistant" => Role::Assistant,
-                            _ => Role::User,
+                        let role = match t.role {
+                            atoma_api::Role::System => Role::System,
+                            atoma_api::Role::Assistant => Role::Assistant,
+                            atoma_api::Role::User => Role::User,
                         };
                         ChatMessage::new(role, t.content.clone())
                     })
                     .collect();
-                lm.chat_prompt(&msgs).map_err(map_err)?
+                lm.tokenize_prompt(&lm.chat_prompt(&msgs).map_err(map_err)?)
             }
         };
-        let ids = lm.tokenize_prompt(&text);
         let context = lm.info.config.context;
         if ids.len() >= context {
             return Err(BackendError::Invalid(format!(
@@ -67,7 +71,37 @@ impl EngineBackend {
                 ids.len()
             )));
         }
+        if let Some((t, _)) = req
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= lm.tokenizer.vocab_size())
+        {
+            return Err(BackendError::Invalid(format!(
+                "`logit_bias` names token {t}, which is not in the model's vocabulary of {}",
+                lm.tokenizer.vocab_size()
+            )));
+        }
         Ok(ids)
+    }
+
+    /// The prompt's text as `echo` returns it.
+    fn echo_text(&self, req: &InferenceRequest) -> Option<String> {
+        if !req.echo {
+            return None;
+        }
+        Some(match &req.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Tokens(ids) => self.engine.model().tokenizer.decode(ids),
+            Prompt::Chat(_) => String::new(),
+        })
+    }
+
+    fn check_model(&self, model: &str) -> Result<(), BackendError> {
+        if model == self.name {
+            Ok(())
+        } else {
+            Err(BackendError::UnknownModel(model.to_string()))
+        }
     }
 }
 
@@ -100,11 +134,11 @@ impl InferenceBackend for EngineBackend {
     }
 
     fn ready(&self) -> bool {
-        true
+        self.engine.is_alive()
     }
 
     fn queue_depth(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.engine.waiting()
     }
 
     fn load(&self) -> atoma_api::BackendLoad {
@@ -121,10 +155,43 @@ impl InferenceBackend for EngineBackend {
         let seed = req.seed.unwrap_or_else(random_seed);
         let (execution, sampling) = self.execution(&req, seed)?;
         let prompt = execution.prompt_token_ids.clone();
-        let (engine, in_flight) = (self.engine.clone(), self.in_flight.clone());
+        let engine = self.engine.clone();
+        let echo = self.echo_text(&req);
         Ok(Prepared::new(prompt.len() as u64, execution, move || {
-            start(&engine, &in_flight, prompt, req, sampling)
-        }))
+            start(&engine, prompt, req, sampling)
+        })
+        .with_echo(echo))
+    }
+
+    fn tokenize(
+        &self,
+        model: &str,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<(u32, Vec<u8>)>, BackendError> {
+        self.check_model(model)?;
+        let lm = self.engine.model();
+        let ids = if add_special {
+            lm.tokenize_prompt(text)
+        } else {
+            lm.tokenizer.encode(text, false, true)
+        };
+        Ok(ids
+            .into_iter()
+            .map(|id| (id, lm.tokenizer.token_bytes(id, true)))
+            .collect())
+    }
+
+    fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, BackendError> {
+        self.check_model(model)?;
+        let tok = &self.engine.model().tokenizer;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= tok.vocab_size()) {
+            return Err(BackendError::Invalid(format!(
+                "token id {bad} is not in the model's vocabulary of {}",
+                tok.vocab_size()
+            )));
+        }
+        Ok(tok.decode(ids))
     }
 }
 
@@ -138,10 +205,14 @@ impl EngineBackend {
         let prompt = self.tokens(req)?;
         let sampling = SamplingParams {
             temperature: req.temperature,
+            top_k: req.top_k as usize,
             top_p: req.top_p,
+            min_p: req.min_p,
+            repetition_penalty: req.repetition_penalty,
             presence_penalty: req.presence_penalty,
             frequency_penalty: req.frequency_penalty,
             seed,
+            logit_bias: req.logit_bias.clone(),
             ..SamplingParams::default()
         };
         let execution = Execution {
@@ -161,17 +232,20 @@ impl EngineBackend {
             },
             model_sha256: self.model_sha256,
             determinism_class: self.determinism_class.clone(),
+            logit_bias: sampling.logit_bias.clone(),
         };
         Ok((execution, sampling))
     }
 
-    /// How a logged request must have run (re-execution).
+    /// How a logged request must have run (re-execution): its execution, the sampler's
+    /// parameters and the echoed prompt text, if any.
     pub(crate) fn prepare_logged(
         &self,
-        req: InferenceRequest,
+        req: &InferenceRequest,
         seed: u64,
-    ) -> Result<Execution, BackendError> {
-        self.execution(&req, seed).map(|(e, _)| e)
+    ) -> Result<(Execution, SamplingParams, Option<String>), BackendError> {
+        let (e, s) = self.execution(req, seed)?;
+        Ok((e, s, self.echo_text(req)))
     }
 
     /// The SHA-256 of the served model file.
@@ -193,7 +267,6 @@ impl EngineBackend {
 /// Submits a tokenized request to the engine and maps its events to the API's.
 fn start(
     engine: &Engine,
-    in_flight: &Arc<AtomicUsize>,
     prompt: Vec<u32>,
     req: InferenceRequest,
     sampling: SamplingParams,
@@ -202,42 +275,60 @@ fn start(
     g.stop = req.stop;
     g.ignore_eos = req.ignore_eos;
     g.sampling = sampling;
+    if let Some(k) = req.logprobs {
+        g.logprobs = true;
+        g.top_logprobs = usize::from(k);
+    }
     let stream = engine.submit(g).map_err(map_err)?;
-    let in_flight = in_flight.clone();
-    in_flight.fetch_add(1, Ordering::Relaxed);
-    let guard = InFlight(in_flight);
+    let model = engine.model_arc();
     Ok(
-        futures_util::stream::unfold((stream, Some(guard)), |(mut s, guard)| async move {
-            let guard = guard?;
-            let ev = match s.next().await {
-                Some(GenerationEvent::Token(t)) => BackendEvent::Token {
-                    id: t.id,
-                    text: t.text,
-                },
-                Some(GenerationEvent::Finished(f)) => {
-                    // The held-back tail, then the end (two events from one).
-                    let done = BackendEvent::Done {
-                        finish_reason: f.reason.as_str().to_string(),
-                        prompt_tokens: f.usage.prompt_tokens as u64,
-                        completion_tokens: f.usage.completion_tokens as u64,
-                    };
-                    return Some((vec![BackendEvent::Text(f.text), done], (s, None)));
+        futures_util::stream::unfold((stream, true), move |(mut s, open)| {
+            let model = model.clone();
+            async move {
+                if !open {
+                    return None;
                 }
-                Some(GenerationEvent::Error(e)) => BackendEvent::Error(e.to_string()),
-                None => return None,
-            };
-            Some((vec![ev], (s, Some(guard))))
+                let ev = match s.next().await {
+                    Some(GenerationEvent::Token(t)) => {
+                        let logprobs = t.logprob.map(|lp| {
+                            let entry = |id: u32, logprob: f32| TokenLogprob {
+                                id,
+                                bytes: model.tokenizer.token_bytes(id, true),
+                                logprob,
+                            };
+                            Logprobs {
+                                chosen: entry(t.id, lp),
+                                top: t.top_logprobs.iter().map(|&(i, l)| entry(i, l)).collect(),
+                            }
+                        });
+                        BackendEvent::Token {
+                            id: t.id,
+                            text: t.text,
+                            logprobs,
+                        }
+                    }
+                    Some(GenerationEvent::Finished(f)) => {
+                        // The held-back tail, then the end (two events from one).
+                        let finish_reason = match f.reason {
+                            FinishReason::Stop => atoma_api::FinishReason::Stop,
+                            FinishReason::Length => atoma_api::FinishReason::Length,
+                            FinishReason::Cancelled => atoma_api::FinishReason::Cancelled,
+                        };
+                        let done = BackendEvent::Done {
+                            finish_reason,
+                            prompt_tokens: f.usage.prompt_tokens as u64,
+                            completion_tokens: f.usage.completion_tokens as u64,
+                            cached_tokens: f.usage.cached_tokens as u64,
+                        };
+                        return Some((vec![BackendEvent::Text(f.text), done], (s, false)));
+                    }
+                    Some(GenerationEvent::Error(e)) => BackendEvent::Error(e.to_string()),
+                    None => return None,
+                };
+                Some((vec![ev], (s, true)))
+            }
         })
         .flat_map(futures_util::stream::iter)
         .boxed(),
     )
-}
-
-/// Counts a request as in flight until its stream ends or is dropped.
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }

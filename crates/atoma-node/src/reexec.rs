@@ -11,7 +11,7 @@
 use std::sync::{Arc, OnceLock};
 
 use atoma_api::InferenceRequest;
-use atoma_engine::{FinishReason, SamplingParams, Verdict, VerifyRequest};
+use atoma_engine::{FinishReason, Verdict, VerifyRequest};
 use atoma_state::log::{LogRecord, ResponseRecord};
 use serde_json::Value;
 
@@ -142,7 +142,7 @@ impl EngineBackend {
                 "the logged seed is not the one the user asked for",
             ));
         }
-        let prepared = match self.prepare_logged(req, rec.seed) {
+        let (prepared, sampling, echo) = match self.prepare_logged(&req, rec.seed) {
             Ok(e) => e,
             Err(e) => {
                 return Ok(disagree(
@@ -174,27 +174,18 @@ impl EngineBackend {
                 format!("unknown finish reason `{}`", rec.finish_reason),
             ));
         };
-        let s = &rec.sampling;
+        // The sampler as the signed body configures it; its record fields were checked equal
+        // to the logged ones just above (the logit bias is the body's alone).
         let verdict = self
             .engine()
             .verify(VerifyRequest {
                 prompt: rec.prompt_tokens.clone(),
                 output: rec.output_tokens.clone(),
-                max_tokens: s.max_tokens as usize,
-                sampling: SamplingParams {
-                    temperature: s.temperature,
-                    top_k: s.top_k as usize,
-                    top_p: s.top_p,
-                    min_p: s.min_p,
-                    repetition_penalty: s.repetition_penalty,
-                    presence_penalty: s.presence_penalty,
-                    frequency_penalty: s.frequency_penalty,
-                    seed: rec.seed,
-                    ..SamplingParams::default()
-                },
-                stop: s.stop.clone(),
+                max_tokens: rec.sampling.max_tokens as usize,
+                sampling,
+                stop: rec.sampling.stop.clone(),
                 stop_token_ids: Vec::new(),
-                ignore_eos: s.ignore_eos,
+                ignore_eos: rec.sampling.ignore_eos,
                 finish,
             })
             .map_err(|e| e.to_string())?
@@ -217,6 +208,12 @@ impl EngineBackend {
         let (answered, answered_finish) = match answer_text(&rec.response) {
             Ok(v) => v,
             Err(e) => return Ok(disagree(None, format!("the answer is not JSON: {e}"))),
+        };
+        let Some(answered) = answered.strip_prefix(echo.as_deref().unwrap_or("")) else {
+            return Ok(disagree(
+                None,
+                "the answer does not begin with the echoed prompt",
+            ));
         };
         if answered != text {
             return Ok(disagree(

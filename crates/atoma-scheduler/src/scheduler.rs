@@ -135,6 +135,9 @@ struct Seq {
     blocks: Vec<BlockId>,
     /// Hashes of the leading full blocks registered or reused (prefix chain).
     hashes: Vec<BlockHash>,
+    /// Prompt tokens taken from the prefix cache when the sequence first started (a
+    /// recomputation after preemption does not change it: it is what the client is told).
+    cached_prompt: Option<usize>,
 }
 
 /// The scheduler: waiting queue, running set, and the block pool.
@@ -249,6 +252,7 @@ impl Scheduler {
                 computed: 0,
                 blocks: Vec::new(),
                 hashes: Vec::new(),
+                cached_prompt: None,
             },
         );
         Ok(())
@@ -347,6 +351,16 @@ impl Scheduler {
                 None => break,
             }
         }
+        seq.cached_prompt.get_or_insert(seq.computed);
+    }
+
+    /// Prompt tokens of `id` whose KV came from the prefix cache when it started (0 before it
+    /// started, or for an unknown id).
+    pub fn cached_prompt_tokens(&self, id: SeqId) -> usize {
+        self.seqs
+            .get(&id)
+            .and_then(|s| s.cached_prompt)
+            .unwrap_or(0)
     }
 
     fn item(&self, id: SeqId, len: usize) -> PlanItem {

@@ -19,7 +19,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use atoma_ledger::{NodeSmallId, Stack, StackSmallId};
+use atoma_ledger::{Address, ComputeUnits, NodeSmallId, Stack, StackSmallId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 const SCHEMA: &str = "
@@ -118,6 +118,12 @@ pub enum MeterError {
 
 fn db(e: rusqlite::Error) -> MeterError {
     MeterError::Storage(e.to_string())
+}
+
+/// What `check_stack` reads.
+struct StackRow {
+    left: u64,
+    task_model: Option<String>,
 }
 
 /// Per-stack accounting of one node, backed by SQLite.
@@ -338,62 +344,102 @@ impl Meter {
         })
     }
 
+    /// Checks, reading only, that `signer` may spend `stack` on this node: the stack is known,
+    /// owned by the signer, sold to this node, neither claimed nor being settled, and has units
+    /// left. Returns the model of the stack's task (if the task names one). The API calls this
+    /// before it renders or tokenizes anything, so a key that owns no stack costs the node one
+    /// indexed read, whatever the body; `reserve` checks everything again atomically.
+    pub fn authorize(
+        &self,
+        stack: StackSmallId,
+        signer: &Address,
+    ) -> Result<Option<String>, MeterError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| MeterError::Storage("a previous user panicked".into()))?;
+        let row = self.check_stack(&conn, stack, signer, None)?;
+        if row.left == 0 {
+            return Err(MeterError::Exhausted {
+                stack,
+                left: 0,
+                needed: 1,
+            });
+        }
+        Ok(row.task_model)
+    }
+
+    /// The stack's row after the checks every spend needs (owner, node, model, claimed,
+    /// settling).
+    fn check_stack(
+        &self,
+        conn: &Connection,
+        stack: StackSmallId,
+        signer: &Address,
+        model: Option<&str>,
+    ) -> Result<StackRow, MeterError> {
+        let (owner, selected, total, used, claimed, task_model, settling) = conn
+            .query_row(
+                "SELECT s.owner, s.selected_node_id, s.num_compute_units, s.units_used, \
+                 s.is_claimed, t.model_name, s.settle_state FROM stacks s LEFT JOIN tasks t \
+                 ON t.small_id = s.task_small_id WHERE s.small_id = ?1",
+                [stack.0 as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, bool>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db)?
+            .ok_or(MeterError::UnknownStack(stack))?;
+        if owner.parse::<Address>().ok().as_ref() != Some(signer) {
+            return Err(MeterError::NotOwner(stack));
+        }
+        let selected = NodeSmallId(selected as u64);
+        if !self.nodes.contains(&selected) {
+            return Err(MeterError::WrongNode { stack, selected });
+        }
+        if let (Some(expected), Some(requested)) = (&task_model, model)
+            && expected != requested
+        {
+            return Err(MeterError::WrongModel {
+                stack,
+                expected: expected.clone(),
+                requested: requested.to_string(),
+            });
+        }
+        if claimed {
+            return Err(MeterError::Claimed(stack));
+        }
+        if settling.is_some() {
+            return Err(MeterError::Settling(stack));
+        }
+        Ok(StackRow {
+            left: (total - used) as u64,
+            task_model,
+        })
+    }
+
     /// Reserves `units` on `stack` for the request whose signed body hashes to `request_hash`,
-    /// signed by `signer` (a Sui address, `0x…`), asking for `model` (`None`: no check).
+    /// signed by `signer`, asking for `model` (`None`: no check).
     pub fn reserve(
         &self,
         stack: StackSmallId,
-        signer: &str,
+        signer: &Address,
         request_hash: [u8; 32],
-        units: u64,
+        units: ComputeUnits,
         model: Option<&str>,
     ) -> Result<Reservation, MeterError> {
+        let units = units.0;
         self.with_tx(|tx| {
-            let row = tx
-                .query_row(
-                    "SELECT s.owner, s.selected_node_id, s.num_compute_units, s.units_used, \
-                     s.is_claimed, t.model_name, s.settle_state FROM stacks s LEFT JOIN tasks t \
-                     ON t.small_id = s.task_small_id WHERE s.small_id = ?1",
-                    [stack.0 as i64],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, bool>(4)?,
-                            r.get::<_, Option<String>>(5)?,
-                            r.get::<_, Option<String>>(6)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(db)?
-                .ok_or(MeterError::UnknownStack(stack))?;
-            let (owner, selected, total, used, claimed, task_model, settling) = row;
-            if !owner.eq_ignore_ascii_case(signer) {
-                return Err(MeterError::NotOwner(stack));
-            }
-            let selected = NodeSmallId(selected as u64);
-            if !self.nodes.contains(&selected) {
-                return Err(MeterError::WrongNode { stack, selected });
-            }
-            if let (Some(expected), Some(requested)) = (task_model, model)
-                && expected != requested
-            {
-                return Err(MeterError::WrongModel {
-                    stack,
-                    expected,
-                    requested: requested.to_string(),
-                });
-            }
-            if claimed {
-                return Err(MeterError::Claimed(stack));
-            }
-            if settling.is_some() {
-                return Err(MeterError::Settling(stack));
-            }
-            let left = (total - used) as u64;
+            let StackRow { left, .. } = self.check_stack(tx, stack, signer, model)?;
             if units > left {
                 return Err(MeterError::Exhausted {
                     stack,

@@ -47,11 +47,13 @@ fn reserve_settle_and_refusals() {
     let m = Meter::in_memory(vec![ME]).unwrap();
     m.upsert_stack(&stack(1, 100, ME)).unwrap();
     m.upsert_stack(&stack(2, 100, NodeSmallId(9))).unwrap();
-    let me = owner().to_string();
-    let r = m.reserve(StackSmallId(1), &me, hash(1), 60, None).unwrap();
+    let me = owner();
+    let r = m
+        .reserve(StackSmallId(1), &me, hash(1), ComputeUnits(60), None)
+        .unwrap();
     assert_eq!(m.usage(StackSmallId(1)).unwrap().units_reserved, 60);
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(2), 41, None)
+        m.reserve(StackSmallId(1), &me, hash(2), ComputeUnits(41), None)
             .unwrap_err(),
         MeterError::Exhausted {
             stack: StackSmallId(1),
@@ -71,45 +73,66 @@ fn reserve_settle_and_refusals() {
     );
     // Replaying the same signed request spends nothing.
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(1), 5, None)
+        m.reserve(StackSmallId(1), &me, hash(1), ComputeUnits(5), None)
             .unwrap_err(),
         MeterError::Replay(StackSmallId(1))
     );
     assert_eq!(
-        m.reserve(StackSmallId(1), "0x78", hash(3), 5, None)
-            .unwrap_err(),
+        m.reserve(
+            StackSmallId(1),
+            &"0x78".parse::<Address>().unwrap(),
+            hash(3),
+            ComputeUnits(5),
+            None
+        )
+        .unwrap_err(),
         MeterError::NotOwner(StackSmallId(1))
     );
     assert!(matches!(
-        m.reserve(StackSmallId(2), &me, hash(3), 5, None),
+        m.reserve(StackSmallId(2), &me, hash(3), ComputeUnits(5), None),
         Err(MeterError::WrongNode { .. })
     ));
     assert_eq!(
-        m.reserve(StackSmallId(3), &me, hash(3), 5, None)
+        m.reserve(StackSmallId(3), &me, hash(3), ComputeUnits(5), None)
             .unwrap_err(),
         MeterError::UnknownStack(StackSmallId(3))
     );
     // A dropped reservation gives its units back and frees its hash for a retry.
-    drop(m.reserve(StackSmallId(1), &me, hash(4), 70, None).unwrap());
+    drop(
+        m.reserve(StackSmallId(1), &me, hash(4), ComputeUnits(70), None)
+            .unwrap(),
+    );
     assert_eq!(m.usage(StackSmallId(1)).unwrap().units_used, 25);
-    m.reserve(StackSmallId(1), &me, hash(4), 70, None)
+    m.reserve(StackSmallId(1), &me, hash(4), ComputeUnits(70), None)
         .unwrap()
         .release()
         .unwrap();
     m.upsert_task(TaskSmallId(1), Some("smollm2")).unwrap();
     assert!(matches!(
-        m.reserve(StackSmallId(1), &me, hash(6), 1, Some("gemma3")),
+        m.reserve(
+            StackSmallId(1),
+            &me,
+            hash(6),
+            ComputeUnits(1),
+            Some("gemma3")
+        ),
         Err(MeterError::WrongModel { .. })
     ));
-    m.reserve(StackSmallId(1), &me, hash(6), 1, Some("smollm2"))
-        .unwrap()
-        .release()
-        .unwrap();
+    m.reserve(
+        StackSmallId(1),
+        &me,
+        hash(6),
+        ComputeUnits(1),
+        Some("smollm2"),
+    )
+    .unwrap()
+    .release()
+    .unwrap();
     let mut claimed = stack(1, 100, ME);
     claimed.is_claimed = true;
     m.upsert_stack(&claimed).unwrap();
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(5), 1, None)
+        m.reserve(StackSmallId(1), &me, hash(5), ComputeUnits(1), None)
             .unwrap_err(),
         MeterError::Claimed(StackSmallId(1))
     );
@@ -122,13 +145,13 @@ fn reserve_settle_and_refusals() {
 fn a_200_way_race_never_overspends() {
     let m = Meter::in_memory(vec![ME]).unwrap();
     m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
-    let me = owner().to_string();
+    let me = owner();
     let results: Vec<Option<u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..200u64)
             .map(|i| {
-                let (m, me) = (m.clone(), me.clone());
-                s.spawn(
-                    move || match m.reserve(StackSmallId(1), &me, hash(i), 20, None) {
+                let (m, me) = (m.clone(), me);
+                s.spawn(move || {
+                    match m.reserve(StackSmallId(1), &me, hash(i), ComputeUnits(20), None) {
                         Ok(r) => {
                             let used = 10 + i % 11;
                             r.settle(done(used / 2, used - used / 2, hash(1_000 + i)))
@@ -137,8 +160,8 @@ fn a_200_way_race_never_overspends() {
                         }
                         Err(MeterError::Exhausted { .. }) => None,
                         Err(e) => panic!("{e}"),
-                    },
-                )
+                    }
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -159,17 +182,20 @@ fn a_200_way_race_never_overspends() {
 fn restart_after_a_crash_releases_open_reservations() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meter.db");
-    let me = owner().to_string();
+    let me = owner();
     {
         let m = Meter::open(&path, vec![ME]).unwrap();
         m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
-        m.reserve(StackSmallId(1), &me, hash(1), 100, None)
+        m.reserve(StackSmallId(1), &me, hash(1), ComputeUnits(100), None)
             .unwrap()
             .settle(done(30, 40, hash(11)))
             .unwrap();
         for i in 2..5 {
             // Simulate the process dying mid-request: the guard never runs.
-            std::mem::forget(m.reserve(StackSmallId(1), &me, hash(i), 100, None).unwrap());
+            std::mem::forget(
+                m.reserve(StackSmallId(1), &me, hash(i), ComputeUnits(100), None)
+                    .unwrap(),
+            );
         }
         assert_eq!(m.usage(StackSmallId(1)).unwrap().units_used, 370);
     }
@@ -180,12 +206,12 @@ fn restart_after_a_crash_releases_open_reservations() {
         (70, 0, 1)
     );
     assert_eq!(
-        m.reserve(StackSmallId(1), &me, hash(1), 1, None)
+        m.reserve(StackSmallId(1), &me, hash(1), ComputeUnits(1), None)
             .unwrap_err(),
         MeterError::Replay(StackSmallId(1))
     );
     // The interrupted requests may be retried.
-    m.reserve(StackSmallId(1), &me, hash(2), 100, None)
+    m.reserve(StackSmallId(1), &me, hash(2), ComputeUnits(100), None)
         .unwrap()
         .release()
         .unwrap();
@@ -240,8 +266,8 @@ fn follows_the_ledger_from_a_durable_cursor() {
         let evs = ledger.events_after(m.cursor().unwrap(), 100).unwrap();
         let c = m.apply_ledger_events(&evs).unwrap();
         assert_eq!(c, EventCursor(evs.last().unwrap().seq));
-        let me = owner().to_string();
-        m.reserve(s1.small_id, &me, hash(1), 10, Some("smollm2"))
+        let me = owner();
+        m.reserve(s1.small_id, &me, hash(1), ComputeUnits(10), Some("smollm2"))
             .unwrap()
             .settle(done(4, 6, hash(2)))
             .unwrap();
@@ -279,17 +305,17 @@ fn freezing_and_settlement_steps() {
     use atoma_ledger::{Hash32, StackCommitment};
     let m = Meter::in_memory(vec![ME]).unwrap();
     m.upsert_stack(&stack(1, 1_000, ME)).unwrap();
-    m.reserve(StackSmallId(1), &owner().to_string(), hash(1), 50, None)
+    m.reserve(StackSmallId(1), &owner(), hash(1), ComputeUnits(50), None)
         .unwrap()
         .settle(done(20, 10, hash(101)))
         .unwrap();
     let in_flight = m
-        .reserve(StackSmallId(1), &owner().to_string(), hash(2), 50, None)
+        .reserve(StackSmallId(1), &owner(), hash(2), ComputeUnits(50), None)
         .unwrap();
     assert!(m.freeze(StackSmallId(1)).unwrap());
     assert!(!m.freeze(StackSmallId(1)).unwrap(), "only once");
     assert_eq!(
-        m.reserve(StackSmallId(1), &owner().to_string(), hash(3), 5, None)
+        m.reserve(StackSmallId(1), &owner(), hash(3), ComputeUnits(5), None)
             .unwrap_err(),
         MeterError::Settling(StackSmallId(1))
     );
@@ -341,7 +367,7 @@ fn freezing_and_settlement_steps() {
     );
     assert!(m.settlements(false).unwrap().is_empty());
     assert_eq!(
-        m.reserve(StackSmallId(1), &owner().to_string(), hash(4), 5, None)
+        m.reserve(StackSmallId(1), &owner(), hash(4), ComputeUnits(5), None)
             .unwrap_err(),
         MeterError::Claimed(StackSmallId(1))
     );

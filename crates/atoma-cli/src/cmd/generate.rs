@@ -88,6 +88,7 @@ impl SamplingArgs {
             frequency_penalty: self.frequency_penalty,
             penalty_last_n: 64,
             seed: self.seed.unwrap_or_else(random_seed),
+            logit_bias: Vec::new(),
         }
     }
 }
