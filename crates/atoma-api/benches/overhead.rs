@@ -35,6 +35,17 @@ impl InferenceBackend for Trivial {
     fn queue_depth(&self) -> usize {
         0
     }
+    fn tokenize(
+        &self,
+        model: &str,
+        _text: &str,
+        _add_special: bool,
+    ) -> Result<Vec<(u32, Vec<u8>)>, BackendError> {
+        Err(BackendError::UnknownModel(model.to_string()))
+    }
+    fn detokenize(&self, model: &str, _ids: &[u32]) -> Result<String, BackendError> {
+        Err(BackendError::UnknownModel(model.to_string()))
+    }
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         Ok(Prepared::new(
             8,

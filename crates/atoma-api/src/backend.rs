@@ -292,13 +292,7 @@ pub trait InferenceBackend: Send + Sync + 'static {
         model: &str,
         text: &str,
         add_special: bool,
-    ) -> Result<Vec<(u32, Vec<u8>)>, BackendError> {
-        let _ = (text, add_special);
-        Err(BackendError::UnknownModel(model.to_string()))
-    }
+    ) -> Result<Vec<(u32, Vec<u8>)>, BackendError>;
     /// The text of `ids` for `model`.
-    fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, BackendError> {
-        let _ = ids;
-        Err(BackendError::UnknownModel(model.to_string()))
-    }
+    fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, BackendError>;
 }

@@ -275,6 +275,101 @@ async fn serve(
         .into_response())
 }
 
+#[derive(serde::Deserialize)]
+pub(crate) struct TokenizeIn {
+    content: String,
+    model: Option<String>,
+    #[serde(default)]
+    add_special: bool,
+    #[serde(default)]
+    with_pieces: bool,
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct DetokenizeIn {
+    tokens: Vec<u32>,
+    model: Option<String>,
+}
+
+/// The model a tokenizer route names, or the node's first.
+fn tokenizer_model(s: &AppState, model: Option<String>) -> Result<String, ApiError> {
+    let served = s.inner.backend.models();
+    match model {
+        Some(m) if served.contains(&m) => Ok(m),
+        Some(m) => Err(ApiError::UnknownModel(m)),
+        None => served.into_iter().next().ok_or(ApiError::NotReady),
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!(
+                "the request body exceeds {} bytes",
+                crate::MAX_TOKENIZE_BYTES
+            ))
+        } else {
+            ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid request body: {e}")))
+}
+
+/// `POST /tokenize` (llama-server's shape): `{"content", "add_special", "with_pieces"}` →
+/// `{"tokens": [id, …]}`, or `[{"id", "piece"}, …]` with pieces (a string when the piece is
+/// valid UTF-8, else its bytes). Unsigned and free, so its body limit is small.
+pub(crate) async fn tokenize(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = async {
+        let req: TokenizeIn = json_body(body)?;
+        if !s.inner.backend.ready() {
+            return Err(ApiError::NotReady);
+        }
+        let model = tokenizer_model(&s, req.model)?;
+        let backend = s.inner.backend.clone();
+        let tokens = tokio::task::spawn_blocking(move || {
+            backend.tokenize(&model, &req.content, req.add_special)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
+        let tokens: Vec<Value> = if req.with_pieces {
+            tokens
+                .into_iter()
+                .map(|(id, bytes)| match String::from_utf8(bytes) {
+                    Ok(p) => json!({"id": id, "piece": p}),
+                    Err(e) => json!({"id": id, "piece": e.into_bytes()}),
+                })
+                .collect()
+        } else {
+            tokens.into_iter().map(|(id, _)| json!(id)).collect()
+        };
+        Ok(Json(json!({ "tokens": tokens })).into_response())
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /detokenize` (llama-server's shape): `{"tokens": [id, …]}` → `{"content"}`.
+pub(crate) async fn detokenize(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = async {
+        let req: DetokenizeIn = json_body(body)?;
+        if !s.inner.backend.ready() {
+            return Err(ApiError::NotReady);
+        }
+        let model = tokenizer_model(&s, req.model)?;
+        let content = s.inner.backend.detokenize(&model, &req.tokens)?;
+        Ok(Json(json!({ "content": content })).into_response())
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
 pub(crate) async fn models(State(s): State<AppState>) -> Response {
     let data: Vec<_> = s
         .inner
@@ -323,7 +418,9 @@ pub(crate) async fn metrics(State(s): State<AppState>) -> Response {
 
 pub(crate) async fn not_found() -> Response {
     let mut resp = ApiError::InvalidRequest(
-        "no such route; see /v1/chat/completions, /v1/completions, /v1/models".into(),
+        "no such route; see /v1/chat/completions, /v1/completions, /v1/models, /tokenize, \
+         /detokenize"
+            .into(),
     )
     .into_response();
     *resp.status_mut() = StatusCode::NOT_FOUND;

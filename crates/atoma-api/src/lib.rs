@@ -1,7 +1,9 @@
 //! The node's OpenAI-compatible HTTP API.
 //!
 //! Routes: `POST /v1/chat/completions` and `POST /v1/completions` (JSON or SSE), `GET /v1/models`,
-//! `GET /health` (503 until the backend is ready), `GET /metrics` (Prometheus). Every inference
+//! `POST /tokenize` and `/detokenize` (llama-server's shapes; unsigned, small bodies),
+//! `GET /health` (503 until the backend is ready or once its engine died), `GET /metrics`
+//! (Prometheus). Every inference
 //! request is authenticated (`auth`), metered on its stack (`atoma_state::meter`: reserve the worst
 //! case, settle to the real usage, release on failure or disconnect) and answered with a signed,
 //! hash-committed body (`sign`), every streamed chunk included. The API depends on the
@@ -36,6 +38,8 @@ pub use error::ApiError;
 
 /// Largest request body accepted (bytes).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Largest body of the unsigned `/tokenize` and `/detokenize` routes (bytes).
+pub const MAX_TOKENIZE_BYTES: usize = 256 * 1024;
 
 /// Shared state of the router. Cheap to clone.
 #[derive(Clone)]
@@ -99,6 +103,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
         .route("/v1/node/status", get(handlers::status))
+        .route(
+            "/tokenize",
+            post(handlers::tokenize).layer(DefaultBodyLimit::max(MAX_TOKENIZE_BYTES)),
+        )
+        .route(
+            "/detokenize",
+            post(handlers::detokenize).layer(DefaultBodyLimit::max(MAX_TOKENIZE_BYTES)),
+        )
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .fallback(handlers::not_found)

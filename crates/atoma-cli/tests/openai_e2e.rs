@@ -46,5 +46,6 @@ fn the_openai_python_client_talks_to_a_node() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("{stdout}");
     assert!(stdout.contains("openai e2e ok"), "{stdout}");
 }

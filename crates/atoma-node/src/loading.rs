@@ -66,4 +66,17 @@ impl InferenceBackend for LoadingBackend {
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         self.get()?.prepare(req)
     }
+
+    fn tokenize(
+        &self,
+        model: &str,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<(u32, Vec<u8>)>, BackendError> {
+        self.get()?.tokenize(model, text, add_special)
+    }
+
+    fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, BackendError> {
+        self.get()?.detokenize(model, ids)
+    }
 }

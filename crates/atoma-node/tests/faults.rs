@@ -61,6 +61,17 @@ impl InferenceBackend for Faulty {
     fn queue_depth(&self) -> usize {
         0
     }
+    fn tokenize(
+        &self,
+        model: &str,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<(u32, Vec<u8>)>, BackendError> {
+        self.inner.tokenize(model, text, add_special)
+    }
+    fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, BackendError> {
+        self.inner.detokenize(model, ids)
+    }
     fn prepare(&self, mut req: InferenceRequest) -> Result<Prepared, BackendError> {
         let logged_seed = req.seed;
         match self.fault {
@@ -83,7 +94,7 @@ impl InferenceBackend for Faulty {
             // Logged as the seed the user asked for.
             p.execution.seed = logged_seed.unwrap_or(0);
         }
-        let (tokens, execution) = (p.prompt_tokens, p.execution.clone());
+        let (tokens, execution, echo) = (p.prompt_tokens, p.execution.clone(), p.echo.clone());
         let fault = self.fault;
         Ok(Prepared::new(tokens, execution, move || {
             let stream = p.start()?;
@@ -112,7 +123,8 @@ impl InferenceBackend for Faulty {
                     (_, ev) => ev,
                 })
                 .boxed())
-        }))
+        })
+        .with_echo(echo))
     }
 }
 
@@ -245,17 +257,46 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
         let _ = stopped.await;
     }));
 
-    // Four requests, two streamed, seeded and not.
+    // Six requests, streamed and not, seeded and not, with every sampling control the API
+    // takes (log-probabilities, logit bias, top-k, min-p, repetition penalty), and completions
+    // with a token-id prompt and with echo: an honest log of all of them must verify.
     let (u, sid) = (user.clone(), stack.small_id);
     tokio::task::spawn_blocking(move || {
-        for i in 0..4u64 {
+        for i in 0..6u64 {
             let mut body = json!({"model": "tiny", "max_tokens": 8, "stream": i % 2 == 1,
                 "temperature": 0.8, "messages": [{"role": "user", "content": format!("q{i}")}]});
             if i < 2 {
                 body["seed"] = json!(40 + i);
             }
+            match i {
+                0 => {
+                    body["logprobs"] = json!(true);
+                    body["top_logprobs"] = json!(2);
+                    body["logit_bias"] = json!({"5": 3.5, "7": -100});
+                    body["top_k"] = json!(12);
+                }
+                1 => {
+                    body["min_p"] = json!(0.05);
+                    body["repetition_penalty"] = json!(1.3);
+                    body["logprobs"] = json!(true);
+                }
+                4 => {
+                    body = json!({"model": "tiny", "max_tokens": 6, "prompt": [5, 9, 12, 30],
+                                  "echo": true, "temperature": 0.7, "logit_bias": {"11": 4}});
+                }
+                5 => {
+                    body = json!({"model": "tiny", "max_tokens": 6, "prompt": "q5 text",
+                                  "echo": true, "stream": true, "seed": 5});
+                }
+                _ => {}
+            }
+            let path = if body.get("prompt").is_some() {
+                "completions"
+            } else {
+                "chat/completions"
+            };
             let body = body.to_string();
-            ureq::post(&format!("{url}/v1/chat/completions"))
+            ureq::post(&format!("{url}/v1/{path}"))
                 .set("X-Signature", &u.sign(&blake2b256(body.as_bytes())))
                 .set("X-Stack-Small-Id", &sid.0.to_string())
                 .send_string(&body)

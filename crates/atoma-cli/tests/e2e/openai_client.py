@@ -3,7 +3,10 @@
 Signs every request in an httpx request hook exactly as the protocol asks (X-Signature = Sui
 ed25519 signature, base64(0x00 || sig || pubkey), over Blake2b-256 of the body; X-Stack-Small-Id),
 then checks a plain and a streamed chat completion, the node's signature on the response (and on
-every chunk), and that a stack the key does not own is refused with 401.
+every chunk), the wider OpenAI surface (sampling extensions, logit_bias, log-probabilities plain
+and streamed, token-id prompts, echo, cached tokens, system_fingerprint, /tokenize and
+/detokenize, unsupported parameters refused by name), and that a stack the key does not own is
+refused with 401, even with a 3.5 MB body.
 
 usage: openai_client.py URL KEYSTORE STACK MODEL
 """
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import openai
 
@@ -83,7 +87,109 @@ for event in client.chat.completions.create(model=model, messages=messages, max_
                                             extra_body={"nonce": os.urandom(8).hex()}):
     pass
 
+# --- The wider OpenAI surface ---------------------------------------------------------
+def nonce():
+    return {"nonce": os.urandom(8).hex()}
+
+
+# Sampling extensions (vLLM's names) and a seed: the same request twice gives the same text.
+ext = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2}
+a = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=7,
+                                   temperature=0.9, extra_body={**ext, **nonce()})
+b = client.chat.completions.create(model=model, messages=messages, max_tokens=12, seed=7,
+                                   temperature=0.9, extra_body={**ext, **nonce()})
+assert a.choices[0].message.content == b.choices[0].message.content
+assert a.system_fingerprint and "model-sha256:" in a.system_fingerprint, a.system_fingerprint
+print("seeded with top_k/min_p/repetition_penalty:", repr(a.choices[0].message.content))
+
+# Tokenizer routes (llama-server's shapes).
+http = httpx.Client()
+toks = http.post(url + "/tokenize", json={"content": "Hello world", "with_pieces": True}).json()["tokens"]
+assert toks and all("id" in t and "piece" in t for t in toks), toks
+ids = [t["id"] for t in toks]
+back = http.post(url + "/detokenize", json={"tokens": ids}).json()
+# (SentencePiece tokenizers, like the tiny test model's, add a leading space.)
+assert back.get("content", "").lstrip() == "Hello world", (toks, back)
+
+# logit_bias: +100 on one token makes greedy decoding repeat it.
+forced = ids[0]
+c = client.completions.create(model=model, prompt="x", max_tokens=5, temperature=0,
+                              logit_bias={str(forced): 100}, extra_body=nonce())
+expect = http.post(url + "/detokenize", json={"tokens": [forced] * 5}).json()["content"]
+assert c.choices[0].text == expect, (c.choices[0].text, expect)
+
+# Chat log-probabilities, plain and streamed, agree with each other and with the text.
+lp_args = dict(model=model, messages=messages, max_tokens=8, seed=3, temperature=0.8,
+               logprobs=True, top_logprobs=3)
+raw_lp = client.chat.completions.with_raw_response.create(**lp_args, extra_body=nonce())
+# The signed body re-serializes to the hashed bytes in Python too (floats included).
+assert verify(raw_lp.http_response.json()) == node_key
+plain = raw_lp.parse()
+content = plain.choices[0].logprobs.content
+assert len(content) == plain.usage.completion_tokens
+for e in content:
+    assert e.logprob <= 0 and len(e.top_logprobs) == 3
+    try:
+        assert bytes(e.bytes).decode() == e.token
+    except UnicodeDecodeError:  # a piece of a character: OpenAI's "bytes:\xNN" form
+        assert e.token == "bytes:" + "".join(f"\\x{b:02x}" for b in e.bytes), (e.token, e.bytes)
+    assert e.top_logprobs[0].logprob >= e.logprob - 1e-6
+streamed = []
+raw_stream = client.chat.completions.with_raw_response.create(**lp_args, stream=True, extra_body=nonce())
+for line in raw_stream.http_response.iter_lines():
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        continue
+    chunk = json.loads(line[len("data: "):])
+    assert verify(chunk) == node_key
+    for ch in chunk["choices"]:
+        streamed.extend((ch.get("logprobs") or {}).get("content") or [])
+assert [(e["token"], e["logprob"]) for e in streamed] == [(e.token, e.logprob) for e in content]
+print("logprobs:", [(e.token, round(e.logprob, 3)) for e in content[:3]], "...")
+
+# Completions: token-id prompt with echo; logprobs in the legacy shape.
+c = client.completions.create(model=model, prompt=ids, max_tokens=4, echo=True, seed=1, extra_body=nonce())
+assert c.choices[0].text.startswith(back["content"]), c.choices[0].text
+c = client.completions.create(model=model, prompt="Once upon", max_tokens=4, logprobs=2, seed=1,
+                              extra_body=nonce())
+assert len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens
+assert all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
+
+# The prefix cache shows in usage: a long prompt twice.
+long = [{"role": "user", "content": "Tell me a story about " + "a red fox and a brown dog " * 3}]
+first = client.chat.completions.create(model=model, messages=long, max_tokens=2, extra_body=nonce())
+second = client.chat.completions.create(model=model, messages=long, max_tokens=2, extra_body=nonce())
+cached = second.usage.prompt_tokens_details.cached_tokens
+assert cached and cached > 0 and cached < second.usage.prompt_tokens, second.usage
+print("cached tokens on a repeated prompt:", cached, "of", second.usage.prompt_tokens)
+
+# Parameters we do not implement are refused by name, never ignored.
+for extra, name in [({"response_format": {"type": "json_object"}}, "response_format"),
+                    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                    ({"n": 2}, "`n`"),
+                    ({"modalities": ["text", "audio"]}, "modalities")]:
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, **extra, extra_body=nonce())
+        raise SystemExit(f"{name} must be refused")
+    except openai.BadRequestError as e:
+        assert name in str(e), str(e)
+print("unsupported parameters refused by name")
+
 stack_header["value"] = "999"
+# A 3.5 MB body signed by a key that owns no such stack: 401 before any work.
+big = {"model": model, "messages": [{"role": "user", "content": "word " * 700_000}], "max_tokens": 4}
+body_bytes = json.dumps(big).encode()
+digest = hashlib.blake2b(body_bytes, digest_size=32).digest()
+headers = {"X-Signature": base64.b64encode(b"\x00" + key.sign(digest) + pub).decode(),
+           "X-Stack-Small-Id": "999", "Content-Type": "application/json"}
+plain_http = httpx.Client()
+times = []
+for _ in range(5):
+    t0 = time.perf_counter()
+    r = plain_http.post(url + "/v1/chat/completions", content=body_bytes, headers=headers)
+    times.append((time.perf_counter() - t0) * 1000)
+    assert r.status_code == 401, r.text
+print(f"3.5 MB body on a stack the key does not own: 401 in {min(times):.1f} ms best, "
+      f"{sorted(times)[2]:.1f} ms median of 5 (round trip on loopback, body pre-signed)")
 try:
     client.chat.completions.create(model=model, messages=messages, max_tokens=4,
                                    extra_body={"nonce": os.urandom(8).hex()})
