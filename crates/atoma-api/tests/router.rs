@@ -626,6 +626,7 @@ async fn every_served_request_is_logged_with_verifiable_evidence() {
 }
 
 #[tokio::test]
+#[allow(clippy::print_stdout)] // the figures of the run, for the issue note
 async fn authorization_comes_before_any_work() {
     let f = fixture(0);
     // 3.5 MB of prompt, signed by a key that owns no stack: refused before parsing or
@@ -664,6 +665,7 @@ async fn authorization_comes_before_any_work() {
 }
 
 #[tokio::test]
+#[allow(clippy::print_stdout)] // the figures of the run, for the issue note
 async fn unknown_stacks_cause_few_ledger_syncs_and_new_stacks_are_found() {
     let syncs = Arc::new(AtomicUsize::new(0));
     let counter = syncs.clone();

@@ -23,6 +23,7 @@ fn python() -> PathBuf {
 }
 
 #[test]
+#[allow(clippy::print_stderr)] // the client's figures, shown with --nocapture
 fn the_openai_python_client_talks_to_a_node() {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
