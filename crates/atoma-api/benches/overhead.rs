@@ -142,6 +142,7 @@ fn main() {
                 logit_bias: vec![],
                 logprobs: None,
                 echo: false,
+                json_schema: None,
             };
             let _events: Vec<_> = Trivial
                 .prepare(req)

@@ -117,6 +117,9 @@ pub struct InferenceRequest {
     pub logprobs: Option<u8>,
     /// Completions: the prompt's text comes back before the generated text.
     pub echo: bool,
+    /// Structured output: the answer must be JSON matching this JSON Schema
+    /// (`response_format`; `{"type": "object"}` for `json_object`).
+    pub json_schema: Option<serde_json::Value>,
 }
 
 /// What a backend reports while generating: one `Token` per generated token (its text may be

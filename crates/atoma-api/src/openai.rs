@@ -33,7 +33,7 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("prediction", "predicted outputs are not supported"),
     (
         "response_format",
-        "structured outputs are not supported yet (`{\"type\": \"text\"}` is accepted)",
+        "the type must be `text`, `json_object` or `json_schema`",
     ),
     ("tools", "tool calling is not supported yet"),
     (
@@ -209,15 +209,12 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 /// Refuses every recognised parameter we do not implement, unless it has its harmless value.
 fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
-    let probes: [(&str, &Probe, Harmless); 12] = [
+    let probes: [(&str, &Probe, Harmless); 11] = [
         ("audio", &c.audio, |_| false),
         ("modalities", &c.modalities, |v| {
             v.as_array().is_some_and(|a| a.iter().all(|m| m == "text"))
         }),
         ("prediction", &c.prediction, |_| false),
-        ("response_format", &c.response_format, |v| {
-            v.get("type").is_some_and(|t| t == "text")
-        }),
         ("tools", &c.tools, |v| {
             v.as_array().is_some_and(Vec::is_empty)
         }),
@@ -245,6 +242,33 @@ fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The JSON Schema a `response_format` asks for (`None`: free text).
+fn response_format(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(serde_json::json!({"type": "object"}))),
+        Some("json_schema") => {
+            let spec = v.get("json_schema").ok_or_else(|| {
+                bad("`response_format.json_schema` is required for type `json_schema`")
+            })?;
+            if !spec.is_object() {
+                return Err(bad("`response_format.json_schema` must be an object"));
+            }
+            match spec.get("schema") {
+                None | Some(Value::Null) => Ok(Some(serde_json::json!({}))),
+                Some(s @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(s.clone())),
+                Some(_) => Err(bad(
+                    "`response_format.json_schema.schema` must be a JSON Schema object",
+                )),
+            }
+        }
+        _ => Err(unsupported("response_format")),
+    }
+}
+
 fn check_common(
     model: String,
     prompt: Prompt,
@@ -256,6 +280,7 @@ fn check_common(
         return Err(bad("`model` must not be empty"));
     }
     refuse_unsupported(&c)?;
+    let json_schema = response_format(c.response_format.as_ref())?;
     let max_tokens = c
         .max_completion_tokens
         .or(c.max_tokens)
@@ -343,6 +368,7 @@ fn check_common(
             logit_bias,
             logprobs,
             echo,
+            json_schema,
         },
         stream: c.stream,
         include_usage,

@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{EngineError, Result};
 use crate::generate::{FinishReason, GenerateRequest, Generation, GenerationEvent, validate};
+use crate::grammar::Constraint;
 use crate::loaded::LoadedModel;
 use crate::model::{BatchSeq, KernelChoice, KvDtype, PagedKv, select_kernel};
 use crate::verify::{Verdict, VerifyRequest, VerifyState};
@@ -104,12 +105,14 @@ impl EngineConfig {
 enum Job {
     Generate {
         req: GenerateRequest,
+        constraint: Option<Constraint>,
         events: UnboundedSender<GenerationEvent>,
         cancel: Arc<AtomicBool>,
         enqueued: Instant,
     },
     Verify {
         req: VerifyRequest,
+        constraint: Option<Constraint>,
         reply: oneshot::Sender<Result<Verdict>>,
     },
 }
@@ -267,8 +270,20 @@ impl Engine {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Queues a request; events arrive on the returned stream.
+    /// Queues a request; events arrive on the returned stream. A grammar is compiled here, on
+    /// the caller's thread, so the worker never stalls the batch on it.
     pub fn submit(&self, req: GenerateRequest) -> Result<GenerationStream> {
+        let constraint = self.model.compile_grammar(req.grammar.as_ref())?;
+        self.submit_compiled(req, constraint)
+    }
+
+    /// `submit` with `req.grammar` already compiled (by `LoadedModel::compile_grammar`), for
+    /// callers that compile early to refuse a bad grammar before other work.
+    pub fn submit_compiled(
+        &self,
+        req: GenerateRequest,
+        constraint: Option<Constraint>,
+    ) -> Result<GenerationStream> {
         validate(&req, self.model.model.config().context)?;
         if req.prompt.len() >= self.kv_tokens {
             return Err(EngineError::PromptTooLong {
@@ -291,6 +306,7 @@ impl Engine {
         let prompt_tokens = req.prompt.len();
         let job = Job::Generate {
             req,
+            constraint,
             events: tx,
             cancel: cancel.clone(),
             enqueued: Instant::now(),
@@ -335,9 +351,14 @@ impl Engine {
                 "logged token {t} is outside the vocabulary"
             )));
         }
+        let constraint = self.model.compile_grammar(req.grammar.as_ref())?;
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job::Verify { req, reply })
+            .send(Job::Verify {
+                req,
+                constraint,
+                reply,
+            })
             .map_err(|_| EngineError::ShutDown)?;
         Ok(VerifyHandle { rx })
     }
@@ -462,6 +483,7 @@ impl Worker {
         match job {
             Job::Generate {
                 req,
+                constraint,
                 events,
                 cancel,
                 enqueued,
@@ -474,7 +496,8 @@ impl Worker {
                     )));
                     return;
                 }
-                let generation = Generation::new(&self.model, &req, max_new);
+                let generation =
+                    Generation::new(&self.model, &req, max_new).with_constraint(constraint);
                 self.active.insert(
                     id,
                     Active {
@@ -488,9 +511,13 @@ impl Worker {
                     },
                 );
             }
-            Job::Verify { req, reply } => {
+            Job::Verify {
+                req,
+                constraint,
+                reply,
+            } => {
                 let max_new = context.min(kv_tokens) - req.prompt.len();
-                let state = VerifyState::new(&self.model, &req, max_new);
+                let state = VerifyState::new(&self.model, &req, max_new, constraint);
                 if let Some(v) = state.verdict() {
                     let _ = reply.send(Ok(v.clone()));
                     return;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{EngineError, Result};
+use crate::grammar::{Constraint, GrammarSpec};
 use crate::loaded::LoadedModel;
 use crate::model::KvCache;
 use crate::sampling::{Sampler, SamplingParams};
@@ -34,6 +35,8 @@ pub struct GenerateRequest {
     pub logprobs: bool,
     /// Number of top alternatives to report per token (0 = none; more than 0 implies `logprobs`).
     pub top_logprobs: usize,
+    /// The output must match this grammar (constrained decoding, `crate::grammar`).
+    pub grammar: Option<GrammarSpec>,
 }
 
 impl GenerateRequest {
@@ -48,6 +51,7 @@ impl GenerateRequest {
             ignore_eos: false,
             logprobs: false,
             top_logprobs: 0,
+            grammar: None,
         }
     }
 }
@@ -147,6 +151,8 @@ pub(crate) struct Generation {
     started: Instant,
     queued: Duration,
     first_token_at: Option<Instant>,
+    /// The grammar the output must match, if any.
+    constraint: Option<Constraint>,
 }
 
 impl Generation {
@@ -172,7 +178,14 @@ impl Generation {
             started: Instant::now(),
             queued: Duration::ZERO,
             first_token_at: None,
+            constraint: None,
         }
+    }
+
+    /// Constrains the output to a compiled grammar.
+    pub(crate) fn with_constraint(mut self, c: Option<Constraint>) -> Self {
+        self.constraint = c;
+        self
     }
 
     /// Marks the start of computation, after `queued` in the queue.
@@ -188,9 +201,35 @@ impl Generation {
         lm: &LoadedModel,
         logits: &[f32],
     ) -> (TokenEvent, Option<FinishReason>) {
-        let s = self
-            .sampler
-            .sample(logits, &self.context_ids, self.logprobs, self.top_logprobs);
+        let mask = match self.constraint.as_mut().map(Constraint::mask).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                // Cannot happen for a grammar that compiled (every mask allows something);
+                // ending the request is better than drawing unconstrained.
+                tracing::error!(error = %e, "grammar mask failed");
+                return (
+                    TokenEvent {
+                        id: self.eog.first().copied().unwrap_or(0),
+                        text: String::new(),
+                        logprob: None,
+                        top_logprobs: Vec::new(),
+                    },
+                    Some(FinishReason::Stop),
+                );
+            }
+        };
+        let s = self.sampler.sample_masked(
+            logits,
+            &self.context_ids,
+            self.logprobs,
+            self.top_logprobs,
+            mask.as_deref(),
+        );
+        if let Some(c) = self.constraint.as_mut()
+            && let Err(e) = c.consume(s.token)
+        {
+            tracing::error!(error = %e, "grammar refused a token its own mask allowed");
+        }
         self.first_token_at.get_or_insert_with(Instant::now);
         self.sampler.observe(s.token);
         self.context_ids.push(s.token);
@@ -260,7 +299,9 @@ pub fn run_generation(
 ) -> Result<()> {
     let context = lm.model.config().context;
     validate(req, context)?;
-    let mut generation = Generation::new(lm, req, context - req.prompt.len());
+    let constraint = lm.compile_grammar(req.grammar.as_ref())?;
+    let mut generation =
+        Generation::new(lm, req, context - req.prompt.len()).with_constraint(constraint);
     generation.start(queued);
     let mut cache = KvCache::default();
     let mut logits = None;

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod grammar;
 pub mod loaded;
 pub mod model;
 pub mod sampling;
@@ -28,6 +29,7 @@ pub use generate::{
     FinishReason, Finished, GenerateRequest, GenerationEvent, Timings, TokenEvent, Usage,
     run_generation,
 };
+pub use grammar::{GrammarCompiler, GrammarSpec};
 pub use loaded::{LoadedModel, ModelInfo};
 pub use model::{
     Architecture, BatchSeq, KernelChoice, KvCache, KvDtype, LoadOptions, Model, ModelConfig,

@@ -1,6 +1,7 @@
 //! A model ready to serve: weights, tokenizer and chat template loaded from one GGUF file.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -8,6 +9,7 @@ use candle_core::Device;
 use crate::chat::{ChatMessage, ChatTemplate, TemplateFamily};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::grammar::{Constraint, GrammarCompiler, GrammarSpec};
 use crate::model::{LoadOptions, Model, ModelConfig};
 use crate::tokenizer::{TokenId, Tokenizer};
 
@@ -32,6 +34,8 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub info: ModelInfo,
+    /// Built at the first constrained request (it indexes the whole vocabulary).
+    grammar: OnceLock<std::result::Result<GrammarCompiler, String>>,
 }
 
 impl LoadedModel {
@@ -101,7 +105,21 @@ impl LoadedModel {
             tokenizer,
             template,
             info,
+            grammar: OnceLock::new(),
         })
+    }
+
+    /// The grammar compiler of this model's vocabulary (built at the first call).
+    pub fn grammar(&self) -> Result<&GrammarCompiler> {
+        self.grammar
+            .get_or_init(|| GrammarCompiler::new(&self.tokenizer).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| EngineError::InvalidRequest(e.clone()))
+    }
+
+    /// A fresh constraint for `spec`, if any.
+    pub fn compile_grammar(&self, spec: Option<&GrammarSpec>) -> Result<Option<Constraint>> {
+        spec.map(|g| self.grammar()?.compile(g)).transpose()
     }
 
     /// Renders `messages` with the chat template.

@@ -173,10 +173,32 @@ impl Sampler {
         logprob: bool,
         top_n: usize,
     ) -> Sampled {
+        self.sample_masked(logits, context, logprob, top_n, None)
+    }
+
+    /// `sample`, drawing only among the tokens `mask` allows (a bit set over token ids: bit
+    /// `i % 32` of word `i / 32`; tokens past its end are not allowed). The mask is applied
+    /// after the penalties, as `-inf` logits; log-probabilities stay the raw distribution's.
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        context: &[TokenId],
+        logprob: bool,
+        top_n: usize,
+        mask: Option<&[u32]>,
+    ) -> Sampled {
         let penalized;
-        let l: &[f32] = if self.has_penalties() {
+        let l: &[f32] = if self.has_penalties() || mask.is_some() {
             let mut v = logits.to_vec();
             self.apply_penalties(&mut v, context);
+            if let Some(mask) = mask {
+                for (i, x) in v.iter_mut().enumerate() {
+                    let allowed = mask.get(i / 32).is_some_and(|w| w >> (i % 32) & 1 == 1);
+                    if !allowed {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             penalized = v;
             &penalized
         } else {

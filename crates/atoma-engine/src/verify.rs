@@ -10,6 +10,7 @@
 //! tokens, stop strings, `max_tokens`), fed the rows in order.
 
 use crate::generate::{FinishReason, GenerateRequest, Generation};
+use crate::grammar::{Constraint, GrammarSpec};
 use crate::loaded::LoadedModel;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TokenId;
@@ -27,6 +28,8 @@ pub struct VerifyRequest {
     pub ignore_eos: bool,
     /// The logged finish reason; `Cancelled` (the client left) checks the tokens only.
     pub finish: FinishReason,
+    /// The grammar the request's output was constrained to, if any.
+    pub grammar: Option<GrammarSpec>,
 }
 
 /// What re-execution found.
@@ -60,14 +63,19 @@ pub(crate) struct VerifyState {
 }
 
 impl VerifyState {
-    pub(crate) fn new(lm: &LoadedModel, req: &VerifyRequest, max_new: usize) -> Self {
+    pub(crate) fn new(
+        lm: &LoadedModel,
+        req: &VerifyRequest,
+        max_new: usize,
+        constraint: Option<Constraint>,
+    ) -> Self {
         let mut g = GenerateRequest::new(req.prompt.clone(), req.max_tokens);
         g.sampling = req.sampling.clone();
         g.stop = req.stop.clone();
         g.stop_token_ids = req.stop_token_ids.clone();
         g.ignore_eos = req.ignore_eos;
         let mut s = Self {
-            generation: Generation::new(lm, &g, max_new),
+            generation: Generation::new(lm, &g, max_new).with_constraint(constraint),
             output: req.output.clone(),
             finish: req.finish,
             next: 0,

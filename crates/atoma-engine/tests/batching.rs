@@ -7,7 +7,7 @@
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{
     Architecture, Engine, EngineConfig, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationStream, LoadOptions, LoadedModel, SamplingParams,
+    GenerationStream, GrammarSpec, LoadOptions, LoadedModel, SamplingParams,
 };
 
 fn prompt(seed: u32, n: usize) -> Vec<u32> {
@@ -50,6 +50,70 @@ fn engine(path: &std::path::Path, cfg: &EngineConfig) -> Engine {
     Engine::start(lm, cfg).unwrap()
 }
 
+/// Runs `target` alone and amid 15 other requests (small prefill chunks, a shared cached
+/// prefix, a KV pool small enough to force preemption) and checks the two runs give the same
+/// tokens and log-probability bits; returns the reference run.
+fn identical_alone_and_amid_others(
+    path: &std::path::Path,
+    arch: Architecture,
+    target: &GenerateRequest,
+) -> (Vec<u32>, Vec<u32>, FinishReason) {
+    // Alone, with a large budget: one prefill chunk, then single-row decodes.
+    let alone = engine(path, &EngineConfig::default());
+    let reference = collect(alone.submit(target.clone()).unwrap());
+
+    // Amid 15 others, with small chunks (the prompt is cut at other places), a shared
+    // prefix (request 0 carries the target's first 32 tokens, so the target starts from
+    // cached blocks) and 24 blocks of 8 slots for 16 requests of up to ~110 tokens, so
+    // sequences get preempted and recomputed.
+    let busy = engine(
+        path,
+        &EngineConfig {
+            max_num_batched_tokens: 13,
+            max_num_seqs: 16,
+            block_size: 8,
+            kv_cache_blocks: Some(24),
+            ..EngineConfig::default()
+        },
+    );
+    let mut others = Vec::new();
+    let mut shared = target.prompt[..32].to_vec();
+    shared.extend(prompt(99, 5));
+    others.push(busy.submit(sampled(shared, 20, 1)).unwrap());
+    // Let the shared prefix be computed and cached before the target arrives.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for i in 1..8u32 {
+        let r = sampled(
+            prompt(i, 3 + 9 * i as usize),
+            10 + 4 * i as usize,
+            u64::from(i),
+        );
+        others.push(busy.submit(r).unwrap());
+    }
+    let mine = busy.submit(target.clone()).unwrap();
+    for i in 8..15u32 {
+        let r = sampled(prompt(i, 2 + 5 * i as usize), 30, u64::from(i));
+        others.push(busy.submit(r).unwrap());
+    }
+    let amid = collect(mine);
+    assert_eq!(
+        amid.0, reference.0,
+        "{arch:?}: tokens differ amid other requests"
+    );
+    assert_eq!(amid.1, reference.1, "{arch:?}: log-probabilities differ");
+    assert_eq!(amid.2, reference.2, "{arch:?}: finish reasons differ");
+    for s in others {
+        assert_eq!(collect(s).2, FinishReason::Length);
+    }
+    let stats = busy.stats().scheduler;
+    assert!(stats.preemptions > 0, "{arch:?}: no preemption happened");
+    assert!(
+        stats.prefix_hit_tokens >= 32,
+        "{arch:?}: the target did not reuse the cached prefix ({stats:?})"
+    );
+    reference
+}
+
 #[test]
 fn a_seeded_request_is_identical_alone_and_amid_fifteen_others() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,64 +125,70 @@ fn a_seeded_request_is_identical_alone_and_amid_fifteen_others() {
     ] {
         let path = dir.path().join(format!("{arch:?}.gguf"));
         write_tiny_gguf(&path, &TinySpec::new(arch)).unwrap();
-        let target_prompt = prompt(7, 45);
-        let target = sampled(target_prompt.clone(), 40, 1234);
-
-        // Alone, with a large budget: one prefill chunk, then single-row decodes.
-        let alone = engine(&path, &EngineConfig::default());
-        let reference = collect(alone.submit(target.clone()).unwrap());
+        let target = sampled(prompt(7, 45), 40, 1234);
+        let reference = identical_alone_and_amid_others(&path, arch, &target);
         assert_eq!(reference.0.len(), 40);
         assert_eq!(reference.2, FinishReason::Length);
-
-        // Amid 15 others, with small chunks (the prompt is cut at other places), a shared
-        // prefix (request 0 carries the target's first 32 tokens, so the target starts from
-        // cached blocks) and 24 blocks of 8 slots for 16 requests of up to ~110 tokens, so
-        // sequences get preempted and recomputed.
-        let busy = engine(
-            &path,
-            &EngineConfig {
-                max_num_batched_tokens: 13,
-                max_num_seqs: 16,
-                block_size: 8,
-                kv_cache_blocks: Some(24),
-                ..EngineConfig::default()
-            },
-        );
-        let mut others = Vec::new();
-        let mut shared = target_prompt[..32].to_vec();
-        shared.extend(prompt(99, 5));
-        others.push(busy.submit(sampled(shared, 20, 1)).unwrap());
-        // Let the shared prefix be computed and cached before the target arrives.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        for i in 1..8u32 {
-            let r = sampled(
-                prompt(i, 3 + 9 * i as usize),
-                10 + 4 * i as usize,
-                u64::from(i),
-            );
-            others.push(busy.submit(r).unwrap());
-        }
-        let mine = busy.submit(target.clone()).unwrap();
-        for i in 8..15u32 {
-            let r = sampled(prompt(i, 2 + 5 * i as usize), 30, u64::from(i));
-            others.push(busy.submit(r).unwrap());
-        }
-        let amid = collect(mine);
-        assert_eq!(
-            amid.0, reference.0,
-            "{arch:?}: tokens differ amid other requests"
-        );
-        assert_eq!(amid.1, reference.1, "{arch:?}: log-probabilities differ");
-        for s in others {
-            assert_eq!(collect(s).2, FinishReason::Length);
-        }
-        let stats = busy.stats().scheduler;
-        assert!(stats.preemptions > 0, "{arch:?}: no preemption happened");
-        assert!(
-            stats.prefix_hit_tokens >= 32,
-            "{arch:?}: the target did not reuse the cached prefix ({stats:?})"
-        );
     }
+}
+
+/// A small schema the tiny models can complete in a few dozen tokens.
+fn small_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "blue", "green"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "ok": {"type": "boolean"}
+        },
+        "required": ["color", "n", "ok"],
+        "additionalProperties": false
+    })
+}
+
+#[test]
+fn a_constrained_request_is_valid_and_identical_alone_and_amid_fifteen_others() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Llama, Architecture::Gemma3] {
+        let path = dir.path().join(format!("{arch:?}.gguf"));
+        write_tiny_gguf(&path, &TinySpec::new(arch)).unwrap();
+        let mut target = sampled(prompt(7, 45), 60, 77);
+        target.ignore_eos = false;
+        target.grammar = Some(GrammarSpec::JsonSchema(small_schema()));
+        let reference = identical_alone_and_amid_others(&path, arch, &target);
+        let lm = LoadedModel::load(&path, &LoadOptions::default(), &mut |_, _| {}).unwrap();
+        let text = lm.tokenizer.decode(&reference.0);
+        assert_eq!(
+            reference.2,
+            FinishReason::Stop,
+            "{arch:?}: `{text}` did not end"
+        );
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("{arch:?}: `{text}` is not JSON: {e}"));
+        assert!(
+            ["red", "blue", "green"].contains(&v["color"].as_str().unwrap()),
+            "{v}"
+        );
+        assert!(v["n"].as_u64().unwrap() <= 99, "{v}");
+        assert!(v["ok"].is_boolean(), "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+    }
+}
+
+#[test]
+fn a_bad_schema_is_refused_at_submit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama.gguf");
+    write_tiny_gguf(&path, &TinySpec::new(Architecture::Llama)).unwrap();
+    let e = engine(&path, &EngineConfig::default());
+    let mut r = sampled(prompt(1, 5), 5, 1);
+    r.grammar = Some(GrammarSpec::JsonSchema(
+        serde_json::json!({"type": "no-such-type"}),
+    ));
+    let Err(err) = e.submit(r) else {
+        panic!("a bad schema must be refused")
+    };
+    assert!(err.to_string().contains("grammar"), "{err}");
 }
 
 #[test]

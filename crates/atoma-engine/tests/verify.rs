@@ -8,7 +8,8 @@
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{
     Architecture, Engine, EngineConfig, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationStream, LoadOptions, LoadedModel, SamplingParams, Verdict, VerifyRequest,
+    GenerationStream, GrammarSpec, LoadOptions, LoadedModel, SamplingParams, Verdict,
+    VerifyRequest,
 };
 
 fn prompt(seed: u32, n: usize) -> Vec<u32> {
@@ -75,6 +76,7 @@ fn verify_req(r: &GenerateRequest, served: &Served) -> VerifyRequest {
         stop_token_ids: r.stop_token_ids.clone(),
         ignore_eos: r.ignore_eos,
         finish: served.reason,
+        grammar: r.grammar.clone(),
     }
 }
 
@@ -181,6 +183,40 @@ fn served_requests_verify_and_every_cheat_is_caught() {
             "{arch:?}: past max_tokens"
         );
     }
+}
+
+#[test]
+fn constrained_requests_verify_and_an_unconstrained_log_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama.gguf");
+    write_tiny_gguf(&path, &TinySpec::new(Architecture::Llama)).unwrap();
+    let e = engine(&path, &EngineConfig::default());
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                       "tag": {"enum": ["a", "b"]}},
+        "required": ["n", "tag"], "additionalProperties": false
+    });
+    let mut r = request(prompt(4, 20), 40, 11);
+    r.ignore_eos = false;
+    r.grammar = Some(GrammarSpec::JsonSchema(schema));
+    let served = collect(e.submit(r.clone()).unwrap());
+    assert_eq!(served.reason, FinishReason::Stop, "{}", served.text);
+    let honest = verify_req(&r, &served);
+    assert_eq!(
+        verdict(&e, honest.clone()),
+        Verdict::Agree {
+            text: served.text.clone()
+        }
+    );
+    // The same log claimed without its grammar: the free sampler picks other tokens.
+    let mut v = honest.clone();
+    v.grammar = None;
+    assert!(disagrees_at(&verdict(&e, v)).is_some(), "{}", served.text);
+    // A token the grammar forbids (a letter where the JSON must begin).
+    let mut v = honest;
+    v.output[0] = e.model().tokenizer.encode("x", false, false)[0];
+    assert_eq!(disagrees_at(&verdict(&e, v)), Some(0));
 }
 
 #[test]

@@ -7,9 +7,10 @@ use atoma_api::{
     BackendError, BackendEvent, Execution, InferenceBackend, InferenceRequest, Logprobs, Prepared,
     Prompt, SamplingRecord, TokenLogprob,
 };
+use atoma_engine::grammar::Constraint;
 use atoma_engine::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerateRequest, GenerationEvent, Role,
-    SamplingParams,
+    ChatMessage, Engine, EngineError, FinishReason, GenerateRequest, GenerationEvent, GrammarSpec,
+    Role, SamplingParams,
 };
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -154,11 +155,18 @@ impl InferenceBackend for EngineBackend {
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         let seed = req.seed.unwrap_or_else(random_seed);
         let (execution, sampling) = self.execution(&req, seed)?;
+        // A bad schema is refused here, before any unit is reserved.
+        let grammar = grammar_of(&req);
+        let constraint = self
+            .engine
+            .model()
+            .compile_grammar(grammar.as_ref())
+            .map_err(map_err)?;
         let prompt = execution.prompt_token_ids.clone();
         let engine = self.engine.clone();
         let echo = self.echo_text(&req);
         Ok(Prepared::new(prompt.len() as u64, execution, move || {
-            start(&engine, prompt, req, sampling)
+            start(&engine, prompt, req, sampling, grammar, constraint)
         })
         .with_echo(echo))
     }
@@ -265,21 +273,29 @@ impl EngineBackend {
 }
 
 /// Submits a tokenized request to the engine and maps its events to the API's.
+/// The grammar a request's output must match.
+pub(crate) fn grammar_of(req: &InferenceRequest) -> Option<GrammarSpec> {
+    req.json_schema.clone().map(GrammarSpec::JsonSchema)
+}
+
 fn start(
     engine: &Engine,
     prompt: Vec<u32>,
     req: InferenceRequest,
     sampling: SamplingParams,
+    grammar: Option<GrammarSpec>,
+    constraint: Option<Constraint>,
 ) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
     let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
     g.stop = req.stop;
     g.ignore_eos = req.ignore_eos;
     g.sampling = sampling;
+    g.grammar = grammar;
     if let Some(k) = req.logprobs {
         g.logprobs = true;
         g.top_logprobs = usize::from(k);
     }
-    let stream = engine.submit(g).map_err(map_err)?;
+    let stream = engine.submit_compiled(g, constraint).map_err(map_err)?;
     let model = engine.model_arc();
     Ok(
         futures_util::stream::unfold((stream, true), move |(mut s, open)| {

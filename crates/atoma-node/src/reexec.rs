@@ -187,6 +187,7 @@ impl EngineBackend {
                 stop_token_ids: Vec::new(),
                 ignore_eos: rec.sampling.ignore_eos,
                 finish,
+                grammar: crate::engine_backend::grammar_of(&req),
             })
             .map_err(|e| e.to_string())?
             .verdict_blocking()

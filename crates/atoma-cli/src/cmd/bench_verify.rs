@@ -54,6 +54,7 @@ fn generate(engine: &Engine, reqs: &[GenerateRequest]) -> anyhow::Result<Vec<Ver
             stop_token_ids: Vec::new(),
             ignore_eos: true,
             finish,
+            grammar: None,
         });
     }
     Ok(out)
