@@ -252,7 +252,9 @@ async fn serve(
         "seed": meta.seed,
     });
     let (body, hash) = sign_json(&s.inner.keys, body);
-    let text = body.to_string();
+    // The bytes sent are the canonical form (keys sorted), the same whatever serde_json's
+    // map order.
+    let text = atoma_crypto::signed_json::canonical(&body);
     let settled = log.settled(
         ResponseRecord::Json(text.clone()),
         hash,

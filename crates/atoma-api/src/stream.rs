@@ -129,7 +129,7 @@ impl State {
         }
         let (body, h) = sign_json(&self.keys, body);
         self.hash.push(h);
-        let text = body.to_string();
+        let text = atoma_crypto::signed_json::canonical(&body);
         let event = Event::default().data(&text);
         self.chunks.push(text);
         event

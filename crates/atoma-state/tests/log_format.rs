@@ -2,7 +2,7 @@
 //! the test vectors of `docs/protocol.md` (the test fails if the document and the code differ).
 
 use atoma_crypto::merkle;
-use atoma_crypto::signed_json::sign_json;
+use atoma_crypto::signed_json::{canonical, sign_json};
 use atoma_crypto::{Keypair, blake2b256};
 use atoma_state::log::{LogRecord, ResponseRecord, SamplingRecord, StackLog};
 use serde_json::json;
@@ -33,8 +33,8 @@ fn vector_log() -> StackLog {
                         "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": null}]}),
                     )
                     .0
-                    .to_string()
                 })
+                .map(|v| canonical(&v))
                 .collect();
             ResponseRecord::Stream(chunks)
         } else {
@@ -46,7 +46,7 @@ fn vector_log() -> StackLog {
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}),
             );
-            ResponseRecord::Json(v.to_string())
+            ResponseRecord::Json(canonical(&v))
         };
         LogRecord {
             request_body: body.into_bytes(),
@@ -182,7 +182,7 @@ fn tampering_is_detected() {
     let mut bad = log.records[1].clone();
     if let ResponseRecord::Stream(chunks) = &mut bad.response {
         let other = Keypair::from_secret([9; 32]);
-        chunks[1] = sign_json(&other, json!({"x": 1})).0.to_string();
+        chunks[1] = canonical(&sign_json(&other, json!({"x": 1})).0);
     }
     assert!(bad.response_hash().unwrap_err().contains("another key"));
 }
