@@ -143,6 +143,7 @@ fn main() {
                 logprobs: None,
                 echo: false,
                 json_schema: None,
+                tools: None,
             };
             let _events: Vec<_> = Trivial
                 .prepare(req)

@@ -11,6 +11,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result (`tool_call_id` names the call it answers).
+    Tool,
 }
 
 impl Role {
@@ -20,6 +22,7 @@ impl Role {
             Self::System => "system",
             Self::User => "user",
             Self::Assistant => "assistant",
+            Self::Tool => "tool",
         }
     }
 }
@@ -29,6 +32,58 @@ impl Role {
 pub struct ChatTurn {
     pub role: Role,
     pub content: String,
+    /// An assistant turn's calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool turn: the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatTurn {
+    /// A plain turn.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A function call, as an assistant turn carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
+}
+
+/// A function the model may call (`tools[].function`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolDef {
+    pub name: String,
+    pub description: Option<String>,
+    /// JSON Schema of the arguments (`Null`: none).
+    pub parameters: serde_json::Value,
+}
+
+/// `tool_choice` other than `none` (which drops the tools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    Auto,
+    Required,
+    /// This function must be called.
+    Function(String),
+}
+
+/// The tools a chat request offers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tools {
+    pub defs: Vec<ToolDef>,
+    pub choice: ToolChoice,
+    /// `parallel_tool_calls` (default true): several calls in one answer.
+    pub parallel: bool,
 }
 
 /// What to run.
@@ -51,6 +106,8 @@ pub enum FinishReason {
     Length,
     /// The client went away (logged only; never sent).
     Cancelled,
+    /// The answer is tool calls (sent only: the log keeps the generation's own reason, `Stop`).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -60,6 +117,7 @@ impl FinishReason {
             Self::Stop => "stop",
             Self::Length => "length",
             Self::Cancelled => "cancelled",
+            Self::ToolCalls => "tool_calls",
         }
     }
 
@@ -69,6 +127,7 @@ impl FinishReason {
             "stop" => Some(Self::Stop),
             "length" => Some(Self::Length),
             "cancelled" => Some(Self::Cancelled),
+            "tool_calls" => Some(Self::ToolCalls),
             _ => None,
         }
     }
@@ -120,6 +179,8 @@ pub struct InferenceRequest {
     /// Structured output: the answer must be JSON matching this JSON Schema
     /// (`response_format`; `{"type": "object"}` for `json_object`).
     pub json_schema: Option<serde_json::Value>,
+    /// Tools offered (chat; `None` also for `tool_choice: none`).
+    pub tools: Option<Tools>,
 }
 
 /// What a backend reports while generating: one `Token` per generated token (its text may be
@@ -134,6 +195,12 @@ pub enum BackendEvent {
     },
     /// Text that completes without a new token (e.g. released when generation ends).
     Text(String),
+    /// A complete tool call out of the generated text (whose tokens came as `Token`s with
+    /// empty text); the answer's finish reason is then `tool_calls`.
+    ToolCall {
+        name: String,
+        arguments: String,
+    },
     Done {
         finish_reason: FinishReason,
         prompt_tokens: u64,

@@ -189,6 +189,7 @@ async fn serve(
     let mut output_ids = Vec::new();
     let mut logprobs = Vec::new();
     let mut first_token_at: Option<Instant> = None;
+    let mut tool_calls = Vec::new();
     let mut done = None;
     while let Some(ev) = events.next().await {
         match ev {
@@ -206,6 +207,10 @@ async fn serve(
                 logprobs.extend(l);
             }
             BackendEvent::Text(t) => text.push_str(&t),
+            BackendEvent::ToolCall { name, arguments } => {
+                let id = render::tool_call_id(&meta.id, tool_calls.len());
+                tool_calls.push(render::tool_call(id, &name, &arguments, None));
+            }
             BackendEvent::Done {
                 finish_reason,
                 prompt_tokens,
@@ -234,9 +239,20 @@ async fn serve(
     } else {
         Value::Null
     };
+    // Tool calls are how the answer ends on the wire; the log keeps the generation's reason.
+    let wire_finish = render::wire_finish(finish, !tool_calls.is_empty());
     let choice = match kind {
-        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                              "finish_reason": finish.as_str(), "logprobs": lp}),
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": text});
+            if !tool_calls.is_empty() {
+                if text.is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = Value::Array(tool_calls);
+            }
+            json!({"index": 0, "message": message, "finish_reason": wire_finish.as_str(),
+                   "logprobs": lp})
+        }
         Kind::Completion => {
             json!({"index": 0, "text": text, "finish_reason": finish.as_str(), "logprobs": lp})
         }

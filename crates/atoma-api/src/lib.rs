@@ -32,7 +32,8 @@ use atoma_state::meter::Meter;
 
 pub use backend::{
     BackendError, BackendEvent, BackendLoad, ChatTurn, Execution, FinishReason, InferenceBackend,
-    InferenceRequest, Logprobs, Prepared, Prompt, Role, SamplingRecord, TokenLogprob,
+    InferenceRequest, Logprobs, Prepared, Prompt, Role, SamplingRecord, TokenLogprob, ToolCall,
+    ToolChoice, ToolDef, Tools,
 };
 pub use error::ApiError;
 

@@ -11,7 +11,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::backend::{ChatTurn, InferenceRequest, Prompt, Role};
+use crate::backend::{
+    ChatTurn, InferenceRequest, Prompt, Role, ToolCall, ToolChoice, ToolDef, Tools,
+};
 use crate::error::ApiError;
 
 /// Output tokens reserved when a request gives no `max_tokens`.
@@ -22,6 +24,8 @@ pub const MAX_MAX_TOKENS: u32 = 32_768;
 pub const MAX_TOP_LOGPROBS: u8 = 20;
 /// Most entries in `logit_bias`.
 pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Most functions in `tools` (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
 
 /// Recognised OpenAI parameters this node refuses, with why (the README's table).
 pub const UNSUPPORTED: &[(&str, &str)] = &[
@@ -35,15 +39,13 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "response_format",
         "the type must be `text`, `json_object` or `json_schema`",
     ),
-    ("tools", "tool calling is not supported yet"),
     (
-        "tool_choice",
-        "tool calling is not supported yet (`\"none\"` is accepted)",
+        "functions",
+        "the legacy `functions` field is not supported: send `tools`",
     ),
-    ("functions", "function calling is not supported"),
     (
         "function_call",
-        "function calling is not supported (`\"none\"` is accepted)",
+        "the legacy `function_call` field is not supported: send `tool_choice` (`\"none\"` is accepted)",
     ),
     ("web_search_options", "web search is not supported"),
     (
@@ -111,7 +113,47 @@ pub struct MessageIn {
     #[serde(default)]
     pub content: Option<Content>,
     #[serde(default)]
-    pub tool_calls: Option<Value>,
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// An assistant turn's call, as clients send it back.
+#[derive(Debug, Deserialize)]
+pub struct ToolCallIn {
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionCallIn {
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+/// `tools[]`.
+#[derive(Debug, Deserialize)]
+pub struct ToolIn {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: Option<FunctionIn>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionIn {
+    pub name: String,
+    pub description: Option<String>,
+    pub parameters: Option<Value>,
+    /// Calls always match the schema here (they are generated under it), strict or not.
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 /// A field that must be absent, or have one harmless value.
@@ -157,6 +199,7 @@ pub struct Common {
     pub reasoning_effort: Probe,
     pub verbosity: Probe,
     pub store: Probe,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -209,16 +252,12 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 /// Refuses every recognised parameter we do not implement, unless it has its harmless value.
 fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
-    let probes: [(&str, &Probe, Harmless); 11] = [
+    let probes: [(&str, &Probe, Harmless); 9] = [
         ("audio", &c.audio, |_| false),
         ("modalities", &c.modalities, |v| {
             v.as_array().is_some_and(|a| a.iter().all(|m| m == "text"))
         }),
         ("prediction", &c.prediction, |_| false),
-        ("tools", &c.tools, |v| {
-            v.as_array().is_some_and(Vec::is_empty)
-        }),
-        ("tool_choice", &c.tool_choice, |v| v == "none"),
         ("functions", &c.functions, |v| {
             v.as_array().is_some_and(Vec::is_empty)
         }),
@@ -269,12 +308,117 @@ fn response_format(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
     }
 }
 
+/// Whether `name` is a valid function name (OpenAI: a-z, A-Z, 0-9, underscores and dashes, at
+/// most 64).
+fn function_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The tools a chat request offers (`None`: none, or `tool_choice: "none"`).
+fn tools(c: &Common) -> Result<Option<Tools>, ApiError> {
+    let list = match c.tools.as_ref().filter(|v| !v.is_null()) {
+        None => Vec::new(),
+        Some(v) => serde_json::from_value::<Vec<ToolIn>>(v.clone())
+            .map_err(|e| bad(format!("`tools`: {e}")))?,
+    };
+    if list.len() > MAX_TOOLS {
+        return Err(bad(format!("`tools` takes at most {MAX_TOOLS} functions")));
+    }
+    let mut defs: Vec<ToolDef> = Vec::with_capacity(list.len());
+    for (i, t) in list.into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(bad(format!(
+                "tools[{i}].type `{}` is not supported (only `function`)",
+                t.kind
+            )));
+        }
+        let f = t
+            .function
+            .ok_or_else(|| bad(format!("tools[{i}].function is missing")))?;
+        if !function_name_ok(&f.name) {
+            return Err(bad(format!(
+                "tools[{i}].function.name `{}` must be 1 to 64 of a-z, A-Z, 0-9, `_` and `-`",
+                f.name
+            )));
+        }
+        if defs.iter().any(|d| d.name == f.name) {
+            return Err(bad(format!(
+                "tools[{i}]: function `{}` is declared twice",
+                f.name
+            )));
+        }
+        let parameters = match f.parameters {
+            None | Some(Value::Null) => Value::Null,
+            Some(p @ Value::Object(_)) => p,
+            Some(_) => {
+                return Err(bad(format!(
+                    "tools[{i}].function.parameters must be a JSON Schema object"
+                )));
+            }
+        };
+        defs.push(ToolDef {
+            name: f.name,
+            description: f.description,
+            parameters,
+        });
+    }
+    let choice = match c.tool_choice.as_ref().filter(|v| !v.is_null()) {
+        None => Some(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => None,
+            "auto" => Some(ToolChoice::Auto),
+            "required" => Some(ToolChoice::Required),
+            other => {
+                return Err(bad(format!(
+                    "`tool_choice` `{other}` is not one of none, auto, required or a function"
+                )));
+            }
+        },
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| v.get("type").is_none_or(|t| t == "function"))
+                .ok_or_else(|| {
+                    bad("`tool_choice` must be a string or {\"type\": \"function\", \"function\": {\"name\": …}}")
+                })?;
+            if !defs.iter().any(|d| d.name == name) {
+                return Err(bad(format!(
+                    "`tool_choice` names function `{name}`, which `tools` does not declare"
+                )));
+            }
+            Some(ToolChoice::Function(name.to_string()))
+        }
+    };
+    match choice {
+        None => Ok(None),
+        Some(_) if defs.is_empty() => {
+            if c.tool_choice.as_ref().is_some_and(|v| !v.is_null()) {
+                Err(bad("`tool_choice` needs `tools`"))
+            } else {
+                Ok(None)
+            }
+        }
+        Some(choice) => Ok(Some(Tools {
+            defs,
+            choice,
+            parallel: c.parallel_tool_calls.unwrap_or(true),
+        })),
+    }
+}
+
 fn check_common(
     model: String,
     prompt: Prompt,
     c: Common,
     logprobs: Option<u8>,
     echo: bool,
+    tools: Option<Tools>,
 ) -> Result<Checked, ApiError> {
     if model.trim().is_empty() {
         return Err(bad("`model` must not be empty"));
@@ -369,6 +513,7 @@ fn check_common(
             logprobs,
             echo,
             json_schema,
+            tools,
         },
         stream: c.stream,
         include_usage,
@@ -380,12 +525,12 @@ fn role(i: usize, m: &MessageIn) -> Result<Role, ApiError> {
         "system" | "developer" => Ok(Role::System),
         "user" => Ok(Role::User),
         "assistant" => Ok(Role::Assistant),
-        "tool" | "function" => Err(bad(format!(
-            "messages[{i}]: role `{}` is not supported yet (tool calling is not supported)",
-            m.role
+        "tool" => Ok(Role::Tool),
+        "function" => Err(bad(format!(
+            "messages[{i}]: the legacy role `function` is not supported: send `tool` messages"
         ))),
         other => Err(bad(format!(
-            "messages[{i}].role `{other}` is not one of system, developer, user, assistant"
+            "messages[{i}].role `{other}` is not one of system, developer, user, assistant, tool"
         ))),
     }
 }
@@ -396,14 +541,45 @@ impl ChatCompletionRequest {
         if self.messages.is_empty() {
             return Err(bad("`messages` must not be empty"));
         }
+        let tools = tools(&self.common)?;
         let mut turns = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
             let role = role(i, &m)?;
-            if m.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(bad(format!(
-                    "messages[{i}]: `tool_calls` are not supported yet (tool calling is not supported)"
-                )));
+            let mut tool_calls = Vec::new();
+            for (j, c) in m.tool_calls.into_iter().flatten().enumerate() {
+                if role != Role::Assistant {
+                    return Err(bad(format!(
+                        "messages[{i}]: only assistant turns carry `tool_calls`"
+                    )));
+                }
+                if c.kind != "function" {
+                    return Err(bad(format!(
+                        "messages[{i}].tool_calls[{j}].type `{}` is not `function`",
+                        c.kind
+                    )));
+                }
+                if !serde_json::from_str::<Value>(&c.function.arguments)
+                    .is_ok_and(|v| v.is_object())
+                {
+                    return Err(bad(format!(
+                        "messages[{i}].tool_calls[{j}].function.arguments must be a JSON object in a string"
+                    )));
+                }
+                tool_calls.push(ToolCall {
+                    id: c.id,
+                    name: c.function.name,
+                    arguments: c.function.arguments,
+                });
             }
+            let tool_call_id = match (role, m.tool_call_id) {
+                (Role::Tool, Some(id)) => Some(id),
+                (Role::Tool, None) => {
+                    return Err(bad(format!(
+                        "messages[{i}]: a `tool` message needs `tool_call_id`"
+                    )));
+                }
+                (_, _) => None,
+            };
             let content = match m.content {
                 Some(Content::Text(t)) => t,
                 None if role == Role::Assistant => String::new(),
@@ -423,7 +599,12 @@ impl ChatCompletionRequest {
                     text
                 }
             };
-            turns.push(ChatTurn { role, content });
+            turns.push(ChatTurn {
+                role,
+                content,
+                tool_calls,
+                tool_call_id,
+            });
         }
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, None | Some(0)) => None,
@@ -446,6 +627,7 @@ impl ChatCompletionRequest {
             self.common,
             logprobs,
             false,
+            tools,
         )
     }
 }
@@ -492,7 +674,24 @@ impl CompletionRequest {
                 "`echo` with `logprobs` is not supported: prompt log-probabilities are not computed",
             ));
         }
-        check_common(self.model, prompt, self.common, self.logprobs, self.echo)
+        let c = &self.common;
+        if c.tools
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v != &serde_json::json!([]))
+            || c.tool_choice
+                .as_ref()
+                .is_some_and(|v| !v.is_null() && v != "none")
+        {
+            return Err(bad("`tools` and `tool_choice` are for chat completions"));
+        }
+        check_common(
+            self.model,
+            prompt,
+            self.common,
+            self.logprobs,
+            self.echo,
+            None,
+        )
     }
 }
 

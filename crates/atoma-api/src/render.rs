@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::backend::{Logprobs, TokenLogprob};
+use crate::backend::{FinishReason, Logprobs, TokenLogprob};
 use crate::handlers::Kind;
 
 /// A token's text as OpenAI writes it: the text when its bytes are valid UTF-8, else
@@ -90,6 +90,32 @@ pub(crate) fn usage(prompt: u64, completion: u64, cached: u64) -> Value {
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     })
+}
+
+/// The id of an answer's `index`-th tool call: derived from the response id (itself from the
+/// request's hash), so a re-executed answer has the same ids.
+pub(crate) fn tool_call_id(response_id: &str, index: usize) -> String {
+    let tail = response_id.rsplit('-').next().unwrap_or(response_id);
+    format!("call_{tail}_{index}")
+}
+
+/// A tool call in OpenAI's shape; `index` is set in stream deltas.
+pub(crate) fn tool_call(id: String, name: &str, arguments: &str, index: Option<usize>) -> Value {
+    let mut v = json!({"id": id, "type": "function",
+                       "function": {"name": name, "arguments": arguments}});
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+/// The finish reason sent: `tool_calls` when the answer made calls and ended on its own.
+pub(crate) fn wire_finish(finish: FinishReason, called: bool) -> FinishReason {
+    if called && finish == FinishReason::Stop {
+        FinishReason::ToolCalls
+    } else {
+        finish
+    }
 }
 
 #[cfg(test)]

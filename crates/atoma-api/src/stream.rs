@@ -76,6 +76,8 @@ struct State {
     logprobs: Vec<Logprobs>,
     /// Characters of completion text sent so far (for `text_offset`).
     sent_chars: usize,
+    /// Tool calls sent so far.
+    tool_calls: usize,
     started: Instant,
     first_token_at: Option<Instant>,
     finished: bool,
@@ -85,6 +87,25 @@ impl State {
     fn chunk(
         &mut self,
         delta: Option<&str>,
+        finish: Option<FinishReason>,
+        usage: Option<Value>,
+    ) -> Event {
+        self.chunk_with(delta, None, finish, usage)
+    }
+
+    /// A chunk with a tool call in its delta (chat only).
+    fn call_chunk(&mut self, name: &str, arguments: &str) -> Event {
+        let index = self.tool_calls;
+        self.tool_calls += 1;
+        let id = render::tool_call_id(&self.meta.id, index);
+        let call = render::tool_call(id, name, arguments, Some(index));
+        self.chunk_with(None, Some(call), None, None)
+    }
+
+    fn chunk_with(
+        &mut self,
+        delta: Option<&str>,
+        call: Option<Value>,
         finish: Option<FinishReason>,
         usage: Option<Value>,
     ) -> Event {
@@ -103,9 +124,10 @@ impl State {
         let choices = match (usage.is_some(), self.meta.kind) {
             (true, _) => json!([]),
             (false, Kind::Chat) => {
-                let delta = match delta {
-                    Some(t) => json!({"role": "assistant", "content": t}),
-                    None => json!({}),
+                let delta = match (delta, call) {
+                    (_, Some(c)) => json!({"role": "assistant", "tool_calls": [c]}),
+                    (Some(t), None) => json!({"role": "assistant", "content": t}),
+                    (None, None) => json!({}),
                 };
                 json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}])
             }
@@ -160,13 +182,20 @@ impl State {
                     self.pending.push_back(e);
                 }
             }
+            BackendEvent::ToolCall { name, arguments } => {
+                let e = self.call_chunk(&name, &arguments);
+                self.pending.push_back(e);
+            }
             BackendEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
             } => {
-                let e = self.chunk(None, Some(finish_reason), None);
+                // Tool calls are how the answer ends on the wire; the log keeps the
+                // generation's own reason.
+                let wire = render::wire_finish(finish_reason, self.tool_calls > 0);
+                let e = self.chunk(None, Some(wire), None);
                 self.pending.push_back(e);
                 if self.include_usage {
                     let usage = render::usage(prompt_tokens, completion_tokens, cached_tokens);
@@ -271,6 +300,7 @@ pub(crate) fn sse(
         pending: VecDeque::new(),
         logprobs: Vec::new(),
         sent_chars: 0,
+        tool_calls: 0,
         started: Instant::now(),
         first_token_at: None,
         finished: false,

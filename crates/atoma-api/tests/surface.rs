@@ -127,11 +127,6 @@ async fn unsupported_parameters_are_refused_by_name_and_harmless_ones_accepted()
         ("modalities", json!(["text", "audio"])),
         ("prediction", json!({"type": "content", "content": "x"})),
         ("response_format", json!({"type": "regex", "regex": "a+"})),
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
-        ("tool_choice", json!("required")),
         ("functions", json!([{"name": "f"}])),
         ("function_call", json!("auto")),
         ("web_search_options", json!({})),
@@ -169,12 +164,47 @@ async fn unsupported_parameters_are_refused_by_name_and_harmless_ones_accepted()
             "image_url",
         ),
         (
-            json!({"model": "tiny", "messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}),
-            "tool",
+            json!({"model": "tiny", "messages": [{"role": "tool", "content": "42"}]}),
+            "tool_call_id",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "function", "content": "42", "name": "f"}]}),
+            "`function`",
         ),
         (
             json!({"model": "tiny", "messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "a"}]}]}),
-            "tool_calls",
+            "function",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "assistant", "content": null, "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}),
+            "arguments",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "tools": [{"type": "code_interpreter"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "tool_choice": "required"}),
+            "needs `tools`",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                   "tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "does not declare",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a",
+                   "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "chat completions",
         ),
         (
             json!({"model": "tiny", "prompt": ["a", "b"]}),

@@ -28,7 +28,7 @@ fn the_openai_python_client_talks_to_a_node() {
     let py = python();
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
-    let url = common::set_up(home, Architecture::Qwen2, 256);
+    let url = common::set_up(home, Architecture::Qwen2, 2048);
     let mut node = common::start_node(home, &url);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_client.py");
     let out = Command::new(&py)

@@ -10,12 +10,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::model::Architecture;
+use crate::tools::{CALL_OPEN, ToolCall, Tools, render_call};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
+    /// An assistant turn's calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -24,6 +31,8 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
@@ -35,6 +44,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result.
+    Tool,
 }
 
 /// The built-in template families.
@@ -99,6 +110,8 @@ pub struct ChatTemplate {
     pub origin: String,
     bos: String,
     eos: String,
+    /// The template renders `tools` and `tool_calls` itself, in our call format.
+    native_tools: bool,
 }
 
 impl ChatTemplate {
@@ -120,6 +133,7 @@ impl ChatTemplate {
             origin: origin.to_string(),
             bos: bos.to_string(),
             eos: eos.to_string(),
+            native_tools: source.contains(CALL_OPEN) && source.contains("tools"),
         })
     }
 
@@ -130,6 +144,17 @@ impl ChatTemplate {
 
     /// Renders the prompt for `messages`, ending with the assistant's turn opener.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_with_tools(messages, None)
+    }
+
+    /// Renders the prompt for `messages` with `tools` offered (`crate::tools`): natively when
+    /// the template knows the call format, else with the tools described in the system turn
+    /// and tool turns rewritten as text.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Tools>,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(EngineError::InvalidRequest("no messages".into()));
         }
@@ -137,14 +162,112 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
-        .map_err(|e| EngineError::ChatTemplate(format!("cannot render: {e}")))
+        let uses_tools = tools.is_some()
+            || messages
+                .iter()
+                .any(|m| m.role == Role::Tool || !m.tool_calls.is_empty());
+        let rendered = if !uses_tools {
+            tmpl.render(context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            })
+        } else if self.native_tools {
+            let tools: Option<Vec<serde_json::Value>> =
+                tools.map(|t| t.defs.iter().map(|d| d.openai_json()).collect());
+            tmpl.render(context! {
+                messages => messages.iter().map(native_message).collect::<Vec<_>>(),
+                tools => tools,
+                add_generation_prompt => true,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            })
+        } else {
+            tmpl.render(context! {
+                messages => as_plain_turns(messages, tools),
+                add_generation_prompt => true,
+                bos_token => self.bos,
+                eos_token => self.eos,
+            })
+        };
+        rendered.map_err(|e| EngineError::ChatTemplate(format!("cannot render: {e}")))
     }
+}
+
+/// A message as Hugging Face tool-aware templates expect it: calls as
+/// `{"id", "type": "function", "function": {"name", "arguments": <object>}}`.
+fn native_message(m: &ChatMessage) -> serde_json::Value {
+    let mut v = serde_json::json!({"role": m.role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<serde_json::Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let args: serde_json::Value = serde_json::from_str(&c.arguments)
+                    .unwrap_or_else(|_| serde_json::json!(c.arguments));
+                serde_json::json!({"id": c.id, "type": "function",
+                                   "function": {"name": c.name, "arguments": args}})
+            })
+            .collect();
+        v["tool_calls"] = serde_json::json!(calls);
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = serde_json::json!(id);
+    }
+    v
+}
+
+/// The conversation in system / user / assistant turns only, for templates that know no
+/// tools: the tools described at the end of the system turn, calls written into the
+/// assistant's text as the model writes them, and consecutive tool results gathered into one
+/// user turn of `<tool_response>` blocks.
+fn as_plain_turns(messages: &[ChatMessage], tools: Option<&Tools>) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+    if let Some(t) = tools {
+        let block = t.system_prompt();
+        match messages.first() {
+            Some(m) if m.role == Role::System => {
+                out.push(ChatMessage::new(
+                    Role::System,
+                    format!("{}\n\n{block}", m.content),
+                ));
+            }
+            _ => out.push(ChatMessage::new(Role::System, block)),
+        }
+    }
+    let skip =
+        usize::from(tools.is_some() && messages.first().is_some_and(|m| m.role == Role::System));
+    let mut last_was_tool = false;
+    for m in &messages[skip..] {
+        match m.role {
+            Role::Tool => {
+                let block = format!("<tool_response>\n{}\n</tool_response>", m.content);
+                match out.last_mut() {
+                    Some(prev) if last_was_tool => {
+                        prev.content.push('\n');
+                        prev.content.push_str(&block);
+                    }
+                    _ => out.push(ChatMessage::new(Role::User, block)),
+                }
+                last_was_tool = true;
+                continue;
+            }
+            Role::Assistant if !m.tool_calls.is_empty() => {
+                let mut text = m.content.clone();
+                for c in &m.tool_calls {
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&render_call(&c.name, &c.arguments));
+                }
+                out.push(ChatMessage::new(Role::Assistant, text));
+            }
+            _ => out.push(ChatMessage::new(m.role, m.content.clone())),
+        }
+        last_was_tool = false;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -199,5 +322,66 @@ mod tests {
             t.render(&msgs()),
             Err(EngineError::ChatTemplate(_))
         ));
+    }
+
+    fn tool_conversation() -> (Vec<ChatMessage>, Tools) {
+        let tools = Tools {
+            defs: vec![crate::tools::ToolDef {
+                name: "get_weather".into(),
+                description: Some("Weather in a city".into()),
+                parameters: serde_json::json!({"type": "object",
+                    "properties": {"city": {"type": "string"}}}),
+            }],
+            choice: crate::tools::ToolChoice::Auto,
+            parallel: true,
+        };
+        let mut call = ChatMessage::new(Role::Assistant, "");
+        call.tool_calls.push(ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: "{\"city\": \"Oslo\"}".into(),
+        });
+        let mut result = ChatMessage::new(Role::Tool, "{\"temp\": -3}");
+        result.tool_call_id = Some("call_1".into());
+        let msgs = vec![
+            ChatMessage::new(Role::System, "Be brief."),
+            ChatMessage::new(Role::User, "Weather in Oslo?"),
+            call,
+            result,
+        ];
+        (msgs, tools)
+    }
+
+    #[test]
+    fn templates_without_tools_get_them_in_the_system_turn_and_calls_as_text() {
+        let t = ChatTemplate::builtin(TemplateFamily::ChatMl, "", "").unwrap();
+        let (msgs, tools) = tool_conversation();
+        let p = t.render_with_tools(&msgs, Some(&tools)).unwrap();
+        assert!(
+            p.starts_with("<|im_start|>system\nBe brief.\n\n# Tools"),
+            "{p}"
+        );
+        assert!(p.contains("\"name\": \"get_weather\""), "{p}");
+        assert!(p.contains("<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|im_end|>"), "{p}");
+        assert!(p.contains("<|im_start|>user\n<tool_response>\n{\"temp\": -3}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"), "{p}");
+        // No tools, no tool turns: exactly the plain rendering.
+        assert_eq!(
+            t.render_with_tools(&super::tests::msgs(), None).unwrap(),
+            t.render(&super::tests::msgs()).unwrap()
+        );
+    }
+
+    #[test]
+    fn tool_aware_templates_render_tools_and_calls_themselves() {
+        let src = "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}|{% endif %}\
+{% for m in messages %}{{ m.role }}:{{ m.content }}\
+{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}\
+{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}|{% endfor %}";
+        let t = ChatTemplate::new(src, "gguf", "", "").unwrap();
+        let (msgs, tools) = tool_conversation();
+        assert_eq!(
+            t.render_with_tools(&msgs, Some(&tools)).unwrap(),
+            "TOOLS:get_weather;|system:Be brief.|user:Weather in Oslo?|assistant:<tool_call>get_weather(Oslo)|tool:{\"temp\": -3}[call_1]|"
+        );
     }
 }

@@ -18,6 +18,7 @@ pub mod sampling;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tokenizer;
+pub mod tools;
 pub mod verify;
 
 pub use chat::{ChatMessage, ChatTemplate, Role};
@@ -37,4 +38,5 @@ pub use model::{
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TokenId, Tokenizer};
+pub use tools::{ToolCall, ToolChoice, ToolDef, Tools};
 pub use verify::{Verdict, VerifyRequest};

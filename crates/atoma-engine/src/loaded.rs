@@ -127,6 +127,15 @@ impl LoadedModel {
         self.template.render(messages)
     }
 
+    /// Renders `messages` with `tools` offered (`crate::tools`).
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&crate::tools::Tools>,
+    ) -> Result<String> {
+        self.template.render_with_tools(messages, tools)
+    }
+
     /// Tokenizes a prompt the way generation does: BOS per the model's metadata unless the
     /// text already starts with it, special-token texts parsed as tokens.
     pub fn tokenize_prompt(&self, text: &str) -> Vec<TokenId> {

@@ -8,9 +8,10 @@ use atoma_api::{
     Prompt, SamplingRecord, TokenLogprob,
 };
 use atoma_engine::grammar::Constraint;
+use atoma_engine::tools::CallSplitter;
 use atoma_engine::{
     ChatMessage, Engine, EngineError, FinishReason, GenerateRequest, GenerationEvent, GrammarSpec,
-    Role, SamplingParams,
+    Role, SamplingParams, ToolCall, ToolChoice, ToolDef, Tools,
 };
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -51,18 +52,12 @@ impl EngineBackend {
                 ids.clone()
             }
             Prompt::Chat(turns) => {
-                let msgs: Vec<ChatMessage> = turns
-                    .iter()
-                    .map(|t| {
-                        let role = match t.role {
-                            atoma_api::Role::System => Role::System,
-                            atoma_api::Role::Assistant => Role::Assistant,
-                            atoma_api::Role::User => Role::User,
-                        };
-                        ChatMessage::new(role, t.content.clone())
-                    })
-                    .collect();
-                lm.tokenize_prompt(&lm.chat_prompt(&msgs).map_err(map_err)?)
+                let msgs: Vec<ChatMessage> = turns.iter().map(chat_message).collect();
+                let tools = req.tools.as_ref().map(engine_tools);
+                let text = lm
+                    .chat_prompt_with_tools(&msgs, tools.as_ref())
+                    .map_err(map_err)?;
+                lm.tokenize_prompt(&text)
             }
         };
         let context = lm.info.config.context;
@@ -103,6 +98,48 @@ impl EngineBackend {
         } else {
             Err(BackendError::UnknownModel(model.to_string()))
         }
+    }
+}
+
+fn chat_message(t: &atoma_api::ChatTurn) -> ChatMessage {
+    let role = match t.role {
+        atoma_api::Role::System => Role::System,
+        atoma_api::Role::Assistant => Role::Assistant,
+        atoma_api::Role::User => Role::User,
+        atoma_api::Role::Tool => Role::Tool,
+    };
+    let mut m = ChatMessage::new(role, t.content.clone());
+    m.tool_calls = t
+        .tool_calls
+        .iter()
+        .map(|c| ToolCall {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            arguments: c.arguments.clone(),
+        })
+        .collect();
+    m.tool_call_id = t.tool_call_id.clone();
+    m
+}
+
+/// The engine's view of a request's tools.
+fn engine_tools(t: &atoma_api::Tools) -> Tools {
+    Tools {
+        defs: t
+            .defs
+            .iter()
+            .map(|d| ToolDef {
+                name: d.name.clone(),
+                description: d.description.clone(),
+                parameters: d.parameters.clone(),
+            })
+            .collect(),
+        choice: match &t.choice {
+            atoma_api::ToolChoice::Auto => ToolChoice::Auto,
+            atoma_api::ToolChoice::Required => ToolChoice::Required,
+            atoma_api::ToolChoice::Function(f) => ToolChoice::Function(f.clone()),
+        },
+        parallel: t.parallel,
     }
 }
 
@@ -274,8 +311,14 @@ impl EngineBackend {
 
 /// Submits a tokenized request to the engine and maps its events to the API's.
 /// The grammar a request's output must match.
+/// The grammar a request's output must match: its tools' call format (with text, or JSON
+/// matching `response_format`, as the alternative under `tool_choice: auto`), else its
+/// `response_format` schema. A pure function of the request, so a verifier derives the same.
 pub(crate) fn grammar_of(req: &InferenceRequest) -> Option<GrammarSpec> {
-    req.json_schema.clone().map(GrammarSpec::JsonSchema)
+    match &req.tools {
+        Some(t) => Some(engine_tools(t).grammar(req.json_schema.as_ref())),
+        None => req.json_schema.clone().map(GrammarSpec::JsonSchema),
+    }
 }
 
 fn start(
@@ -297,8 +340,17 @@ fn start(
     }
     let stream = engine.submit_compiled(g, constraint).map_err(map_err)?;
     let model = engine.model_arc();
-    Ok(
-        futures_util::stream::unfold((stream, true), move |(mut s, open)| {
+    // With tools, the text is split into content and calls as it arrives.
+    let splitter = req.tools.as_ref().map(|_| CallSplitter::default());
+    let calls = |split: atoma_engine::tools::Split| {
+        split
+            .calls
+            .into_iter()
+            .map(|(name, arguments)| BackendEvent::ToolCall { name, arguments })
+    };
+    Ok(futures_util::stream::unfold(
+        (stream, splitter, true),
+        move |(mut s, mut splitter, open)| {
             let model = model.clone();
             async move {
                 if !open {
@@ -317,14 +369,26 @@ fn start(
                                 top: t.top_logprobs.iter().map(|&(i, l)| entry(i, l)).collect(),
                             }
                         });
-                        BackendEvent::Token {
+                        let Some(sp) = splitter.as_mut() else {
+                            let token = BackendEvent::Token {
+                                id: t.id,
+                                text: t.text,
+                                logprobs,
+                            };
+                            return Some((vec![token], (s, splitter, true)));
+                        };
+                        let mut split = sp.push(&t.text);
+                        let token = BackendEvent::Token {
                             id: t.id,
-                            text: t.text,
+                            text: std::mem::take(&mut split.content),
                             logprobs,
-                        }
+                        };
+                        let mut evs = vec![token];
+                        evs.extend(calls(split));
+                        return Some((evs, (s, splitter, true)));
                     }
                     Some(GenerationEvent::Finished(f)) => {
-                        // The held-back tail, then the end (two events from one).
+                        // The held-back tail, then the end.
                         let finish_reason = match f.reason {
                             FinishReason::Stop => atoma_api::FinishReason::Stop,
                             FinishReason::Length => atoma_api::FinishReason::Length,
@@ -336,15 +400,27 @@ fn start(
                             completion_tokens: f.usage.completion_tokens as u64,
                             cached_tokens: f.usage.cached_tokens as u64,
                         };
-                        return Some((vec![BackendEvent::Text(f.text), done], (s, false)));
+                        let mut evs = Vec::new();
+                        match splitter.as_mut() {
+                            None => evs.push(BackendEvent::Text(f.text)),
+                            Some(sp) => {
+                                let mut split = sp.push(&f.text);
+                                let mut text = std::mem::take(&mut split.content);
+                                text.push_str(&sp.finish());
+                                evs.extend(calls(split));
+                                evs.push(BackendEvent::Text(text));
+                            }
+                        }
+                        evs.push(done);
+                        return Some((evs, (s, splitter, false)));
                     }
                     Some(GenerationEvent::Error(e)) => BackendEvent::Error(e.to_string()),
                     None => return None,
                 };
-                Some((vec![ev], (s, true)))
+                Some((vec![ev], (s, splitter, true)))
             }
-        })
-        .flat_map(futures_util::stream::iter)
-        .boxed(),
+        },
     )
+    .flat_map(futures_util::stream::iter)
+    .boxed())
 }

@@ -67,8 +67,17 @@ impl Reexecutor for ReexecSlot {
     }
 }
 
-/// The text and finish reason of a signed answer as the client got it.
-fn answer_text(response: &ResponseRecord) -> Result<(String, Option<String>), String> {
+/// A signed answer as the client got it.
+#[derive(Debug, Default)]
+struct Answer {
+    text: String,
+    /// Tool calls, `(name, arguments)`, in order.
+    calls: Vec<(String, String)>,
+    finish: Option<String>,
+}
+
+/// The text, tool calls and finish reason of a signed answer as the client got it.
+fn answer_text(response: &ResponseRecord) -> Result<Answer, String> {
     let parse = |t: &str| serde_json::from_str::<Value>(t).map_err(|e| e.to_string());
     let piece = |c: &Value| -> String {
         c["message"]["content"]
@@ -78,8 +87,7 @@ fn answer_text(response: &ResponseRecord) -> Result<(String, Option<String>), St
             .unwrap_or_default()
             .to_string()
     };
-    let mut text = String::new();
-    let mut finish = None;
+    let mut answer = Answer::default();
     let bodies = match response {
         ResponseRecord::Json(t) => vec![parse(t)?],
         ResponseRecord::Stream(chunks) => {
@@ -88,13 +96,23 @@ fn answer_text(response: &ResponseRecord) -> Result<(String, Option<String>), St
     };
     for b in &bodies {
         for c in b["choices"].as_array().into_iter().flatten() {
-            text.push_str(&piece(c));
+            answer.text.push_str(&piece(c));
+            let calls = c["message"]["tool_calls"]
+                .as_array()
+                .or_else(|| c["delta"]["tool_calls"].as_array());
+            for call in calls.into_iter().flatten() {
+                let f = &call["function"];
+                answer.calls.push((
+                    f["name"].as_str().unwrap_or_default().to_string(),
+                    f["arguments"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
             if let Some(f) = c["finish_reason"].as_str() {
-                finish = Some(f.to_string());
+                answer.finish = Some(f.to_string());
             }
         }
     }
-    Ok((text, finish))
+    Ok(answer)
 }
 
 fn finish_of(s: &str) -> Option<FinishReason> {
@@ -206,11 +224,28 @@ impl EngineBackend {
             }
             Verdict::Agree { text } => text,
         };
-        let (answered, answered_finish) = match answer_text(&rec.response) {
+        let answer = match answer_text(&rec.response) {
             Ok(v) => v,
             Err(e) => return Ok(disagree(None, format!("the answer is not JSON: {e}"))),
         };
-        let Some(answered) = answered.strip_prefix(echo.as_deref().unwrap_or("")) else {
+        // With tools, the output is split into content and calls exactly as the node does.
+        let (text, calls) = if req.tools.is_some() {
+            atoma_engine::tools::split_answer(&text)
+        } else {
+            (text, Vec::new())
+        };
+        if answer.calls != calls {
+            return Ok(disagree(
+                None,
+                "the answer's tool calls are not the ones in the detokenized output",
+            ));
+        }
+        let expected_finish = if !calls.is_empty() && finish == FinishReason::Stop {
+            "tool_calls"
+        } else {
+            rec.finish_reason.as_str()
+        };
+        let Some(answered) = answer.text.strip_prefix(echo.as_deref().unwrap_or("")) else {
             return Ok(disagree(
                 None,
                 "the answer does not begin with the echoed prompt",
@@ -222,9 +257,7 @@ impl EngineBackend {
                 "the answer's text is not the detokenized output",
             ));
         }
-        if finish != FinishReason::Cancelled
-            && answered_finish.as_deref() != Some(&rec.finish_reason)
-        {
+        if finish != FinishReason::Cancelled && answer.finish.as_deref() != Some(expected_finish) {
             return Ok(disagree(
                 None,
                 "the answer's finish reason is not the logged one",

@@ -32,6 +32,12 @@ pub fn set_up(home: &Path, arch: Architecture, context: usize) -> String {
         },
     )
     .unwrap();
+    set_up_with(home, &model, &[])
+}
+
+/// Runs `atoma up --no-run` for `model` (a GGUF path) on a free port, with `extra` arguments.
+/// Returns the node's base URL.
+pub fn set_up_with(home: &Path, model: &Path, extra: &[&str]) -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -49,6 +55,7 @@ pub fn set_up(home: &Path, arch: Architecture, context: usize) -> String {
             "--no-run",
         ],
     )
+    .args(extra)
     .output()
     .unwrap();
     assert!(

@@ -19,43 +19,14 @@ import time
 
 import openai
 
-try:  # openai >= 3 is built on httpx2, earlier versions on httpx
-    import httpx2 as httpx
-except ImportError:
-    import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from atoma_signing import Signer, httpx, verify
 
 url, keystore, stack, model = sys.argv[1:5]
-raw = base64.b64decode(json.load(open(keystore))[0])
-assert raw[0] == 0, "ed25519 keystore entry expected"
-key = Ed25519PrivateKey.from_private_bytes(raw[1:33])
-pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-stack_header = {"value": stack}
+signer = Signer(keystore, stack)
+key, pub = signer.key, signer.pub
 
 
-def sign(request: httpx.Request) -> None:
-    body = request.read()
-    digest = hashlib.blake2b(body, digest_size=32).digest()
-    request.headers["X-Signature"] = base64.b64encode(b"\x00" + key.sign(digest) + pub).decode()
-    request.headers["X-Stack-Small-Id"] = stack_header["value"]
-
-
-def verify(body: dict) -> bytes:
-    """Checks response_hash and signature the way a user would; returns the signer's public key."""
-    body = dict(body)
-    sig = base64.b64decode(body.pop("signature"))
-    claimed = body.pop("response_hash")
-    compact = json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
-    digest = hashlib.blake2b(compact, digest_size=32).digest()
-    assert base64.b64encode(digest).decode() == claimed, ("response_hash mismatch", compact)
-    assert sig[0] == 0 and len(sig) == 97
-    Ed25519PublicKey.from_public_bytes(sig[65:]).verify(sig[1:65], digest)
-    return sig[65:]
-
-
-client = openai.OpenAI(base_url=url + "/v1", api_key="not-used",
-                       http_client=httpx.Client(event_hooks={"request": [sign]}))
+client = openai.OpenAI(base_url=url + "/v1", api_key="not-used", http_client=signer.http_client())
 messages = [{"role": "user", "content": "Say something."}]
 
 raw_resp = client.chat.completions.with_raw_response.create(
@@ -190,9 +161,72 @@ try:
 except openai.BadRequestError as e:
     assert "grammar" in str(e), str(e)
 
+# Tools: calls generated under a grammar name a declared function with valid arguments,
+# plain and streamed, then a multi-turn conversation with the tool's result.
+import jsonschema
+
+weather_params = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                  "properties": {"city": {"type": "string", "maxLength": 20},
+                                 "unit": {"enum": ["celsius", "fahrenheit"]}}}
+tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": weather_params}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"type": "string", "maxLength": 10}},
+             "required": ["zone"], "additionalProperties": False}}}]
+params = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+ask = [{"role": "user", "content": "What's the weather in Oslo?"}]
+raw_tc = client.chat.completions.with_raw_response.create(
+    model=model, messages=ask, tools=tools, tool_choice="required", max_tokens=120, seed=5,
+    extra_body=nonce())
+assert verify(raw_tc.http_response.json()) == node_key
+tc = raw_tc.parse()
+calls = tc.choices[0].message.tool_calls
+if tc.choices[0].finish_reason == "tool_calls":
+    assert calls and tc.choices[0].message.content is None, tc
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_"), call
+        jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+else:  # the tiny model may run out of tokens inside a call; then it is text, not a call
+    assert tc.choices[0].finish_reason == "length" and not calls, tc
+named = client.chat.completions.create(
+    model=model, messages=ask, tools=tools, max_tokens=120, seed=6, parallel_tool_calls=False,
+    tool_choice={"type": "function", "function": {"name": "get_time"}}, extra_body=nonce())
+if named.choices[0].finish_reason == "tool_calls":
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"], named
+# Streamed, the same seed gives the same calls, as `delta.tool_calls`.
+streamed_calls, finish = {}, None
+for ev in client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                         max_tokens=120, seed=5, stream=True, extra_body=nonce()):
+    for ch in ev.choices:
+        for d in ch.delta.tool_calls or []:
+            entry = streamed_calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+        finish = ch.finish_reason or finish
+assert finish == tc.choices[0].finish_reason, (finish, tc)
+assert [(c["name"], c["arguments"]) for _, c in sorted(streamed_calls.items())] == \
+    [(c.function.name, c.function.arguments) for c in calls or []], (streamed_calls, calls)
+assert all(c["id"].startswith("call_") for c in streamed_calls.values()), streamed_calls
+# Multi-turn: the assistant's calls (content null) and the tool's answer go back in.
+history = ask + [{"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function",
+     "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": -3}'}]
+follow = client.chat.completions.create(model=model, messages=history, tools=tools, max_tokens=16,
+                                        seed=1, extra_body=nonce())
+assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls"), follow
+try:
+    client.chat.completions.create(model=model, messages=ask, tools=tools, max_tokens=4,
+                                   tool_choice={"type": "function", "function": {"name": "nope"}},
+                                   extra_body=nonce())
+    raise SystemExit("a tool_choice naming an undeclared function must be refused")
+except openai.BadRequestError as e:
+    assert "nope" in str(e), str(e)
+print("tools:", tc.choices[0].finish_reason, [(c.function.name, c.function.arguments) for c in calls or []])
+
 # Parameters we do not implement are refused by name, never ignored.
 for extra, name in [({"response_format": {"type": "regex"}}, "response_format"),
-                    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+                    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
                     ({"n": 2}, "`n`"),
                     ({"modalities": ["text", "audio"]}, "modalities")]:
     try:
@@ -202,7 +236,7 @@ for extra, name in [({"response_format": {"type": "regex"}}, "response_format"),
         assert name in str(e), str(e)
 print("unsupported parameters refused by name")
 
-stack_header["value"] = "999"
+signer.stack = "999"
 # A 3.5 MB body signed by a key that owns no such stack: 401 before any work.
 big = {"model": model, "messages": [{"role": "user", "content": "word " * 700_000}], "max_tokens": 4}
 body_bytes = json.dumps(big).encode()
