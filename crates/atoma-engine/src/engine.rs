@@ -15,6 +15,12 @@
 //! else is in the pass, and each request has its own sampler. Preempted requests are recomputed
 //! from their tokens and keep their sampler, so preemption does not change their output either.
 //!
+//! `Engine::submit_group` runs several requests with one prompt (OpenAI's `n`): the first is
+//! prefilled; when its prompt is computed, each other member samples its first token from the
+//! same last-prompt row with its own sampler and is forked from it (the scheduler shares the
+//! full KV blocks and the engine copies a partly filled last block), so the prompt is computed
+//! once. Every member's output is bit-identical to what it would give alone.
+//!
 //! `Engine::verify` re-executes a logged request (`crate::verify`) in the same passes, as a
 //! background sequence: it waits for live requests, takes leftover budget, is preempted first,
 //! and gets the logits of every output position in a teacher-forced prefill.
@@ -30,6 +36,14 @@ use std::sync::Mutex;
 use atoma_scheduler::{
     BlockPool, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqOptions, StepResult,
 };
+
+/// One member of a submitted group, as the worker receives it.
+struct Member {
+    req: GenerateRequest,
+    constraint: Option<Constraint>,
+    events: UnboundedSender<GenerationEvent>,
+    cancel: Arc<AtomicBool>,
+}
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::oneshot;
 
@@ -103,11 +117,10 @@ impl EngineConfig {
 }
 
 enum Job {
+    /// Requests sharing one prompt (a single request is a group of one): the first is
+    /// prefilled, the others forked from it.
     Generate {
-        req: GenerateRequest,
-        constraint: Option<Constraint>,
-        events: UnboundedSender<GenerationEvent>,
-        cancel: Arc<AtomicBool>,
+        members: Vec<Member>,
         enqueued: Instant,
     },
     Verify {
@@ -206,6 +219,7 @@ impl Engine {
             sched,
             kv,
             active: HashMap::new(),
+            followers: HashMap::new(),
             next_id: 0,
             waiting: waiting.clone(),
             stats: stats.clone(),
@@ -284,42 +298,72 @@ impl Engine {
         req: GenerateRequest,
         constraint: Option<Constraint>,
     ) -> Result<GenerationStream> {
-        validate(&req, self.model.model.config().context)?;
-        if req.prompt.len() >= self.kv_tokens {
+        let mut streams = self.submit_group(vec![(req, constraint)])?;
+        streams.pop().ok_or(EngineError::ShutDown)
+    }
+
+    /// Submits requests that share one prompt (OpenAI's `n`; their sampling, seeds and
+    /// constraints may differ): the prompt is computed once, for the first, and the others are
+    /// forked from it. Each counts against the waiting queue; all are accepted or none.
+    pub fn submit_group(
+        &self,
+        reqs: Vec<(GenerateRequest, Option<Constraint>)>,
+    ) -> Result<Vec<GenerationStream>> {
+        let Some((first, _)) = reqs.first() else {
+            return Err(EngineError::InvalidRequest("an empty group".into()));
+        };
+        let prompt = first.prompt.clone();
+        for (req, _) in &reqs {
+            if req.prompt != prompt {
+                return Err(EngineError::InvalidRequest(
+                    "the requests of a group must share their prompt".into(),
+                ));
+            }
+            validate(req, self.model.model.config().context)?;
+        }
+        if prompt.len() >= self.kv_tokens {
             return Err(EngineError::PromptTooLong {
-                prompt_tokens: req.prompt.len(),
+                prompt_tokens: prompt.len(),
                 context: self.kv_tokens,
             });
         }
+        let n = reqs.len();
         let accepted = self
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                (w < self.capacity).then_some(w + 1)
+                (w + n <= self.capacity).then_some(w + n)
             });
         if accepted.is_err() {
             return Err(EngineError::Overloaded {
                 capacity: self.capacity,
             });
         }
-        let (tx, rx) = unbounded_channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let prompt_tokens = req.prompt.len();
+        let mut members = Vec::with_capacity(n);
+        let mut streams = Vec::with_capacity(n);
+        for (req, constraint) in reqs {
+            let (tx, rx) = unbounded_channel();
+            let cancel = Arc::new(AtomicBool::new(false));
+            streams.push(GenerationStream {
+                events: rx,
+                cancel: cancel.clone(),
+                prompt_tokens: prompt.len(),
+            });
+            members.push(Member {
+                req,
+                constraint,
+                events: tx,
+                cancel,
+            });
+        }
         let job = Job::Generate {
-            req,
-            constraint,
-            events: tx,
-            cancel: cancel.clone(),
+            members,
             enqueued: Instant::now(),
         };
         if self.jobs.send(job).is_err() {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.waiting.fetch_sub(n, Ordering::AcqRel);
             return Err(EngineError::ShutDown);
         }
-        Ok(GenerationStream {
-            events: rx,
-            cancel,
-            prompt_tokens,
-        })
+        Ok(streams)
     }
 
     /// Queues the re-execution of a logged request at low priority; the verdict arrives on the
@@ -450,6 +494,8 @@ struct Worker {
     sched: Scheduler,
     kv: PagedKv,
     active: HashMap<SeqId, Active>,
+    /// Group members waiting for their leader's prompt, by leader: they are forked from it.
+    followers: HashMap<SeqId, Vec<(SeqId, Active)>>,
     next_id: SeqId,
     waiting: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
@@ -481,35 +527,43 @@ impl Worker {
         let context = self.model.model.config().context;
         let kv_tokens = self.sched.pool().num_blocks() * self.sched.pool().block_size();
         match job {
-            Job::Generate {
-                req,
-                constraint,
-                events,
-                cancel,
-                enqueued,
-            } => {
-                let max_new = context.min(kv_tokens) - req.prompt.len();
-                if let Err(e) = self.sched.add(id, req.prompt.clone()) {
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
-                    let _ = events.send(GenerationEvent::Error(EngineError::InvalidRequest(
-                        e.to_string(),
-                    )));
+            Job::Generate { members, enqueued } => {
+                let prompt = members[0].req.prompt.clone();
+                let max_new = context.min(kv_tokens) - prompt.len();
+                if let Err(e) = self.sched.add(id, prompt) {
+                    self.waiting.fetch_sub(members.len(), Ordering::AcqRel);
+                    for m in members {
+                        let _ = m
+                            .events
+                            .send(GenerationEvent::Error(EngineError::InvalidRequest(
+                                e.to_string(),
+                            )));
+                    }
                     return;
                 }
-                let generation =
-                    Generation::new(&self.model, &req, max_new).with_constraint(constraint);
-                self.active.insert(
-                    id,
-                    Active {
-                        work: Work::Generate {
-                            generation,
-                            events,
-                            cancel,
-                        },
-                        enqueued,
-                        started: false,
+                let mut members = members.into_iter().map(|m| Active {
+                    work: Work::Generate {
+                        generation: Generation::new(&self.model, &m.req, max_new)
+                            .with_constraint(m.constraint),
+                        events: m.events,
+                        cancel: m.cancel,
                     },
-                );
+                    enqueued,
+                    started: false,
+                });
+                if let Some(leader) = members.next() {
+                    self.active.insert(id, leader);
+                }
+                let rest: Vec<(SeqId, Active)> = members
+                    .map(|a| {
+                        let fid = self.next_id;
+                        self.next_id += 1;
+                        (fid, a)
+                    })
+                    .collect();
+                if !rest.is_empty() {
+                    self.followers.insert(id, rest);
+                }
             }
             Job::Verify {
                 req,
@@ -553,11 +607,106 @@ impl Worker {
     /// started.
     fn remove(&mut self, id: SeqId) -> Option<Active> {
         self.sched.abort(id);
+        self.promote_followers(id);
         let a = self.active.remove(&id)?;
         if a.counted() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
         }
         Some(a)
+    }
+
+    /// A leader went away before its prompt was computed: its first follower still waiting
+    /// takes its place (the prefix cache keeps what was computed), the rest follow it.
+    fn promote_followers(&mut self, leader: SeqId) {
+        let Some(mut rest) = self.followers.remove(&leader) else {
+            return;
+        };
+        rest.retain(|(_, a)| {
+            if a.abandoned() {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                false
+            } else {
+                true
+            }
+        });
+        if rest.is_empty() {
+            return;
+        }
+        let (id, a) = rest.remove(0);
+        let prompt = match &a.work {
+            Work::Generate { generation, .. } => generation.prompt().to_vec(),
+            Work::Verify { .. } => return,
+        };
+        if let Err(e) = self.sched.add(id, prompt) {
+            self.waiting.fetch_sub(1 + rest.len(), Ordering::AcqRel);
+            a.fail(&e.to_string());
+            for (_, f) in rest {
+                f.fail(&e.to_string());
+            }
+            return;
+        }
+        self.active.insert(id, a);
+        if !rest.is_empty() {
+            self.followers.insert(id, rest);
+        }
+    }
+
+    /// The leader `leader` has just sampled from its last prompt row `row` (positions
+    /// `0..prompt_len` computed): each follower samples its first token from the same row with
+    /// its own sampler, then is forked from the leader's KV. Runs before the scheduler's
+    /// `complete`, while the leader's blocks are certainly held.
+    fn fork_followers(&mut self, leader: SeqId, prompt_len: usize, row: &[f32], cached: usize) {
+        let Some(rest) = self.followers.remove(&leader) else {
+            return;
+        };
+        for (id, mut a) in rest {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            if a.abandoned() {
+                continue;
+            }
+            a.started = true;
+            let Work::Generate {
+                generation, events, ..
+            } = &mut a.work
+            else {
+                continue;
+            };
+            generation.start(a.enqueued.elapsed());
+            let (event, done) = generation.step(&self.model, row);
+            let token = event.id;
+            if events.send(GenerationEvent::Token(event)).is_err() {
+                continue;
+            }
+            if let Some(reason) = done {
+                generation.set_cached_tokens(cached);
+                let f = generation.finish(reason);
+                let _ = events.send(GenerationEvent::Finished(f));
+                continue;
+            }
+            let forked = match self.sched.fork(leader, id, prompt_len, token) {
+                Some(None) => true,
+                Some(Some(copy)) => match self.kv.copy_block(copy.src, copy.dst) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot copy a forked block");
+                        self.sched.abort(id);
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !forked {
+                // No block to copy into: the follower recomputes its prompt (mostly from the
+                // prefix cache) before anything that waits.
+                let mut tokens = generation.prompt().to_vec();
+                tokens.push(token);
+                if let Err(e) = self.sched.add_started(id, tokens) {
+                    a.fail(&format!("cannot fork: {e}"));
+                    continue;
+                }
+            }
+            self.active.insert(id, a);
+        }
     }
 
     fn drop_cancelled(&mut self) {
@@ -641,6 +790,7 @@ impl Worker {
             }
         };
         let mut results = Vec::with_capacity(plan.items.len());
+        let mut forks = Vec::new();
         let mut rows = logits.iter();
         for item in &plan.items {
             let item_rows: Vec<&Vec<f32>> = rows.by_ref().take(item.logit_rows).collect();
@@ -655,6 +805,14 @@ impl Worker {
                     let Some(row) = item_rows.last() else {
                         continue;
                     };
+                    if self.followers.contains_key(&item.seq) {
+                        forks.push((
+                            item.seq,
+                            item.start + item.tokens.len(),
+                            (*row).clone(),
+                            cached,
+                        ));
+                    }
                     let (event, done) = generation.step(&self.model, row);
                     let token = event.id;
                     let alive = events.send(GenerationEvent::Token(event)).is_ok();
@@ -688,6 +846,9 @@ impl Worker {
                 sampled,
                 finished,
             });
+        }
+        for (leader, prompt_len, row, cached) in forks {
+            self.fork_followers(leader, prompt_len, &row, cached);
         }
         self.sched.complete(&plan, &results);
         self.publish_stats();

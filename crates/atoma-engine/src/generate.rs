@@ -182,6 +182,11 @@ impl Generation {
         }
     }
 
+    /// The prompt's tokens.
+    pub(crate) fn prompt(&self) -> &[TokenId] {
+        &self.context_ids[..self.usage.prompt_tokens]
+    }
+
     /// Constrains the output to a compiled grammar.
     pub(crate) fn with_constraint(mut self, c: Option<Constraint>) -> Self {
         self.constraint = c;

@@ -175,6 +175,92 @@ fn a_constrained_request_is_valid_and_identical_alone_and_amid_fifteen_others() 
     }
 }
 
+/// OpenAI's `n`: four choices of one prompt (45 tokens: the last of its 16-slot blocks is
+/// partly filled, so forking copies it) submitted as a group. Each choice is bit-identical to
+/// the same request alone, on a quiet engine and amid 15 other requests with preemption; and
+/// the prompt is computed once, as the engine's counters show.
+#[test]
+fn a_group_of_four_prefills_its_prompt_once_and_each_choice_is_what_it_would_be_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Llama, Architecture::Gemma3] {
+        let path = dir.path().join(format!("{arch:?}.gguf"));
+        write_tiny_gguf(&path, &TinySpec::new(arch)).unwrap();
+        let choices: Vec<GenerateRequest> = (0..4)
+            .map(|i| sampled(prompt(7, 45), 30, 500 + i))
+            .collect();
+        let quiet = EngineConfig {
+            enable_prefix_caching: false,
+            block_size: 16,
+            ..EngineConfig::default()
+        };
+        let alone: Vec<_> = choices
+            .iter()
+            .map(|c| collect(engine(&path, &quiet).submit(c.clone()).unwrap()))
+            .collect();
+        assert!(
+            alone.iter().any(|a| a.0 != alone[0].0),
+            "{arch:?}: different seeds should give different choices"
+        );
+
+        let e = engine(&path, &quiet);
+        let group = choices.iter().map(|c| (c.clone(), None)).collect();
+        let got: Vec<_> = e
+            .submit_group(group)
+            .unwrap()
+            .into_iter()
+            .map(collect)
+            .collect();
+        assert_eq!(
+            got, alone,
+            "{arch:?}: a choice differs from its request alone"
+        );
+        let stats = e.stats().scheduler;
+        assert_eq!(
+            (stats.prefill_tokens, stats.forks),
+            (45, 3),
+            "{arch:?}: the prompt must be computed once and shared by 3 forks ({stats:?})"
+        );
+
+        // Amid 15 others, with small chunks and a pool small enough to preempt.
+        let busy = engine(
+            &path,
+            &EngineConfig {
+                max_num_batched_tokens: 13,
+                max_num_seqs: 20,
+                block_size: 8,
+                kv_cache_blocks: Some(40),
+                ..EngineConfig::default()
+            },
+        );
+        let mut others = Vec::new();
+        for i in 1..8u32 {
+            let r = sampled(
+                prompt(i, 3 + 9 * i as usize),
+                10 + 4 * i as usize,
+                u64::from(i),
+            );
+            others.push(busy.submit(r).unwrap());
+        }
+        let group = choices.iter().map(|c| (c.clone(), None)).collect();
+        let mine = busy.submit_group(group).unwrap();
+        for i in 8..16u32 {
+            let r = sampled(prompt(i, 2 + 5 * i as usize), 30, u64::from(i));
+            others.push(busy.submit(r).unwrap());
+        }
+        let amid: Vec<_> = mine.into_iter().map(collect).collect();
+        assert_eq!(
+            amid, alone,
+            "{arch:?}: a choice differs amid other requests"
+        );
+        for s in others {
+            assert_eq!(collect(s).2, FinishReason::Length);
+        }
+        let stats = busy.stats().scheduler;
+        assert!(stats.forks >= 3, "{arch:?}: {stats:?}");
+        assert!(stats.preemptions > 0, "{arch:?}: no preemption happened");
+    }
+}
+
 #[test]
 fn a_bad_schema_is_refused_at_submit() {
     let dir = tempfile::tempdir().unwrap();

@@ -123,6 +123,13 @@ impl BlockPool {
         }
     }
 
+    /// Takes one more reference to a block in use (a forked sequence sharing it).
+    pub fn retain(&mut self, id: BlockId) {
+        let b = &mut self.blocks[id as usize];
+        assert!(b.refs > 0, "block {id} is not in use");
+        b.refs += 1;
+    }
+
     /// Records that `id` now holds the full block `tokens` after the block hashed `parent`;
     /// returns its hash. A block whose content is already cached elsewhere stays uncached.
     pub fn register(

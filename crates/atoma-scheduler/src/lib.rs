@@ -15,6 +15,6 @@ pub mod scheduler;
 
 pub use block_pool::{BlockId, BlockPool};
 pub use scheduler::{
-    PlanItem, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqId, SeqOptions,
-    StepPlan, StepResult,
+    BlockCopy, PlanItem, Scheduler, SchedulerConfig, SchedulerError, SchedulerStats, SeqId,
+    SeqOptions, StepPlan, StepResult,
 };

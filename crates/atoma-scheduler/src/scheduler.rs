@@ -163,6 +163,18 @@ pub struct SchedulerStats {
     pub prefix_hit_tokens: u64,
     /// Sequences preempted (to be recomputed).
     pub preemptions: u64,
+    /// Tokens of live sequences run in prefill chunks (prompts, and recomputations after
+    /// preemption): what prompt processing cost.
+    pub prefill_tokens: u64,
+    /// Sequences forked from another's computed prompt (`fork`): prompts not prefilled again.
+    pub forks: u64,
+}
+
+/// A KV block to copy before a forked sequence runs: `src`'s slots into `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: BlockId,
+    pub dst: BlockId,
 }
 
 impl Scheduler {
@@ -436,6 +448,9 @@ impl Scheduler {
                 break;
             }
             if let Some(len) = self.plan_prefill(id, budget) {
+                if !self.is_background(id) {
+                    self.stats.prefill_tokens += len as u64;
+                }
                 plan.items.push(self.item(id, len));
                 budget -= len;
             }
@@ -459,6 +474,9 @@ impl Scheduler {
                         self.waiting.pop_front();
                     }
                     self.running.push(id);
+                    if !background {
+                        self.stats.prefill_tokens += len as u64;
+                    }
                     plan.items.push(self.item(id, len));
                     budget -= len;
                 }
@@ -496,6 +514,76 @@ impl Scheduler {
         (len > 0).then_some(len)
     }
 
+    /// Starts `child` as a copy of `parent` after `prompt_len` computed tokens, followed by
+    /// `first_token` (sampled from the parent's last prompt row): the parent's full blocks are
+    /// shared, and a partly filled last block is copied (copy-on-write: the engine must copy
+    /// the returned block before the child's next step). Call it after the step that computed
+    /// the parent's prompt, before `complete`. `None` if the parent is unknown, has not
+    /// computed `prompt_len` tokens in its blocks, or no block is free for the copy; the
+    /// caller then adds the child as a new sequence.
+    pub fn fork(
+        &mut self,
+        parent: SeqId,
+        child: SeqId,
+        prompt_len: usize,
+        first_token: u32,
+    ) -> Option<Option<BlockCopy>> {
+        if self.seqs.contains_key(&child) || prompt_len == 0 {
+            return None;
+        }
+        let bs = self.pool.block_size();
+        let p = self.seqs.get(&parent)?;
+        if p.tokens.len() < prompt_len || p.blocks.len() * bs < prompt_len {
+            return None;
+        }
+        let full = prompt_len / bs;
+        let partial = !prompt_len.is_multiple_of(bs);
+        let mut tokens = p.tokens[..prompt_len].to_vec();
+        tokens.push(first_token);
+        let shared: Vec<BlockId> = p.blocks[..full].to_vec();
+        let src = partial.then(|| p.blocks[full]);
+        let cached_prompt = p.cached_prompt;
+        let opts = p.opts;
+        let copy = match src {
+            Some(src) => {
+                let dst = self.pool.allocate()?;
+                Some(BlockCopy { src, dst })
+            }
+            None => None,
+        };
+        let mut blocks = Vec::with_capacity(full + 1);
+        for &b in &shared {
+            self.pool.retain(b);
+            blocks.push(b);
+        }
+        if let Some(c) = copy {
+            blocks.push(c.dst);
+        }
+        self.seqs.insert(
+            child,
+            Seq {
+                opts,
+                tokens,
+                computed: prompt_len,
+                blocks,
+                hashes: Vec::new(),
+                cached_prompt,
+            },
+        );
+        self.running.push(child);
+        self.stats.forks += 1;
+        Some(copy)
+    }
+
+    /// Adds `id` as a sequence that has already started (its prompt plus the tokens it has
+    /// generated), to run before any waiting one: for a fork that could not share blocks.
+    pub fn add_started(&mut self, id: SeqId, tokens: Vec<u32>) -> Result<(), SchedulerError> {
+        self.add(id, tokens)?;
+        self.waiting.retain(|&s| s != id);
+        self.waiting.push_front(id);
+        Ok(())
+    }
+
     /// Applies the outcome of a step: advances the computed positions of planned sequences,
     /// registers newly full blocks in the prefix cache, appends sampled tokens, frees finished
     /// sequences.
@@ -509,6 +597,8 @@ impl Scheduler {
                 continue; // preempted meanwhile
             }
             seq.computed += item.tokens.len();
+            // Registers full blocks in the prefix cache (a fork's shared blocks again: same
+            // content, same hash, so the cache keeps the first holder).
             if self.cfg.enable_prefix_caching {
                 while (seq.hashes.len() + 1) * bs <= seq.computed {
                     let b = seq.hashes.len();

@@ -398,3 +398,51 @@ fn decoding_steps_stay_short_while_prompts_wait() {
     let plan = alone.sched.schedule();
     assert_eq!(plan.items[0].tokens.len(), 256);
 }
+
+#[test]
+fn a_fork_shares_full_blocks_and_copies_a_partial_one() {
+    let mut s = Scheduler::new(cfg(64, 8), BlockPool::new(8, 4));
+    s.add(1, prompt(1, 10)).unwrap();
+    let plan = s.schedule();
+    assert_eq!(plan.items[0].tokens.len(), 10);
+    let table = plan.items[0].block_table.clone();
+    assert_eq!(table.len(), 3, "10 tokens in blocks of 4");
+    // After the step that computed the prompt, before `complete`.
+    let copy = s
+        .fork(1, 2, 10, 42)
+        .unwrap()
+        .expect("the third block is partly filled");
+    assert_eq!(copy.src, table[2]);
+    assert!(!table.contains(&copy.dst));
+    for &b in &table[..2] {
+        assert_eq!(s.pool().refs(b), 2, "full blocks are shared");
+    }
+    assert_eq!(
+        s.pool().refs(table[2]),
+        1,
+        "the partial block is not shared"
+    );
+    assert_eq!(s.stats().forks, 1);
+    s.complete(
+        &plan,
+        &[StepResult {
+            seq: 1,
+            sampled: Some(7),
+            finished: false,
+        }],
+    );
+    // Both decode next, each at position 10, in its own last block.
+    let plan = s.schedule();
+    assert_eq!(plan.items.len(), 2);
+    let child = plan.items.iter().find(|i| i.seq == 2).unwrap();
+    assert_eq!((child.start, child.tokens.as_slice()), (10, &[42][..]));
+    assert_eq!(child.block_table[..2], table[..2]);
+    assert_eq!(child.block_table[2], copy.dst);
+    // A fork of a prompt that fills whole blocks copies nothing; unknown parents fail.
+    assert_eq!(s.fork(1, 3, 8, 5), Some(None));
+    assert_eq!(s.fork(99, 4, 8, 5), None);
+    s.abort(1);
+    s.abort(2);
+    s.abort(3);
+    assert_eq!(s.pool().num_free(), 8, "every block is back");
+}

@@ -121,6 +121,37 @@ impl PagedKv {
         2 * layers * self.num_blocks * self.block_size * self.row * self.dtype.size()
     }
 
+    /// Copies block `src`'s K and V slots, in every layer, into block `dst` (copy-on-write of
+    /// a partly filled block shared by a forked sequence): bit-exact, so the fork computes
+    /// exactly what its parent would.
+    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+        let (src, dst) = (src as usize, dst as usize);
+        if src >= self.num_blocks || dst >= self.num_blocks {
+            return Err(EngineError::InvalidRequest(format!(
+                "block copy {src} → {dst} is outside the pool of {}",
+                self.num_blocks
+            )));
+        }
+        let len = self.block_size * self.row;
+        let (from, to) = (src * len, dst * len);
+        fn copy<T: Copy>(pools: &mut [Vec<T>], from: usize, to: usize, len: usize) {
+            for p in pools {
+                p.copy_within(from..from + len, to);
+            }
+        }
+        match &mut self.pools {
+            Pools::F16 { k, v } => {
+                copy(k, from, to, len);
+                copy(v, from, to, len);
+            }
+            Pools::F32 { k, v } => {
+                copy(k, from, to, len);
+                copy(v, from, to, len);
+            }
+        }
+        Ok(())
+    }
+
     fn slot(&self, table: &[u32], pos: usize) -> Result<usize> {
         let block = *table.get(pos / self.block_size).ok_or_else(|| {
             EngineError::InvalidRequest(format!("the block table does not cover position {pos}"))
