@@ -144,6 +144,7 @@ fn main() {
                 echo: false,
                 json_schema: None,
                 tools: None,
+                n: 1,
             };
             let _events: Vec<_> = Trivial
                 .prepare(req)

@@ -181,6 +181,8 @@ pub struct InferenceRequest {
     pub json_schema: Option<serde_json::Value>,
     /// Tools offered (chat; `None` also for `tool_choice: none`).
     pub tools: Option<Tools>,
+    /// Choices to generate (OpenAI's `n`); choice `i` samples with seed `seed + i`.
+    pub n: u32,
 }
 
 /// What a backend reports while generating: one `Token` per generated token (its text may be
@@ -224,7 +226,8 @@ pub enum BackendError {
     Internal(String),
 }
 
-type Start = Box<dyn FnOnce() -> Result<BoxStream<'static, BackendEvent>, BackendError> + Send>;
+type Start =
+    Box<dyn FnOnce() -> Result<Vec<BoxStream<'static, BackendEvent>>, BackendError> + Send>;
 
 /// How a request will run, as its log record keeps it for verification by re-execution:
 /// the prompt's token ids, the seed (drawn by the backend when the request gave none), the
@@ -307,6 +310,18 @@ impl Prepared {
         execution: Execution,
         start: impl FnOnce() -> Result<BoxStream<'static, BackendEvent>, BackendError> + Send + 'static,
     ) -> Self {
+        Self::with_choices(prompt_tokens, execution, move || start().map(|s| vec![s]))
+    }
+
+    /// A prepared request of several choices (`n`): `start` gives one event stream per choice,
+    /// in choice order.
+    pub fn with_choices(
+        prompt_tokens: u64,
+        execution: Execution,
+        start: impl FnOnce() -> Result<Vec<BoxStream<'static, BackendEvent>>, BackendError>
+        + Send
+        + 'static,
+    ) -> Self {
         Self {
             prompt_tokens,
             echo: None,
@@ -321,9 +336,42 @@ impl Prepared {
         self
     }
 
-    /// Starts generating. Dropping the stream cancels the request.
-    pub fn start(self) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
-        (self.start)()
+    /// The same request with every event of choice `i` passed through `f(i, event)` (for
+    /// wrappers such as fault injection in tests).
+    pub fn map_events(
+        self,
+        f: impl FnMut(usize, BackendEvent) -> BackendEvent + Clone + Send + 'static,
+    ) -> Self {
+        use futures_util::StreamExt;
+        let start = self.start;
+        Self {
+            start: Box::new(move || {
+                let streams = start()?;
+                Ok(streams
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let mut f = f.clone();
+                        s.map(move |e| f(i, e)).boxed()
+                    })
+                    .collect())
+            }),
+            ..self
+        }
+    }
+
+    /// Starts generating: the events of every choice, tagged with the choice's index (each
+    /// choice's in order; choices interleave). Dropping the stream cancels the request.
+    pub fn start(self) -> Result<BoxStream<'static, (usize, BackendEvent)>, BackendError> {
+        use futures_util::StreamExt;
+        let streams = (self.start)()?;
+        Ok(futures_util::stream::select_all(
+            streams
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| s.map(move |e| (i, e)).boxed()),
+        )
+        .boxed())
     }
 }
 

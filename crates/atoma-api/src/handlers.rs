@@ -18,7 +18,7 @@ use atoma_state::log::ResponseRecord;
 use atoma_state::meter::MeterError;
 
 use crate::auth::authenticate;
-use crate::backend::BackendEvent;
+use crate::backend::{BackendEvent, FinishReason};
 use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, Checked, CompletionRequest};
 use crate::record::RequestLog;
@@ -117,6 +117,12 @@ async fn serve(
         .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
     let checked = parse(kind, &body)?;
     let req = checked.inference;
+    if req.n > s.inner.max_n {
+        return Err(ApiError::InvalidRequest(format!(
+            "`n` is {}: this node serves at most {} choices per request",
+            req.n, s.inner.max_n
+        )));
+    }
     if !backend.models().contains(&req.model) {
         return Err(ApiError::UnknownModel(req.model));
     }
@@ -137,7 +143,7 @@ async fn serve(
         signature: signed.signature.clone(),
         execution: prepared.execution.clone(),
     };
-    let units = ComputeUnits(prompt_tokens + u64::from(req.max_tokens));
+    let units = ComputeUnits(prompt_tokens + u64::from(req.n) * u64::from(req.max_tokens));
     let meter = s.inner.meter.clone();
     let model = req.model.clone();
     let reservation = tokio::task::spawn_blocking(move || {
@@ -180,18 +186,20 @@ async fn serve(
             reservation,
             checked.include_usage,
             log,
+            req.n as usize,
         ));
     }
     let t0 = Instant::now();
     let mut events = events;
-    let mut text = meta.echo.clone().unwrap_or_default();
-    let echoed = text.chars().count();
-    let mut output_ids = Vec::new();
-    let mut logprobs = Vec::new();
+    let echo = meta.echo.clone().unwrap_or_default();
+    let echoed = echo.chars().count();
+    let mut choices: Vec<Choice> = (0..req.n).map(|_| Choice::new(&echo)).collect();
     let mut first_token_at: Option<Instant> = None;
-    let mut tool_calls = Vec::new();
-    let mut done = None;
-    while let Some(ev) = events.next().await {
+    let (mut prompt, mut cached) = (prompt_tokens, 0);
+    while let Some((i, ev)) = events.next().await {
+        let Some(ch) = choices.get_mut(i) else {
+            return Err(ApiError::Internal(format!("the backend sent choice {i}")));
+        };
         match ev {
             BackendEvent::Token {
                 id,
@@ -202,14 +210,15 @@ async fn serve(
                     first_token_at = Some(Instant::now());
                     metrics::time_to_first_token(t0.elapsed().as_secs_f64());
                 }
-                output_ids.push(id);
-                text.push_str(&t);
-                logprobs.extend(l);
+                ch.output_ids.push(id);
+                ch.text.push_str(&t);
+                ch.logprobs.extend(l);
             }
-            BackendEvent::Text(t) => text.push_str(&t),
+            BackendEvent::Text(t) => ch.text.push_str(&t),
             BackendEvent::ToolCall { name, arguments } => {
-                let id = render::tool_call_id(&meta.id, tool_calls.len());
-                tool_calls.push(render::tool_call(id, &name, &arguments, None));
+                let id = render::tool_call_id(&meta.id, i, ch.tool_calls.len());
+                ch.tool_calls
+                    .push(render::tool_call(id, &name, &arguments, None));
             }
             BackendEvent::Done {
                 finish_reason,
@@ -217,53 +226,39 @@ async fn serve(
                 completion_tokens,
                 cached_tokens,
             } => {
-                done = Some((
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                    cached_tokens,
-                ))
+                ch.done = Some((finish_reason, completion_tokens));
+                (prompt, cached) = (prompt_tokens, cached_tokens);
             }
             BackendEvent::Error(e) => return Err(ApiError::Internal(e)),
         }
     }
-    let (finish, p, c, cached) =
-        done.ok_or_else(|| ApiError::Internal("the backend stopped without finishing".into()))?;
-    if let Some(first) = first_token_at
-        && c > 1
-    {
-        metrics::time_per_output_token(first.elapsed().as_secs_f64() / (c - 1) as f64);
+    let mut completion = 0;
+    for ch in &choices {
+        let Some((_, c)) = ch.done else {
+            return Err(ApiError::Internal(
+                "the backend stopped without finishing".into(),
+            ));
+        };
+        completion += c;
     }
-    let lp = if meta.logprobs {
-        render::logprobs(kind, &logprobs, echoed)
-    } else {
-        Value::Null
-    };
-    // Tool calls are how the answer ends on the wire; the log keeps the generation's reason.
-    let wire_finish = render::wire_finish(finish, !tool_calls.is_empty());
-    let choice = match kind {
-        Kind::Chat => {
-            let mut message = json!({"role": "assistant", "content": text});
-            if !tool_calls.is_empty() {
-                if text.is_empty() {
-                    message["content"] = Value::Null;
-                }
-                message["tool_calls"] = Value::Array(tool_calls);
-            }
-            json!({"index": 0, "message": message, "finish_reason": wire_finish.as_str(),
-                   "logprobs": lp})
-        }
-        Kind::Completion => {
-            json!({"index": 0, "text": text, "finish_reason": finish.as_str(), "logprobs": lp})
-        }
-    };
+    if let Some(first) = first_token_at
+        && completion > 1
+    {
+        metrics::time_per_output_token(first.elapsed().as_secs_f64() / (completion - 1) as f64);
+    }
+    let (p, c) = (prompt, completion);
+    let wire: Vec<Value> = choices
+        .iter_mut()
+        .enumerate()
+        .map(|(i, ch)| ch.wire(kind, i, meta.logprobs, echoed))
+        .collect();
     let body = json!({
         "id": meta.id,
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": meta.created,
         "model": meta.model,
         "system_fingerprint": meta.fingerprint,
-        "choices": [choice],
+        "choices": wire,
         "usage": render::usage(p, c, cached),
         "seed": meta.seed,
     });
@@ -271,13 +266,16 @@ async fn serve(
     // The bytes sent are the canonical form (keys sorted), the same whatever serde_json's
     // map order.
     let text = atoma_crypto::signed_json::canonical(&body);
-    let settled = log.settled(
-        ResponseRecord::Json(text.clone()),
-        hash,
-        output_ids,
-        finish,
-        (p, c),
-    );
+    let outputs = choices
+        .into_iter()
+        .map(|ch| {
+            (
+                ch.output_ids,
+                ch.done.map_or(FinishReason::Cancelled, |d| d.0),
+            )
+        })
+        .collect();
+    let settled = log.settled(ResponseRecord::Json(text.clone()), hash, outputs, (p, c));
     tokio::task::spawn_blocking(move || reservation.settle(settled))
         .await
         .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
@@ -291,6 +289,55 @@ async fn serve(
         text,
     )
         .into_response())
+}
+
+/// One choice of a plain (non-streamed) answer, as it is collected.
+struct Choice {
+    text: String,
+    output_ids: Vec<u32>,
+    logprobs: Vec<crate::backend::Logprobs>,
+    tool_calls: Vec<Value>,
+    /// Finish reason and completion tokens.
+    done: Option<(FinishReason, u64)>,
+}
+
+impl Choice {
+    fn new(echo: &str) -> Self {
+        Self {
+            text: echo.to_string(),
+            output_ids: Vec::new(),
+            logprobs: Vec::new(),
+            tool_calls: Vec::new(),
+            done: None,
+        }
+    }
+
+    /// The choice in OpenAI's shape (`message` for chat, `text` for completions).
+    fn wire(&mut self, kind: Kind, index: usize, logprobs: bool, echoed: usize) -> Value {
+        let finish = self.done.map_or(FinishReason::Cancelled, |d| d.0);
+        let lp = if logprobs {
+            render::logprobs(kind, &self.logprobs, echoed)
+        } else {
+            Value::Null
+        };
+        // Tool calls are how the answer ends on the wire; the log keeps the generation's reason.
+        let wire_finish = render::wire_finish(finish, !self.tool_calls.is_empty());
+        match kind {
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": self.text});
+                if !self.tool_calls.is_empty() {
+                    if self.text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = Value::Array(std::mem::take(&mut self.tool_calls));
+                }
+                json!({"index": index, "message": message,
+                       "finish_reason": wire_finish.as_str(), "logprobs": lp})
+            }
+            Kind::Completion => json!({"index": index, "text": self.text,
+                                       "finish_reason": wire_finish.as_str(), "logprobs": lp}),
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]

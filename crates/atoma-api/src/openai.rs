@@ -26,6 +26,12 @@ pub const MAX_TOP_LOGPROBS: u8 = 20;
 pub const MAX_LOGIT_BIAS: usize = 1024;
 /// Most functions in `tools` (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;
+/// Most choices (`n`) a request may ask for anywhere (OpenAI's limit). A node serves at most
+/// its configured maximum (`DEFAULT_MAX_N` unless set), checked when it serves, not here: a
+/// verifier must accept any request some node could have served.
+pub const MAX_N: u32 = 128;
+/// Choices per request a node serves unless configured otherwise.
+pub const DEFAULT_MAX_N: u32 = 8;
 
 /// Recognised OpenAI parameters this node refuses, with why (the README's table).
 pub const UNSUPPORTED: &[(&str, &str)] = &[
@@ -58,12 +64,8 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "this node stores nothing for later retrieval (`store: false` is accepted)",
     ),
     (
-        "n",
-        "one choice per request (`n: 1`); several choices are not supported yet",
-    ),
-    (
         "best_of",
-        "`best_of` must be 1: server-side best-of sampling is not supported",
+        "`best_of` must be 1 or equal to `n`: server-side best-of sampling is not supported",
     ),
     (
         "suffix",
@@ -274,9 +276,6 @@ fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
         {
             return Err(unsupported(name));
         }
-    }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(unsupported("n"));
     }
     Ok(())
 }
@@ -494,6 +493,10 @@ fn check_common(
         return Err(bad("`stop` takes up to 4 non-empty strings"));
     }
     let include_usage = c.stream_options.unwrap_or_default().include_usage;
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(bad(format!("`n` must be between 1 and {MAX_N}")));
+    }
     Ok(Checked {
         inference: InferenceRequest {
             model,
@@ -514,6 +517,7 @@ fn check_common(
             echo,
             json_schema,
             tools,
+            n,
         },
         stream: c.stream,
         include_usage,
@@ -642,7 +646,10 @@ impl CompletionRequest {
         {
             return Err(unsupported("suffix"));
         }
-        if self.best_of.is_some_and(|b| b != 1) {
+        if self
+            .best_of
+            .is_some_and(|b| b != 1 && b != self.common.n.unwrap_or(1))
+        {
             return Err(unsupported("best_of"));
         }
         let one = || {

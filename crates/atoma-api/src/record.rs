@@ -5,7 +5,7 @@
 
 use axum::body::Bytes;
 
-use atoma_state::log::{LogRecord, ResponseRecord};
+use atoma_state::log::{ChoiceRecord, LogRecord, ResponseRecord};
 use atoma_state::meter::Settled;
 
 use crate::backend::{Execution, FinishReason};
@@ -19,16 +19,26 @@ pub(crate) struct RequestLog {
 }
 
 impl RequestLog {
-    /// The stack charge and its evidence for a finished (or cut-off) request.
+    /// The stack charge and its evidence for a finished (or cut-off) request: `choices` holds
+    /// each choice's generated token ids and finish reason, in choice order.
     pub(crate) fn settled(
         &self,
         response: ResponseRecord,
         response_hash: [u8; 32],
-        output_tokens: Vec<u32>,
-        finish_reason: FinishReason,
+        choices: Vec<(Vec<u32>, FinishReason)>,
         usage: (u64, u64),
     ) -> Settled {
         let e = &self.execution;
+        let mut choices = choices.into_iter();
+        let (output_tokens, finish_reason) = choices
+            .next()
+            .unwrap_or((Vec::new(), FinishReason::Cancelled));
+        let extra_choices = choices
+            .map(|(output_tokens, f)| ChoiceRecord {
+                output_tokens,
+                finish_reason: f.as_str().to_string(),
+            })
+            .collect();
         let record = LogRecord {
             request_body: self.body.to_vec(),
             request_signature: self.signature.clone(),
@@ -42,6 +52,7 @@ impl RequestLog {
             usage_completion_tokens: usage.1,
             model_sha256: e.model_sha256,
             determinism_class: e.determinism_class.clone(),
+            extra_choices,
         };
         Settled {
             prompt_tokens: usage.0,

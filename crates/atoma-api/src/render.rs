@@ -92,11 +92,15 @@ pub(crate) fn usage(prompt: u64, completion: u64, cached: u64) -> Value {
     })
 }
 
-/// The id of an answer's `index`-th tool call: derived from the response id (itself from the
-/// request's hash), so a re-executed answer has the same ids.
-pub(crate) fn tool_call_id(response_id: &str, index: usize) -> String {
+/// The id of choice `choice`'s `index`-th tool call: derived from the response id (itself from
+/// the request's hash), so a re-executed answer has the same ids.
+pub(crate) fn tool_call_id(response_id: &str, choice: usize, index: usize) -> String {
     let tail = response_id.rsplit('-').next().unwrap_or(response_id);
-    format!("call_{tail}_{index}")
+    if choice == 0 {
+        format!("call_{tail}_{index}")
+    } else {
+        format!("call_{tail}_{choice}_{index}")
+    }
 }
 
 /// A tool call in OpenAI's shape; `index` is set in stream deltas.

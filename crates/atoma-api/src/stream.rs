@@ -58,19 +58,11 @@ impl RunningHash {
     }
 }
 
-struct State {
-    events: BoxStream<'static, BackendEvent>,
-    reservation: Option<Reservation>,
-    keys: Keypair,
-    meta: Meta,
-    include_usage: bool,
+/// One choice's progress in a stream.
+#[derive(Debug, Default)]
+struct ChoiceState {
     completion_tokens: u64,
-    hash: RunningHash,
-    /// Every chunk as sent, and the generated token ids, for the log record.
-    chunks: Vec<String>,
     output_ids: Vec<u32>,
-    log: RequestLog,
-    pending: VecDeque<Event>,
     /// Log-probabilities of tokens whose text is not sent yet (held back or incomplete UTF-8):
     /// they go with the next chunk that carries text.
     logprobs: Vec<Logprobs>,
@@ -78,63 +70,87 @@ struct State {
     sent_chars: usize,
     /// Tool calls sent so far.
     tool_calls: usize,
+    /// How it ended, once it has.
+    finish: Option<FinishReason>,
+}
+
+struct State {
+    events: BoxStream<'static, (usize, BackendEvent)>,
+    reservation: Option<Reservation>,
+    keys: Keypair,
+    meta: Meta,
+    include_usage: bool,
+    hash: RunningHash,
+    /// Every chunk as sent, for the log record.
+    chunks: Vec<String>,
+    choices: Vec<ChoiceState>,
+    log: RequestLog,
+    pending: VecDeque<Event>,
     started: Instant,
     first_token_at: Option<Instant>,
     finished: bool,
 }
 
+/// What a chunk carries for its choice.
+enum Delta<'a> {
+    Text(&'a str),
+    Call(Value),
+    End(FinishReason),
+}
+
 impl State {
-    fn chunk(
-        &mut self,
-        delta: Option<&str>,
-        finish: Option<FinishReason>,
-        usage: Option<Value>,
-    ) -> Event {
-        self.chunk_with(delta, None, finish, usage)
+    fn completion_tokens(&self) -> u64 {
+        self.choices.iter().map(|c| c.completion_tokens).sum()
     }
 
-    /// A chunk with a tool call in its delta (chat only).
-    fn call_chunk(&mut self, name: &str, arguments: &str) -> Event {
-        let index = self.tool_calls;
-        self.tool_calls += 1;
-        let id = render::tool_call_id(&self.meta.id, index);
-        let call = render::tool_call(id, name, arguments, Some(index));
-        self.chunk_with(None, Some(call), None, None)
-    }
-
-    fn chunk_with(
-        &mut self,
-        delta: Option<&str>,
-        call: Option<Value>,
-        finish: Option<FinishReason>,
-        usage: Option<Value>,
-    ) -> Event {
-        let lp = if self.meta.logprobs && usage.is_none() {
-            let l = render::logprobs(
-                self.meta.kind,
-                &std::mem::take(&mut self.logprobs),
-                self.sent_chars,
-            );
-            self.sent_chars += delta.map_or(0, |d| d.chars().count());
+    /// A chunk of choice `index`.
+    fn chunk(&mut self, index: usize, delta: Delta<'_>) -> Event {
+        let kind = self.meta.kind;
+        let wants_lp = self.meta.logprobs;
+        let ch = &mut self.choices[index];
+        let lp = if wants_lp {
+            let l = render::logprobs(kind, &std::mem::take(&mut ch.logprobs), ch.sent_chars);
+            if let Delta::Text(t) = &delta {
+                ch.sent_chars += t.chars().count();
+            }
             l
         } else {
             Value::Null
         };
-        let finish = finish.map(FinishReason::as_str);
-        let choices = match (usage.is_some(), self.meta.kind) {
-            (true, _) => json!([]),
-            (false, Kind::Chat) => {
-                let delta = match (delta, call) {
+        let (text, call, finish) = match delta {
+            Delta::Text(t) => (Some(t), None, None),
+            Delta::Call(c) => (None, Some(c), None),
+            Delta::End(f) => (None, None, Some(f.as_str())),
+        };
+        let choice = match kind {
+            Kind::Chat => {
+                let delta = match (text, call) {
                     (_, Some(c)) => json!({"role": "assistant", "tool_calls": [c]}),
                     (Some(t), None) => json!({"role": "assistant", "content": t}),
                     (None, None) => json!({}),
                 };
-                json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}])
+                json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp})
             }
-            (false, Kind::Completion) => {
-                json!([{"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": lp}])
+            Kind::Completion => {
+                json!({"index": index, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": lp})
             }
         };
+        let seed = finish.is_some().then_some(self.meta.seed);
+        self.signed(json!([choice]), None, seed)
+    }
+
+    /// A chunk with a tool call of choice `index` in its delta (chat only).
+    fn call_chunk(&mut self, index: usize, name: &str, arguments: &str) -> Event {
+        let ch = &mut self.choices[index];
+        let k = ch.tool_calls;
+        ch.tool_calls += 1;
+        let id = render::tool_call_id(&self.meta.id, index, k);
+        let call = render::tool_call(id, name, arguments, Some(k));
+        self.chunk(index, Delta::Call(call))
+    }
+
+    /// Signs and records a chunk with `choices` (and `usage`, and the seed on a final chunk).
+    fn signed(&mut self, choices: Value, usage: Option<Value>, seed: Option<u64>) -> Event {
         let mut body = json!({
             "id": self.meta.id,
             "object": if self.meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
@@ -146,8 +162,8 @@ impl State {
         if let Some(u) = usage {
             body["usage"] = u;
         }
-        if finish.is_some() {
-            body["seed"] = json!(self.meta.seed);
+        if let Some(seed) = seed {
+            body["seed"] = json!(seed);
         }
         let (body, h) = sign_json(&self.keys, body);
         self.hash.push(h);
@@ -157,33 +173,38 @@ impl State {
         event
     }
 
-    fn on_event(&mut self, ev: BackendEvent) {
+    fn on_event(&mut self, index: usize, ev: BackendEvent) {
+        if index >= self.choices.len() {
+            self.on_error(format!("the backend sent choice {index}"));
+            return;
+        }
         match ev {
             BackendEvent::Token {
                 id,
                 text: t,
                 logprobs,
             } => {
-                self.completion_tokens += 1;
-                self.output_ids.push(id);
-                self.logprobs.extend(logprobs);
+                let ch = &mut self.choices[index];
+                ch.completion_tokens += 1;
+                ch.output_ids.push(id);
+                ch.logprobs.extend(logprobs);
                 if self.first_token_at.is_none() {
                     self.first_token_at = Some(Instant::now());
                     metrics::time_to_first_token(self.started.elapsed().as_secs_f64());
                 }
                 if !t.is_empty() {
-                    let e = self.chunk(Some(&t), None, None);
+                    let e = self.chunk(index, Delta::Text(&t));
                     self.pending.push_back(e);
                 }
             }
             BackendEvent::Text(t) => {
                 if !t.is_empty() {
-                    let e = self.chunk(Some(&t), None, None);
+                    let e = self.chunk(index, Delta::Text(&t));
                     self.pending.push_back(e);
                 }
             }
             BackendEvent::ToolCall { name, arguments } => {
-                let e = self.call_chunk(&name, &arguments);
+                let e = self.call_chunk(index, &name, &arguments);
                 self.pending.push_back(e);
             }
             BackendEvent::Done {
@@ -192,48 +213,64 @@ impl State {
                 completion_tokens,
                 cached_tokens,
             } => {
+                let ch = &mut self.choices[index];
+                ch.finish = Some(finish_reason);
+                ch.completion_tokens = completion_tokens;
                 // Tool calls are how the answer ends on the wire; the log keeps the
                 // generation's own reason.
-                let wire = render::wire_finish(finish_reason, self.tool_calls > 0);
-                let e = self.chunk(None, Some(wire), None);
+                let wire = render::wire_finish(finish_reason, ch.tool_calls > 0);
+                let e = self.chunk(index, Delta::End(wire));
                 self.pending.push_back(e);
-                if self.include_usage {
-                    let usage = render::usage(prompt_tokens, completion_tokens, cached_tokens);
-                    let e = self.chunk(None, None, Some(usage));
-                    self.pending.push_back(e);
+                if self.choices.iter().all(|c| c.finish.is_some()) {
+                    let completion = self.completion_tokens();
+                    if self.include_usage {
+                        let usage = render::usage(prompt_tokens, completion, cached_tokens);
+                        let e = self.signed(json!([]), Some(usage), None);
+                        self.pending.push_back(e);
+                    }
+                    self.pending.push_back(Event::default().data("[DONE]"));
+                    self.settle(prompt_tokens, completion);
+                    self.finished = true;
                 }
-                self.pending.push_back(Event::default().data("[DONE]"));
-                self.settle(prompt_tokens, completion_tokens, finish_reason);
-                self.finished = true;
             }
-            BackendEvent::Error(msg) => {
-                tracing::warn!(error = %msg, "generation failed mid-stream");
-                let body = ApiError::Internal(msg).envelope();
-                self.pending
-                    .push_back(Event::default().data(body.to_string()));
-                // Nothing billable was delivered completely: give the units back.
-                if let Some(r) = self.reservation.take()
-                    && let Err(e) = r.release()
-                {
-                    tracing::error!(error = %e, "cannot release a reservation");
-                }
-                self.finished = true;
-            }
+            BackendEvent::Error(msg) => self.on_error(msg),
         }
     }
 
-    fn settle(&mut self, prompt: u64, completion: u64, finish_reason: FinishReason) {
+    fn on_error(&mut self, msg: String) {
+        tracing::warn!(error = %msg, "generation failed mid-stream");
+        let body = ApiError::Internal(msg).envelope();
+        self.pending
+            .push_back(Event::default().data(body.to_string()));
+        // Nothing billable was delivered completely: give the units back.
+        if let Some(r) = self.reservation.take()
+            && let Err(e) = r.release()
+        {
+            tracing::error!(error = %e, "cannot release a reservation");
+        }
+        self.finished = true;
+    }
+
+    /// Charges the stack and logs the request; unfinished choices count as cancelled.
+    fn settle(&mut self, prompt: u64, completion: u64) {
         if let Some(first) = self.first_token_at
             && completion > 1
         {
             metrics::time_per_output_token(first.elapsed().as_secs_f64() / (completion - 1) as f64);
         }
         if let Some(r) = self.reservation.take() {
+            let outputs = self
+                .choices
+                .iter_mut()
+                .map(|c| {
+                    let f = c.finish.unwrap_or(FinishReason::Cancelled);
+                    (std::mem::take(&mut c.output_ids), f)
+                })
+                .collect();
             let settled = self.log.settled(
                 ResponseRecord::Stream(std::mem::take(&mut self.chunks)),
                 self.hash.finish(),
-                std::mem::take(&mut self.output_ids),
-                finish_reason,
+                outputs,
                 (prompt, completion),
             );
             match r.settle(settled) {
@@ -248,9 +285,9 @@ impl Drop for State {
     fn drop(&mut self) {
         // The client went away before the end: charge what was generated, release the rest.
         if self.reservation.is_some() {
-            let (p, c) = (self.meta.prompt_tokens, self.completion_tokens);
+            let (p, c) = (self.meta.prompt_tokens, self.completion_tokens());
             tracing::info!(id = %self.meta.id, completion_tokens = c, "client disconnected mid-stream");
-            self.settle(p, c, FinishReason::Cancelled);
+            self.settle(p, c);
         }
     }
 }
@@ -265,12 +302,8 @@ fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
                 return None;
             }
             match st.events.next().await {
-                Some(ev) => st.on_event(ev),
-                None => {
-                    st.on_event(BackendEvent::Error(
-                        "the backend stopped without finishing".into(),
-                    ));
-                }
+                Some((i, ev)) => st.on_event(i, ev),
+                None => st.on_error("the backend stopped without finishing".into()),
             }
         }
     })
@@ -279,10 +312,11 @@ fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
 pub(crate) fn sse(
     s: AppState,
     meta: Meta,
-    backend_events: BoxStream<'static, BackendEvent>,
+    backend_events: BoxStream<'static, (usize, BackendEvent)>,
     reservation: Reservation,
     include_usage: bool,
     log: RequestLog,
+    n: usize,
 ) -> Response {
     let keys = s.inner.keys.clone();
     let echo = meta.echo.clone();
@@ -292,22 +326,20 @@ pub(crate) fn sse(
         keys,
         meta,
         include_usage,
-        completion_tokens: 0,
         hash: RunningHash::default(),
         chunks: Vec::new(),
-        output_ids: Vec::new(),
+        choices: (0..n).map(|_| ChoiceState::default()).collect(),
         log,
         pending: VecDeque::new(),
-        logprobs: Vec::new(),
-        sent_chars: 0,
-        tool_calls: 0,
         started: Instant::now(),
         first_token_at: None,
         finished: false,
     };
     if let Some(text) = echo.filter(|t| !t.is_empty()) {
-        let e = state.chunk(Some(&text), None, None);
-        state.pending.push_back(e);
+        for i in 0..n {
+            let e = state.chunk(i, Delta::Text(&text));
+            state.pending.push_back(e);
+        }
     }
     Sse::new(events(state))
         .keep_alive(KeepAlive::default())

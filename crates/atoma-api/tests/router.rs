@@ -67,7 +67,7 @@ async fn bad_input_is_400() {
             "temperature",
         ),
         (
-            r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+            r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 200}"#,
             "`n`",
         ),
     ] {

@@ -133,7 +133,6 @@ async fn unsupported_parameters_are_refused_by_name_and_harmless_ones_accepted()
         ("reasoning_effort", json!("low")),
         ("verbosity", json!("low")),
         ("store", json!(true)),
-        ("n", json!(2)),
     ];
     for (i, (name, value)) in refused.iter().enumerate() {
         let mut body: Value = serde_json::from_str(&chat(i as u32, 4)).unwrap();
@@ -235,6 +234,15 @@ async fn unsupported_parameters_are_refused_by_name_and_harmless_ones_accepted()
             "top_k",
         ),
         (json!({"model": "tiny", "prompt": "a", "min_p": 2}), "min_p"),
+        (json!({"model": "tiny", "prompt": "a", "n": 0}), "`n`"),
+        (
+            json!({"model": "tiny", "prompt": "a", "n": 9}),
+            "at most 8 choices",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "a", "n": 2, "best_of": 3}),
+            "best_of",
+        ),
     ] {
         let path = if body.get("messages").is_some() {
             "/v1/chat/completions"

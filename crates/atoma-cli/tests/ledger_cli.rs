@@ -315,6 +315,7 @@ fn make_log(stack: u64, node: u64) -> StackLog {
             usage_completion_tokens: 2,
             model_sha256: [0xab; 32],
             determinism_class: "atoma-engine/1/cpu/kv-f16".into(),
+            extra_choices: Vec::new(),
         }
     };
     StackLog {

@@ -84,6 +84,7 @@ fn record(i: usize, user: &Keypair, node: &Keypair, stream: bool) -> (LogRecord,
         usage_completion_tokens: ANSWER_TOKENS as u64,
         model_sha256: [7; 32],
         determinism_class: "atoma-engine/numerics-1/cpu/kv-f16".into(),
+        extra_choices: Vec::new(),
     };
     (rec, hash)
 }

@@ -192,20 +192,26 @@ impl InferenceBackend for EngineBackend {
     fn prepare(&self, req: InferenceRequest) -> Result<Prepared, BackendError> {
         let seed = req.seed.unwrap_or_else(random_seed);
         let (execution, sampling) = self.execution(&req, seed)?;
-        // A bad schema is refused here, before any unit is reserved.
+        // A bad schema is refused here, before any unit is reserved. Each choice has its own
+        // grammar state.
         let grammar = grammar_of(&req);
-        let constraint = self
-            .engine
-            .model()
-            .compile_grammar(grammar.as_ref())
-            .map_err(map_err)?;
+        let constraints = (0..req.n.max(1))
+            .map(|_| {
+                self.engine
+                    .model()
+                    .compile_grammar(grammar.as_ref())
+                    .map_err(map_err)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let prompt = execution.prompt_token_ids.clone();
         let engine = self.engine.clone();
         let echo = self.echo_text(&req);
-        Ok(Prepared::new(prompt.len() as u64, execution, move || {
-            start(&engine, prompt, req, sampling, grammar, constraint)
-        })
-        .with_echo(echo))
+        Ok(
+            Prepared::with_choices(prompt.len() as u64, execution, move || {
+                start(&engine, prompt, req, sampling, grammar, constraints)
+            })
+            .with_echo(echo),
+        )
     }
 
     fn tokenize(
@@ -309,8 +315,6 @@ impl EngineBackend {
     }
 }
 
-/// Submits a tokenized request to the engine and maps its events to the API's.
-/// The grammar a request's output must match.
 /// The grammar a request's output must match: its tools' call format (with text, or JSON
 /// matching `response_format`, as the alternative under `tool_choice: auto`), else its
 /// `response_format` schema. A pure function of the request, so a verifier derives the same.
@@ -321,16 +325,23 @@ pub(crate) fn grammar_of(req: &InferenceRequest) -> Option<GrammarSpec> {
     }
 }
 
+/// The seed of choice `i` of a request seeded `seed` (documented in `docs/protocol.md` §1).
+pub(crate) fn choice_seed(seed: u64, i: u32) -> u64 {
+    seed.wrapping_add(u64::from(i))
+}
+
+/// Submits a tokenized request's choices to the engine as one group (the prompt is computed
+/// once) and maps each choice's events to the API's.
 fn start(
     engine: &Engine,
     prompt: Vec<u32>,
     req: InferenceRequest,
     sampling: SamplingParams,
     grammar: Option<GrammarSpec>,
-    constraint: Option<Constraint>,
-) -> Result<BoxStream<'static, BackendEvent>, BackendError> {
+    constraints: Vec<Option<Constraint>>,
+) -> Result<Vec<BoxStream<'static, BackendEvent>>, BackendError> {
     let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
-    g.stop = req.stop;
+    g.stop = req.stop.clone();
     g.ignore_eos = req.ignore_eos;
     g.sampling = sampling;
     g.grammar = grammar;
@@ -338,17 +349,39 @@ fn start(
         g.logprobs = true;
         g.top_logprobs = usize::from(k);
     }
-    let stream = engine.submit_compiled(g, constraint).map_err(map_err)?;
+    let group = constraints
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut r = g.clone();
+            r.sampling.seed = choice_seed(g.sampling.seed, i as u32);
+            (r, c)
+        })
+        .collect();
+    let streams = engine.submit_group(group).map_err(map_err)?;
     let model = engine.model_arc();
-    // With tools, the text is split into content and calls as it arrives.
-    let splitter = req.tools.as_ref().map(|_| CallSplitter::default());
+    let tools = req.tools.is_some();
+    Ok(streams
+        .into_iter()
+        .map(|s| events(s, model.clone(), tools))
+        .collect())
+}
+
+/// One choice's engine events as the API's; with tools, the text is split into content and
+/// calls as it arrives.
+fn events(
+    stream: atoma_engine::GenerationStream,
+    model: std::sync::Arc<atoma_engine::LoadedModel>,
+    tools: bool,
+) -> BoxStream<'static, BackendEvent> {
+    let splitter = tools.then(CallSplitter::default);
     let calls = |split: atoma_engine::tools::Split| {
         split
             .calls
             .into_iter()
             .map(|(name, arguments)| BackendEvent::ToolCall { name, arguments })
     };
-    Ok(futures_util::stream::unfold(
+    futures_util::stream::unfold(
         (stream, splitter, true),
         move |(mut s, mut splitter, open)| {
             let model = model.clone();
@@ -422,5 +455,5 @@ fn start(
         },
     )
     .flat_map(futures_util::stream::iter)
-    .boxed())
+    .boxed()
 }

@@ -76,8 +76,9 @@ struct Answer {
     finish: Option<String>,
 }
 
-/// The text, tool calls and finish reason of a signed answer as the client got it.
-fn answer_text(response: &ResponseRecord) -> Result<Answer, String> {
+/// The text, tool calls and finish reason of each choice of a signed answer as the client got
+/// it, by choice index.
+fn answer_text(response: &ResponseRecord) -> Result<Vec<Answer>, String> {
     let parse = |t: &str| serde_json::from_str::<Value>(t).map_err(|e| e.to_string());
     let piece = |c: &Value| -> String {
         c["message"]["content"]
@@ -87,7 +88,7 @@ fn answer_text(response: &ResponseRecord) -> Result<Answer, String> {
             .unwrap_or_default()
             .to_string()
     };
-    let mut answer = Answer::default();
+    let mut answers: Vec<Answer> = Vec::new();
     let bodies = match response {
         ResponseRecord::Json(t) => vec![parse(t)?],
         ResponseRecord::Stream(chunks) => {
@@ -96,6 +97,14 @@ fn answer_text(response: &ResponseRecord) -> Result<Answer, String> {
     };
     for b in &bodies {
         for c in b["choices"].as_array().into_iter().flatten() {
+            let index = c["index"].as_u64().unwrap_or(0) as usize;
+            if index > 1024 {
+                return Err(format!("choice index {index}"));
+            }
+            if answers.len() <= index {
+                answers.resize_with(index + 1, Answer::default);
+            }
+            let answer = &mut answers[index];
             answer.text.push_str(&piece(c));
             let calls = c["message"]["tool_calls"]
                 .as_array()
@@ -112,7 +121,7 @@ fn answer_text(response: &ResponseRecord) -> Result<Answer, String> {
             }
         }
     }
-    Ok(answer)
+    Ok(answers)
 }
 
 fn finish_of(s: &str) -> Option<FinishReason> {
@@ -181,31 +190,102 @@ impl EngineBackend {
                 "the logged sampling parameters are not the signed request's",
             ));
         }
+        let choices: Vec<(&[u32], &str)> =
+            std::iter::once((rec.output_tokens.as_slice(), rec.finish_reason.as_str()))
+                .chain(
+                    rec.extra_choices
+                        .iter()
+                        .map(|c| (c.output_tokens.as_slice(), c.finish_reason.as_str())),
+                )
+                .collect();
+        if choices.len() != req.n as usize {
+            return Ok(disagree(
+                None,
+                format!(
+                    "the log holds {} choices, the request asked for {}",
+                    choices.len(),
+                    req.n
+                ),
+            ));
+        }
         if rec.usage_prompt_tokens != rec.prompt_tokens.len() as u64
-            || rec.usage_completion_tokens != rec.output_tokens.len() as u64
+            || rec.usage_completion_tokens != rec.generated_tokens()
         {
             return Ok(disagree(None, "the usage does not match the token ids"));
         }
-        let Some(finish) = finish_of(&rec.finish_reason) else {
-            return Ok(disagree(
-                None,
-                format!("unknown finish reason `{}`", rec.finish_reason),
-            ));
+        let answers = match answer_text(&rec.response) {
+            Ok(v) => v,
+            Err(e) => return Ok(disagree(None, format!("the answer is not JSON: {e}"))),
         };
+        if answers.len() > choices.len() {
+            return Ok(disagree(None, "the answer has more choices than the log"));
+        }
+        // Each choice is re-executed with its own seed; a disagreeing position counts the
+        // tokens of the choices before it (positions run over the choices in order).
+        let mut offset = 0;
+        for (i, &(output, finish_reason)) in choices.iter().enumerate() {
+            let answer = answers.get(i);
+            if let Some(v) = self.reexecute_choice(
+                &req,
+                rec,
+                &sampling,
+                echo.as_deref(),
+                (i, output, finish_reason),
+                answer,
+            )? {
+                return Ok(match v {
+                    RecordVerdict::Disagree {
+                        position: Some(p),
+                        reason,
+                    } => disagree(Some(offset + p), reason),
+                    other => other,
+                });
+            }
+            offset += output.len();
+        }
+        Ok(RecordVerdict::Agree)
+    }
+
+    /// Re-executes choice `i` of a record: `None` if it agrees, else the disagreement
+    /// (its position within the choice).
+    fn reexecute_choice(
+        &self,
+        req: &InferenceRequest,
+        rec: &LogRecord,
+        sampling: &atoma_engine::SamplingParams,
+        echo: Option<&str>,
+        (i, output, finish_reason): (usize, &[u32], &str),
+        answer: Option<&Answer>,
+    ) -> Result<Option<RecordVerdict>, String> {
+        let choice = |r: &str| {
+            if rec.extra_choices.is_empty() {
+                r.to_string()
+            } else {
+                format!("choice {i}: {r}")
+            }
+        };
+        let Some(finish) = finish_of(finish_reason) else {
+            return Ok(Some(disagree(
+                None,
+                choice(&format!("unknown finish reason `{finish_reason}`")),
+            )));
+        };
+        let mut sampling = sampling.clone();
+        sampling.seed = crate::engine_backend::choice_seed(rec.seed, i as u32);
         // The sampler as the signed body configures it; its record fields were checked equal
-        // to the logged ones just above (the logit bias is the body's alone).
+        // to the logged ones (the logit bias is the body's alone).
         let verdict = self
             .engine()
             .verify(VerifyRequest {
                 prompt: rec.prompt_tokens.clone(),
-                output: rec.output_tokens.clone(),
+                output: output.to_vec(),
                 max_tokens: rec.sampling.max_tokens as usize,
                 sampling,
                 stop: rec.sampling.stop.clone(),
                 stop_token_ids: Vec::new(),
                 ignore_eos: rec.sampling.ignore_eos,
                 finish,
-                grammar: crate::engine_backend::grammar_of(&req),
+                grammar: crate::engine_backend::grammar_of(req),
             })
             .map_err(|e| e.to_string())?
             .verdict_blocking()
@@ -217,17 +297,17 @@ impl EngineBackend {
                 logged,
                 reason,
             } => {
-                return Ok(disagree(
+                return Ok(Some(disagree(
                     Some(position),
-                    format!("{reason} (sampler: {expected:?}, log: {logged:?})"),
-                ));
+                    choice(&format!(
+                        "{reason} (sampler: {expected:?}, log: {logged:?})"
+                    )),
+                )));
             }
             Verdict::Agree { text } => text,
         };
-        let answer = match answer_text(&rec.response) {
-            Ok(v) => v,
-            Err(e) => return Ok(disagree(None, format!("the answer is not JSON: {e}"))),
-        };
+        let empty = Answer::default();
+        let answer = answer.unwrap_or(&empty);
         // With tools, the output is split into content and calls exactly as the node does.
         let (text, calls) = if req.tools.is_some() {
             atoma_engine::tools::split_answer(&text)
@@ -235,35 +315,35 @@ impl EngineBackend {
             (text, Vec::new())
         };
         if answer.calls != calls {
-            return Ok(disagree(
+            return Ok(Some(disagree(
                 None,
-                "the answer's tool calls are not the ones in the detokenized output",
-            ));
+                choice("the answer's tool calls are not the ones in the detokenized output"),
+            )));
         }
         let expected_finish = if !calls.is_empty() && finish == FinishReason::Stop {
             "tool_calls"
         } else {
-            rec.finish_reason.as_str()
+            finish_reason
         };
-        let Some(answered) = answer.text.strip_prefix(echo.as_deref().unwrap_or("")) else {
-            return Ok(disagree(
+        let Some(answered) = answer.text.strip_prefix(echo.unwrap_or("")) else {
+            return Ok(Some(disagree(
                 None,
-                "the answer does not begin with the echoed prompt",
-            ));
+                choice("the answer does not begin with the echoed prompt"),
+            )));
         };
         if answered != text {
-            return Ok(disagree(
+            return Ok(Some(disagree(
                 None,
-                "the answer's text is not the detokenized output",
-            ));
+                choice("the answer's text is not the detokenized output"),
+            )));
         }
         if finish != FinishReason::Cancelled && answer.finish.as_deref() != Some(expected_finish) {
-            return Ok(disagree(
+            return Ok(Some(disagree(
                 None,
-                "the answer's finish reason is not the logged one",
-            ));
+                choice("the answer's finish reason is not the logged one"),
+            )));
         }
-        Ok(RecordVerdict::Agree)
+        Ok(None)
     }
 }
 

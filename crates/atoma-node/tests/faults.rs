@@ -27,7 +27,6 @@ use atoma_ledger::{
 use atoma_node::{Duties, EngineBackend, NodeParts, SettlementPolicy, bind, sync_blocking};
 use atoma_state::log::StackLog;
 use atoma_state::meter::Meter;
-use futures_util::StreamExt;
 use serde_json::json;
 
 const DIGEST: [u8; 32] = [7; 32];
@@ -91,37 +90,30 @@ impl InferenceBackend for Faulty {
             // Logged as the seed the user asked for.
             p.execution.seed = logged_seed.unwrap_or(0);
         }
-        let (tokens, execution, echo) = (p.prompt_tokens, p.execution.clone(), p.echo.clone());
         let fault = self.fault;
-        Ok(Prepared::new(tokens, execution, move || {
-            let stream = p.start()?;
-            let mut n = 0;
-            Ok(stream
-                .map(move |ev| match (fault, ev) {
-                    (Fault::SwapToken, BackendEvent::Token { id, text, logprobs }) => {
-                        n += 1;
-                        let id = if n == 3 { (id + 1) % 200 + 3 } else { id };
-                        BackendEvent::Token { id, text, logprobs }
-                    }
-                    (
-                        Fault::OverBill,
-                        BackendEvent::Done {
-                            finish_reason,
-                            prompt_tokens,
-                            completion_tokens,
-                            cached_tokens,
-                        },
-                    ) => BackendEvent::Done {
-                        finish_reason,
-                        prompt_tokens,
-                        completion_tokens: completion_tokens + 3,
-                        cached_tokens,
-                    },
-                    (_, ev) => ev,
-                })
-                .boxed())
-        })
-        .with_echo(echo))
+        let mut n = 0;
+        Ok(p.map_events(move |i, ev| match (fault, ev) {
+            (Fault::SwapToken, BackendEvent::Token { id, text, logprobs }) if i == 0 => {
+                n += 1;
+                let id = if n == 3 { (id + 1) % 200 + 3 } else { id };
+                BackendEvent::Token { id, text, logprobs }
+            }
+            (
+                Fault::OverBill,
+                BackendEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_tokens,
+                },
+            ) => BackendEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens: completion_tokens + 3,
+                cached_tokens,
+            },
+            (_, ev) => ev,
+        }))
     }
 }
 
@@ -260,7 +252,7 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
     }));
 
     // Six requests, streamed and not, seeded and not, with every sampling control the API
-    // takes (log-probabilities, logit bias, top-k, min-p, repetition penalty), tool calls
+    // takes (log-probabilities, logit bias, top-k, min-p, repetition penalty, n > 1), tool calls
     // (required, and auto after a tool's answer), and completions with a token-id prompt and
     // with echo: an honest log of all of them must verify.
     let (u, sid) = (user.clone(), stack.small_id);
@@ -277,11 +269,13 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
                     body["top_logprobs"] = json!(2);
                     body["logit_bias"] = json!({"5": 3.5, "7": -100});
                     body["top_k"] = json!(12);
+                    body["n"] = json!(2);
                 }
                 1 => {
                     body["min_p"] = json!(0.05);
                     body["repetition_penalty"] = json!(1.3);
                     body["logprobs"] = json!(true);
+                    body["n"] = json!(3);
                 }
                 2 | 3 => {
                     body["max_tokens"] = json!(100);

@@ -9,6 +9,7 @@
 //!
 //! Encoding (version 1, `docs/protocol.md`): little-endian integers; `bytes` is a u32 length
 //! then the bytes; `str` is `bytes` holding UTF-8; `list<T>` is a u32 count then the items.
+//! A request with `n` > 1 appends its other choices (`list<(list<u32>, str)>`, never empty).
 //! Decoding is strict (no trailing bytes, lengths within the input, valid UTF-8, flags 0 or 1),
 //! so one blob has exactly one meaning and re-encoding a decoded blob gives the same bytes.
 
@@ -63,6 +64,16 @@ pub struct LogRecord {
     pub usage_completion_tokens: u64,
     pub model_sha256: [u8; 32],
     pub determinism_class: String,
+    /// Choices 1.. of a request with `n` > 1 (choice 0 is `output_tokens` and
+    /// `finish_reason`); choice `i` samples with seed `seed + i` (wrapping).
+    pub extra_choices: Vec<ChoiceRecord>,
+}
+
+/// One more choice of a request with `n` > 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChoiceRecord {
+    pub output_tokens: Vec<u32>,
+    pub finish_reason: String,
 }
 
 /// Why a log or record is not acceptable.
@@ -117,6 +128,16 @@ impl LogRecord {
             .map_err(|e| e.to_string())
     }
 
+    /// Tokens generated over all choices (what `usage_completion_tokens` must be).
+    pub fn generated_tokens(&self) -> u64 {
+        let extra: usize = self
+            .extra_choices
+            .iter()
+            .map(|c| c.output_tokens.len())
+            .sum();
+        (self.output_tokens.len() + extra) as u64
+    }
+
     /// The Merkle leaf `Blake2b-256(request_hash ‖ response_hash)`.
     pub fn leaf(&self) -> Result<Digest, String> {
         Ok(merkle::leaf(&self.request_hash(), &self.response_hash()?.0))
@@ -167,6 +188,14 @@ impl LogRecord {
         w.u64(self.usage_completion_tokens);
         w.0.extend_from_slice(&self.model_sha256);
         w.str(&self.determinism_class);
+        // Present only for n > 1 (so records of one choice keep their bytes).
+        if !self.extra_choices.is_empty() {
+            w.u32(self.extra_choices.len() as u32);
+            for c in &self.extra_choices {
+                w.tokens(&c.output_tokens);
+                w.str(&c.finish_reason);
+            }
+        }
         w.0
     }
 
@@ -199,6 +228,19 @@ impl LogRecord {
         let usage_completion_tokens = r.u64()?;
         let model_sha256 = r.array()?;
         let determinism_class = r.str()?;
+        let mut extra_choices = Vec::new();
+        if !r.0.is_empty() {
+            let n = r.count(8)?;
+            if n == 0 {
+                return Err("an empty list of extra choices (it is omitted instead)".into());
+            }
+            for _ in 0..n {
+                extra_choices.push(ChoiceRecord {
+                    output_tokens: r.tokens()?,
+                    finish_reason: r.str()?,
+                });
+            }
+        }
         if !r.0.is_empty() {
             return Err(format!("{} trailing bytes", r.0.len()));
         }
@@ -226,6 +268,7 @@ impl LogRecord {
             usage_completion_tokens,
             model_sha256,
             determinism_class,
+            extra_choices,
         })
     }
 }

@@ -4,7 +4,7 @@
 use atoma_crypto::merkle;
 use atoma_crypto::signed_json::{canonical, sign_json};
 use atoma_crypto::{Keypair, blake2b256};
-use atoma_state::log::{LogRecord, ResponseRecord, SamplingRecord, StackLog};
+use atoma_state::log::{ChoiceRecord, LogRecord, ResponseRecord, SamplingRecord, StackLog};
 use serde_json::json;
 
 fn hex(b: &[u8]) -> String {
@@ -76,6 +76,7 @@ fn vector_log() -> StackLog {
             usage_completion_tokens: 2,
             model_sha256: [0xab; 32],
             determinism_class: "atoma-engine/1/cpu/kv-f16".into(),
+            extra_choices: Vec::new(),
         }
     };
     StackLog {
@@ -148,6 +149,33 @@ fn logs_round_trip_and_re_encode_identically() {
     assert_eq!(back.encode(), blob);
     let parts: Vec<Vec<u8>> = log.records.iter().map(LogRecord::encode).collect();
     assert_eq!(StackLog::assemble(7, 3, &parts), blob);
+}
+
+#[test]
+fn the_other_choices_of_n_round_trip_and_one_choice_keeps_its_bytes() {
+    let mut rec = vector_log().records[0].clone();
+    let single = rec.encode();
+    rec.extra_choices = vec![
+        ChoiceRecord {
+            output_tokens: vec![5, 6, 7],
+            finish_reason: "length".into(),
+        },
+        ChoiceRecord {
+            output_tokens: vec![],
+            finish_reason: "stop".into(),
+        },
+    ];
+    let bytes = rec.encode();
+    assert_eq!(
+        &bytes[..single.len()],
+        &single[..],
+        "a trailer, nothing else"
+    );
+    assert_eq!(LogRecord::decode(&bytes).unwrap(), rec);
+    // An empty trailer has another encoding (none): refused, so bytes have one meaning.
+    let mut empty = single.clone();
+    empty.extend_from_slice(&0u32.to_le_bytes());
+    assert!(LogRecord::decode(&empty).is_err());
 }
 
 #[test]

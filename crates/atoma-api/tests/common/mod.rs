@@ -72,8 +72,10 @@ impl InferenceBackend for Trivial {
         let delay = self.delay;
         let execution = atoma_api::Execution::from_request(&req);
         let echo = req.echo.then(|| text.clone());
-        Ok(Prepared::new(prompt, execution, move || {
-            reply(prompt, req.max_tokens, delay, overloaded, req.logprobs)
+        Ok(Prepared::with_choices(prompt, execution, move || {
+            (0..req.n)
+                .map(|_| reply(prompt, req.max_tokens, delay, overloaded, req.logprobs))
+                .collect()
         })
         .with_echo(echo))
     }

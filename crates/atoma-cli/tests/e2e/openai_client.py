@@ -224,10 +224,31 @@ except openai.BadRequestError as e:
     assert "nope" in str(e), str(e)
 print("tools:", tc.choices[0].finish_reason, [(c.function.name, c.function.arguments) for c in calls or []])
 
+# n choices: choice i is what the same request with seed + i gives alone; streamed the same.
+raw_n = client.chat.completions.with_raw_response.create(
+    model=model, messages=messages, max_tokens=6, seed=20, temperature=0.9, n=3, extra_body=nonce())
+assert verify(raw_n.http_response.json()) == node_key
+multi = raw_n.parse()
+assert [c.index for c in multi.choices] == [0, 1, 2], multi
+for i in range(3):
+    single = client.chat.completions.create(model=model, messages=messages, max_tokens=6,
+                                            seed=20 + i, temperature=0.9, extra_body=nonce())
+    assert single.choices[0].message.content == multi.choices[i].message.content, (i, single, multi)
+texts = {}
+for ev in client.chat.completions.create(model=model, messages=messages, max_tokens=6, seed=20,
+                                         temperature=0.9, n=3, stream=True, extra_body=nonce()):
+    for ch in ev.choices:
+        texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+assert [texts[i] for i in range(3)] == [c.message.content for c in multi.choices], texts
+c = client.completions.create(model=model, prompt="Once upon", max_tokens=4, n=2, echo=True, seed=3,
+                              extra_body=nonce())
+assert len(c.choices) == 2 and all(ch.text.startswith("Once upon") for ch in c.choices), c
+print("n=3:", [ch.message.content for ch in multi.choices], multi.usage.completion_tokens, "tokens")
+
 # Parameters we do not implement are refused by name, never ignored.
 for extra, name in [({"response_format": {"type": "regex"}}, "response_format"),
                     ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
-                    ({"n": 2}, "`n`"),
+                    ({"n": 9}, "`n`"),
                     ({"modalities": ["text", "audio"]}, "modalities")]:
     try:
         client.chat.completions.create(model=model, messages=messages, max_tokens=2, **extra, extra_body=nonce())

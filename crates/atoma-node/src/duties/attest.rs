@@ -190,7 +190,7 @@ impl Duties {
                 return bad("the answer is not signed by the node".into());
             }
             if r.usage_prompt_tokens != r.prompt_tokens.len() as u64
-                || r.usage_completion_tokens != r.output_tokens.len() as u64
+                || r.usage_completion_tokens != r.generated_tokens()
             {
                 return bad("the usage does not match the token ids".into());
             }
