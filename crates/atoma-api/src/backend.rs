@@ -386,8 +386,44 @@ pub struct BackendLoad {
     pub kv_blocks_total: usize,
 }
 
+/// One input of an embeddings request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedInput {
+    /// Text, tokenized (and truncated to the model's length) as the model's pipeline does.
+    Text(String),
+    /// A complete token sequence, taken as given.
+    Tokens(Vec<u32>),
+}
+
+/// Embeddings computed for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// One vector per input, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// SHA-256 of the model's weights (for the fingerprint and the log).
+    pub model_sha256: [u8; 32],
+    /// What the bits depend on (`system_fingerprint`'s first part).
+    pub determinism_class: String,
+}
+
 /// An inference engine as the API sees it.
 pub trait InferenceBackend: Send + Sync + 'static {
+    /// Names of the embedding models served (`/v1/embeddings`); none by default.
+    fn embedding_models(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Tokenizes embeddings inputs for `model` as embedding them will (for metering first).
+    fn embed_tokenize(
+        &self,
+        model: &str,
+        _inputs: &[EmbedInput],
+    ) -> Result<Vec<Vec<u32>>, BackendError> {
+        Err(BackendError::UnknownModel(model.to_string()))
+    }
+    /// Embeds token sequences (from `embed_tokenize`) with `model`; blocking.
+    fn embed(&self, model: &str, _tokens: &[Vec<u32>]) -> Result<Embeddings, BackendError> {
+        Err(BackendError::UnknownModel(model.to_string()))
+    }
     /// How busy it is (by default: the queue depth as waiting requests).
     fn load(&self) -> BackendLoad {
         BackendLoad {

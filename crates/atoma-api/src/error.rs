@@ -129,7 +129,8 @@ impl From<MeterError> for ApiError {
             MeterError::UnknownStack(_)
             | MeterError::NotOwner(_)
             | MeterError::WrongNode { .. }
-            | MeterError::WrongModel { .. } => Self::Unauthorized(e.to_string()),
+            | MeterError::WrongModel { .. }
+            | MeterError::WrongRole { .. } => Self::Unauthorized(e.to_string()),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use atoma_ledger::{Address, StackSmallId};
-use atoma_state::meter::{Meter, MeterError};
+use atoma_state::meter::{Meter, MeterError, StackTask};
 
 use crate::Refresh;
 
@@ -49,7 +49,7 @@ impl Gate {
         &self,
         stack: StackSmallId,
         signer: &Address,
-    ) -> Result<Option<String>, MeterError> {
+    ) -> Result<StackTask, MeterError> {
         let arrived = Instant::now();
         let Some(refresh) = &self.refresh else {
             return self.meter.authorize(stack, signer);

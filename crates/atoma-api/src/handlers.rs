@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use atoma_ledger::ComputeUnits;
+use atoma_ledger::{ComputeUnits, TaskRole};
 use atoma_state::log::ResponseRecord;
-use atoma_state::meter::MeterError;
+use atoma_state::meter::{MeterError, StackTask};
 
 use crate::auth::authenticate;
 use crate::backend::{BackendEvent, FinishReason};
@@ -87,12 +87,16 @@ fn parse(kind: Kind, body: &[u8]) -> Result<Checked, ApiError> {
     }
 }
 
-async fn serve(
-    s: AppState,
-    headers: HeaderMap,
+/// The steps every metered route takes before looking at the body: the body within its limit,
+/// the backend ready, the signature, and (read-only) that the signer may spend the stack here on
+/// a task of `role`. Nothing is parsed, rendered or tokenized before this passes.
+pub(crate) async fn admit(
+    s: &AppState,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-    kind: Kind,
-) -> Result<Response, ApiError> {
+    role: TaskRole,
+    route: &str,
+) -> Result<(Bytes, crate::auth::Signed, StackTask), ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(format!(
@@ -103,18 +107,37 @@ async fn serve(
             ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
         }
     })?;
-    let backend = &s.inner.backend;
-    if !backend.ready() {
+    if !s.inner.backend.ready() {
         return Err(ApiError::NotReady);
     }
-    let signed = authenticate(&headers, &body)?;
-    // Authorization before any work: nothing is parsed, rendered or tokenized for a signer
-    // who may not spend this stack here.
+    let signed = authenticate(headers, &body)?;
     let gate = s.inner.gate.clone();
     let (stack, signer) = (signed.stack, signed.signer);
-    let task_model = tokio::task::spawn_blocking(move || gate.authorize(stack, &signer))
+    let task = tokio::task::spawn_blocking(move || gate.authorize(stack, &signer))
         .await
         .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
+    if task.role != role {
+        return Err(MeterError::WrongRole {
+            stack,
+            role: task.role,
+            needed: role,
+            route: route.into(),
+        }
+        .into());
+    }
+    Ok((body, signed, task))
+}
+
+async fn serve(
+    s: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let (body, signed, task) =
+        admit(&s, &headers, body, TaskRole::ChatCompletion, kind.route()).await?;
+    let backend = &s.inner.backend;
+    let stack = signed.stack;
     let checked = parse(kind, &body)?;
     let req = checked.inference;
     if req.n > s.inner.max_n {
@@ -126,7 +149,7 @@ async fn serve(
     if !backend.models().contains(&req.model) {
         return Err(ApiError::UnknownModel(req.model));
     }
-    if let Some(expected) = task_model
+    if let Some(expected) = task.model
         && expected != req.model
     {
         return Err(MeterError::WrongModel {
@@ -436,11 +459,11 @@ pub(crate) async fn detokenize(
 }
 
 pub(crate) async fn models(State(s): State<AppState>) -> Response {
-    let data: Vec<_> = s
-        .inner
-        .backend
+    let b = &s.inner.backend;
+    let data: Vec<_> = b
         .models()
         .into_iter()
+        .chain(b.embedding_models())
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "atoma"}))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod embeddings;
 pub mod error;
 mod gate;
 mod handlers;
@@ -31,9 +32,9 @@ use atoma_crypto::Keypair;
 use atoma_state::meter::Meter;
 
 pub use backend::{
-    BackendError, BackendEvent, BackendLoad, ChatTurn, Execution, FinishReason, InferenceBackend,
-    InferenceRequest, Logprobs, Prepared, Prompt, Role, SamplingRecord, TokenLogprob, ToolCall,
-    ToolChoice, ToolDef, Tools,
+    BackendError, BackendEvent, BackendLoad, ChatTurn, EmbedInput, Embeddings, Execution,
+    FinishReason, InferenceBackend, InferenceRequest, Logprobs, Prepared, Prompt, Role,
+    SamplingRecord, TokenLogprob, ToolCall, ToolChoice, ToolDef, Tools,
 };
 pub use error::ApiError;
 
@@ -122,6 +123,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(handlers::models))
         .route("/v1/node/status", get(handlers::status))
         .route(

@@ -3,9 +3,11 @@
 //! event stream into the API's. Dropping the API's stream drops the engine's, which cancels the
 //! request at the next token.
 
+use std::sync::Arc;
+
 use atoma_api::{
-    BackendError, BackendEvent, Execution, InferenceBackend, InferenceRequest, Logprobs, Prepared,
-    Prompt, SamplingRecord, TokenLogprob,
+    BackendError, BackendEvent, EmbedInput, Embeddings, Execution, InferenceBackend,
+    InferenceRequest, Logprobs, Prepared, Prompt, SamplingRecord, TokenLogprob,
 };
 use atoma_engine::grammar::Constraint;
 use atoma_engine::tools::CallSplitter;
@@ -16,14 +18,26 @@ use atoma_engine::{
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 
-/// An engine serving one model under `name`.
+/// An engine serving one model under `name`, and optionally an embedding model.
 #[derive(Debug, Clone)]
 pub struct EngineBackend {
     engine: Engine,
     name: String,
     model_sha256: [u8; 32],
     determinism_class: String,
+    embedder: Option<Arc<ServedEmbedder>>,
 }
+
+/// An embedding model and the name it is served under.
+#[derive(Debug)]
+struct ServedEmbedder {
+    embedder: atoma_embed::Embedder,
+    name: String,
+}
+
+/// The determinism class of embeddings: the vectors' bits depend on the embedding crate's
+/// numerics (f32 on the CPU), not on the batch or the thread count.
+pub const EMBED_DETERMINISM_CLASS: &str = "atoma-embed/numerics-1/cpu/f32";
 
 impl EngineBackend {
     /// Serves `engine` as model `name`; `model_sha256` is the SHA-256 of the model file, which
@@ -35,6 +49,27 @@ impl EngineBackend {
             name: name.into(),
             model_sha256,
             determinism_class,
+            embedder: None,
+        }
+    }
+
+    /// Also serves `embedder` under `name` (`/v1/embeddings`).
+    pub fn with_embedder(
+        mut self,
+        embedder: atoma_embed::Embedder,
+        name: impl Into<String>,
+    ) -> Self {
+        self.embedder = Some(Arc::new(ServedEmbedder {
+            embedder,
+            name: name.into(),
+        }));
+        self
+    }
+
+    fn embedder(&self, model: &str) -> Result<&atoma_embed::Embedder, BackendError> {
+        match &self.embedder {
+            Some(e) if e.name == model => Ok(&e.embedder),
+            _ => Err(BackendError::UnknownModel(model.to_string())),
         }
     }
 
@@ -166,9 +201,68 @@ fn random_seed() -> u64 {
     u64::from_le_bytes(b)
 }
 
+fn embed_err(e: atoma_embed::EmbedError) -> BackendError {
+    match e {
+        atoma_embed::EmbedError::Tokenize { .. }
+        | atoma_embed::EmbedError::TokenOutOfRange { .. }
+        | atoma_embed::EmbedError::EmptyInput { .. }
+        | atoma_embed::EmbedError::TooManyTokens { .. } => BackendError::Invalid(e.to_string()),
+        other => BackendError::Internal(other.to_string()),
+    }
+}
+
 impl InferenceBackend for EngineBackend {
     fn models(&self) -> Vec<String> {
         vec![self.name.clone()]
+    }
+
+    fn embedding_models(&self) -> Vec<String> {
+        self.embedder.iter().map(|e| e.name.clone()).collect()
+    }
+
+    fn embed_tokenize(
+        &self,
+        model: &str,
+        inputs: &[EmbedInput],
+    ) -> Result<Vec<Vec<u32>>, BackendError> {
+        let e = self.embedder(model)?;
+        let vocab = e.config().vocab_size;
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| match x {
+                EmbedInput::Text(t) => e.tokenize(t).map_err(embed_err),
+                EmbedInput::Tokens(ids) => {
+                    if ids.len() > e.max_tokens() {
+                        return Err(BackendError::Invalid(format!(
+                            "input {i} has {} tokens; `{model}` reads at most {}",
+                            ids.len(),
+                            e.max_tokens()
+                        )));
+                    }
+                    if let Some(t) = ids.iter().find(|&&t| t as usize >= vocab) {
+                        return Err(BackendError::Invalid(format!(
+                            "input {i}: token id {t} is not in the vocabulary of {vocab}"
+                        )));
+                    }
+                    Ok(ids.clone())
+                }
+            })
+            .collect()
+    }
+
+    fn embed(&self, model: &str, tokens: &[Vec<u32>]) -> Result<Embeddings, BackendError> {
+        let e = self.embedder(model)?;
+        let inputs: Vec<atoma_embed::EmbedInput<'_>> = tokens
+            .iter()
+            .map(|t| atoma_embed::EmbedInput::Tokens(t))
+            .collect();
+        let out = e.embed(&inputs).map_err(embed_err)?;
+        Ok(Embeddings {
+            vectors: out.into_iter().map(|x| x.vector).collect(),
+            model_sha256: e.weights_sha256(),
+            determinism_class: EMBED_DETERMINISM_CLASS.into(),
+        })
     }
 
     fn ready(&self) -> bool {

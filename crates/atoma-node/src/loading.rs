@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use atoma_api::{BackendError, InferenceBackend, InferenceRequest, Prepared};
+use atoma_api::{
+    BackendError, EmbedInput, Embeddings, InferenceBackend, InferenceRequest, Prepared,
+};
 
 /// A backend that becomes ready when `set`.
 #[derive(Clone, Default)]
@@ -12,6 +14,8 @@ pub struct LoadingBackend {
     inner: Arc<OnceLock<Arc<dyn InferenceBackend>>>,
     /// Names served once loaded (known from the config before loading).
     names: Vec<String>,
+    /// Embedding models served once loaded.
+    embedding_names: Vec<String>,
 }
 
 impl std::fmt::Debug for LoadingBackend {
@@ -29,7 +33,14 @@ impl LoadingBackend {
         Self {
             inner: Arc::default(),
             names,
+            embedding_names: Vec::new(),
         }
+    }
+
+    /// Also serves the embedding models `names` once loaded.
+    pub fn with_embedding_models(mut self, names: Vec<String>) -> Self {
+        self.embedding_names = names;
+        self
     }
 
     /// Makes the backend ready (later calls are ignored).
@@ -49,6 +60,24 @@ impl InferenceBackend for LoadingBackend {
         self.inner
             .get()
             .map_or_else(|| self.names.clone(), |b| b.models())
+    }
+
+    fn embedding_models(&self) -> Vec<String> {
+        self.inner
+            .get()
+            .map_or_else(|| self.embedding_names.clone(), |b| b.embedding_models())
+    }
+
+    fn embed_tokenize(
+        &self,
+        model: &str,
+        inputs: &[EmbedInput],
+    ) -> Result<Vec<Vec<u32>>, BackendError> {
+        self.get()?.embed_tokenize(model, inputs)
+    }
+
+    fn embed(&self, model: &str, tokens: &[Vec<u32>]) -> Result<Embeddings, BackendError> {
+        self.get()?.embed(model, tokens)
     }
 
     fn ready(&self) -> bool {

@@ -136,6 +136,9 @@ fn finish_of(s: &str) -> Option<FinishReason> {
 impl EngineBackend {
     /// The re-execution of `rec` (blocking: it waits for the engine's verdict).
     pub fn reexecute_record(&self, rec: &LogRecord) -> Result<RecordVerdict, String> {
+        if is_embeddings_body(&rec.request_body) {
+            return self.reexecute_embeddings(rec);
+        }
         if rec.model_sha256 != self.model_sha256() {
             return Ok(disagree(
                 None,
@@ -344,6 +347,96 @@ impl EngineBackend {
             )));
         }
         Ok(None)
+    }
+}
+
+/// Whether a logged body is an embeddings request (`input`, neither `messages` nor `prompt`).
+fn is_embeddings_body(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+        v.get("input").is_some() && v.get("messages").is_none() && v.get("prompt").is_none()
+    })
+}
+
+impl EngineBackend {
+    /// Re-executes an embeddings record: the inputs tokenized again must be the logged tokens,
+    /// and the vectors computed again must be the answer's, bit for bit (as encoded).
+    fn reexecute_embeddings(&self, rec: &LogRecord) -> Result<RecordVerdict, String> {
+        use atoma_api::InferenceBackend;
+        let req = match atoma_api::embeddings::parse_logged(&rec.request_body) {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(disagree(
+                    None,
+                    format!("the signed body is not a valid request: {e}"),
+                ));
+            }
+        };
+        if !self.embedding_models().contains(&req.model) {
+            // Not something this node can check: retry later (or never), do not dispute.
+            return Err(format!(
+                "this node does not serve embedding model `{}`",
+                req.model
+            ));
+        }
+        let tokens = match self.embed_tokenize(&req.model, &req.inputs) {
+            Ok(t) => t,
+            Err(e) => {
+                return Ok(disagree(
+                    None,
+                    format!("the signed body cannot be served: {e}"),
+                ));
+            }
+        };
+        let out = self.embed(&req.model, &tokens).map_err(|e| e.to_string())?;
+        if rec.model_sha256 != out.model_sha256 {
+            return Ok(disagree(
+                None,
+                "the record names other embedding weights than the task's",
+            ));
+        }
+        if rec.determinism_class != out.determinism_class {
+            return Ok(disagree(
+                None,
+                "the record's determinism class is not this node's",
+            ));
+        }
+        if tokens.concat() != rec.prompt_tokens {
+            return Ok(disagree(
+                None,
+                "the logged tokens are not the signed inputs' tokens",
+            ));
+        }
+        if rec.usage_prompt_tokens != rec.prompt_tokens.len() as u64
+            || rec.usage_completion_tokens != 0
+            || !rec.output_tokens.is_empty()
+            || !rec.extra_choices.is_empty()
+        {
+            return Ok(disagree(None, "the usage does not match the token ids"));
+        }
+        let ResponseRecord::Json(text) = &rec.response else {
+            return Ok(disagree(None, "an embeddings answer is one JSON body"));
+        };
+        let answer: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return Ok(disagree(None, format!("the answer is not JSON: {e}"))),
+        };
+        let data = answer["data"].as_array().cloned().unwrap_or_default();
+        if data.len() != out.vectors.len() {
+            return Ok(disagree(
+                None,
+                "the answer does not hold one vector per input",
+            ));
+        }
+        for (i, (d, v)) in data.iter().zip(&out.vectors).enumerate() {
+            let expected = atoma_api::embeddings::encode_vector(v, req.base64);
+            if d["index"] != i || d["embedding"] != expected {
+                return Ok(disagree(
+                    None,
+                    format!("vector {i} is not the embedding of its input"),
+                ));
+            }
+        }
+        Ok(RecordVerdict::Agree)
     }
 }
 

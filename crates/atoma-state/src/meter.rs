@@ -19,7 +19,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use atoma_ledger::{Address, ComputeUnits, NodeSmallId, Stack, StackSmallId};
+use atoma_ledger::{Address, ComputeUnits, NodeSmallId, Stack, StackSmallId, TaskRole};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 const SCHEMA: &str = "
@@ -55,6 +55,8 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("stacks", "window_end", "INTEGER"),
     ("stacks", "node_fee", "INTEGER"),
     ("attestations", "sample_seed", "TEXT NOT NULL DEFAULT ''"),
+    // The task's role code (0: ChatCompletion, what every earlier task was).
+    ("tasks", "role", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 fn ensure_columns(conn: &Connection) -> Result<(), MeterError> {
@@ -100,6 +102,13 @@ pub enum MeterError {
         expected: String,
         requested: String,
     },
+    #[error("stack {stack} was bought for a {role:?} task; {route} needs a {needed:?} task")]
+    WrongRole {
+        stack: StackSmallId,
+        role: TaskRole,
+        needed: TaskRole,
+        route: String,
+    },
     #[error("stack {0} is claimed")]
     Claimed(StackSmallId),
     #[error("stack {0} is being settled and takes no more requests; buy a new stack")]
@@ -123,7 +132,16 @@ fn db(e: rusqlite::Error) -> MeterError {
 /// What `check_stack` reads.
 struct StackRow {
     left: u64,
-    task_model: Option<String>,
+    task: StackTask,
+}
+
+/// The task a stack was bought for, as far as serving it matters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackTask {
+    /// The task's model (`None`: any model the node serves).
+    pub model: Option<String>,
+    /// What the task does, which decides the routes a stack may use.
+    pub role: TaskRole,
 }
 
 /// Per-stack accounting of one node, backed by SQLite.
@@ -263,11 +281,13 @@ impl Meter {
                     E::TaskRegisteredEvent {
                         task_small_id,
                         model_name,
+                        role,
                         ..
                     } => {
                         tx.execute(
-                            "INSERT OR REPLACE INTO tasks (small_id, model_name) VALUES (?1, ?2)",
-                            params![task_small_id.0 as i64, model_name],
+                            "INSERT OR REPLACE INTO tasks (small_id, model_name, role) \
+                             VALUES (?1, ?2, ?3)",
+                            params![task_small_id.0 as i64, model_name, role.code()],
                         )
                         .map_err(db)?;
                     }
@@ -305,17 +325,28 @@ impl Meter {
         })
     }
 
-    /// Records a task's model learnt from the ledger (idempotent).
+    /// Records a ChatCompletion task's model learnt from the ledger (idempotent).
     pub fn upsert_task(
         &self,
         task: atoma_ledger::TaskSmallId,
         model_name: Option<&str>,
     ) -> Result<(), MeterError> {
+        self.upsert_task_with_role(task, model_name, TaskRole::ChatCompletion)
+    }
+
+    /// Records a task's model and role learnt from the ledger (idempotent).
+    pub fn upsert_task_with_role(
+        &self,
+        task: atoma_ledger::TaskSmallId,
+        model_name: Option<&str>,
+        role: TaskRole,
+    ) -> Result<(), MeterError> {
         self.with_tx(|tx| {
             tx.execute(
-                "INSERT INTO tasks (small_id, model_name) VALUES (?1, ?2) \
-                 ON CONFLICT(small_id) DO UPDATE SET model_name = excluded.model_name",
-                params![task.0 as i64, model_name],
+                "INSERT INTO tasks (small_id, model_name, role) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(small_id) DO UPDATE SET model_name = excluded.model_name, \
+                 role = excluded.role",
+                params![task.0 as i64, model_name, role.code()],
             )
             .map_err(db)?;
             Ok(())
@@ -346,14 +377,14 @@ impl Meter {
 
     /// Checks, reading only, that `signer` may spend `stack` on this node: the stack is known,
     /// owned by the signer, sold to this node, neither claimed nor being settled, and has units
-    /// left. Returns the model of the stack's task (if the task names one). The API calls this
-    /// before it renders or tokenizes anything, so a key that owns no stack costs the node one
-    /// indexed read, whatever the body; `reserve` checks everything again atomically.
+    /// left. Returns the stack's task (its model, if it names one, and its role). The API calls
+    /// this before it renders or tokenizes anything, so a key that owns no stack costs the node
+    /// one indexed read, whatever the body; `reserve` checks everything again atomically.
     pub fn authorize(
         &self,
         stack: StackSmallId,
         signer: &Address,
-    ) -> Result<Option<String>, MeterError> {
+    ) -> Result<StackTask, MeterError> {
         let conn = self
             .conn
             .lock()
@@ -366,7 +397,7 @@ impl Meter {
                 needed: 1,
             });
         }
-        Ok(row.task_model)
+        Ok(row.task)
     }
 
     /// The stack's row after the checks every spend needs (owner, node, model, claimed,
@@ -378,11 +409,11 @@ impl Meter {
         signer: &Address,
         model: Option<&str>,
     ) -> Result<StackRow, MeterError> {
-        let (owner, selected, total, used, claimed, task_model, settling) = conn
+        let (owner, selected, total, used, claimed, task_model, settling, role) = conn
             .query_row(
                 "SELECT s.owner, s.selected_node_id, s.num_compute_units, s.units_used, \
-                 s.is_claimed, t.model_name, s.settle_state FROM stacks s LEFT JOIN tasks t \
-                 ON t.small_id = s.task_small_id WHERE s.small_id = ?1",
+                 s.is_claimed, t.model_name, s.settle_state, t.role FROM stacks s \
+                 LEFT JOIN tasks t ON t.small_id = s.task_small_id WHERE s.small_id = ?1",
                 [stack.0 as i64],
                 |r| {
                     Ok((
@@ -393,6 +424,7 @@ impl Meter {
                         r.get::<_, bool>(4)?,
                         r.get::<_, Option<String>>(5)?,
                         r.get::<_, Option<String>>(6)?,
+                        r.get::<_, Option<u16>>(7)?,
                     ))
                 },
             )
@@ -421,9 +453,16 @@ impl Meter {
         if settling.is_some() {
             return Err(MeterError::Settling(stack));
         }
+        // A task this node never heard of serves chat (as before roles were kept).
+        let role = role
+            .and_then(TaskRole::from_code)
+            .unwrap_or(TaskRole::ChatCompletion);
         Ok(StackRow {
             left: (total - used) as u64,
-            task_model,
+            task: StackTask {
+                model: task_model,
+                role,
+            },
         })
     }
 

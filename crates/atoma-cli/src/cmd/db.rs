@@ -49,11 +49,15 @@ pub enum DbCommand {
         #[arg(long, default_value_t = 1)]
         echelon: u64,
     },
-    /// Create a task (role chat completion) for a model; prints its small id.
+    /// Create a task for a model; prints it as JSON.
     CreateTask {
         /// The model's name.
         #[arg(long)]
         model: String,
+        /// What the task does: `chat` (chat and text completions) or `embedding`
+        /// (`/v1/embeddings`). A stack may use only its task's routes.
+        #[arg(long, default_value = "chat", value_parser = ["chat", "embedding"])]
+        role: String,
         /// 0 no security, 1 confidential compute, 2 sampling consensus.
         #[arg(long, default_value_t = 0)]
         security_level: u16,
@@ -160,6 +164,7 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
         }
         DbCommand::CreateTask {
             model,
+            role,
             security_level,
             min_reputation,
             min_collateral,
@@ -170,7 +175,11 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
             let t = l.create_task(
                 address_of(&home.key_or_new("admin")?),
                 &NewTask {
-                    role: TaskRole::ChatCompletion,
+                    role: if role == "embedding" {
+                        TaskRole::Embedding
+                    } else {
+                        TaskRole::ChatCompletion
+                    },
                     model_name: Some(model),
                     security_level: level,
                     minimum_reputation_score: min_reputation,

@@ -30,7 +30,22 @@ pub struct Config {
     pub ledger: LedgerSection,
     pub api: ApiSection,
     pub engine: EngineSection,
+    pub embedding: EmbeddingSection,
     pub settlement: SettlementSection,
+}
+
+/// An optional sentence-embedding model, served at `/v1/embeddings` beside the chat model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingSection {
+    /// Model reference: a catalog name (`minilm`), a cached folder name or a model directory
+    /// (`config.json`, `tokenizer.json`, `model.safetensors`); empty: no embeddings.
+    pub model: String,
+    /// Name the API serves it under (must match the Embedding task's model); default from the
+    /// catalog (`all-minilm-l6-v2`) or the folder name.
+    pub name: Option<String>,
+    /// Compute threads (0: every core).
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,6 +273,19 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The embedding model name served for this config, if any.
+    pub fn served_embedding_name(&self) -> Option<String> {
+        if self.embedding.model.is_empty() {
+            return None;
+        }
+        Some(
+            self.embedding
+                .name
+                .clone()
+                .unwrap_or_else(|| served_name_of(&self.embedding.model)),
+        )
+    }
+
     /// The model name served for this config.
     pub fn served_name(&self) -> String {
         self.engine
@@ -344,6 +372,15 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         max_context: Some(cfg.engine.max_context),
     };
     let name = cfg.served_name();
+    let embedding = match cfg.served_embedding_name() {
+        Some(ename) => Some((
+            store
+                .resolve(&cfg.embedding.model)
+                .context("the embedding model")?,
+            ename,
+        )),
+        None => None,
+    };
     if let Some(url) = &cfg.api.public_url {
         for id in &ids {
             if ledger.node(*id)?.public_url.as_deref() != Some(url) {
@@ -356,7 +393,9 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
     let state = Meter::open(&state_path(home), ids.clone())?;
     let (da, policy) = cfg.settlement.build(home)?;
     // Bind first and answer 503 while the model loads on another thread.
-    let backend = LoadingBackend::new(vec![name.clone()]);
+    let backend = LoadingBackend::new(vec![name.clone()])
+        .with_embedding_models(embedding.iter().map(|(_, n)| n.clone()).collect());
+    let embed_threads = cfg.embedding.threads;
     let reexec = atoma_node::ReexecSlot::default();
     let parts = NodeParts {
         backend: Arc::new(backend.clone()),
@@ -390,7 +429,23 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
             );
             let digest = atoma_models::sha256_file(&path)?;
             let engine = Engine::start(lm, &engine_cfg)?;
-            let eb = Arc::new(EngineBackend::new(engine, load_name.clone(), digest));
+            let mut eb = EngineBackend::new(engine, load_name.clone(), digest);
+            if let Some((dir, ename)) = &embedding {
+                let opts = atoma_embed::EmbedOptions {
+                    threads: (embed_threads > 0).then_some(embed_threads),
+                    model_id: Some(ename.clone()),
+                    ..atoma_embed::EmbedOptions::default()
+                };
+                let e = atoma_embed::Embedder::load_with(dir, &opts)
+                    .with_context(|| format!("loading the embedding model {}", dir.display()))?;
+                eprintln!(
+                    "embedding model loaded: {ename} ({} dimensions, {} compute threads)",
+                    e.dimensions(),
+                    e.threads()
+                );
+                eb = eb.with_embedder(e, ename.clone());
+            }
+            let eb = Arc::new(eb);
             backend.set(eb.clone());
             reexec.set(eb);
             eprintln!(
