@@ -7,17 +7,15 @@
 //! mask is needed and a sequence's scores never see another's keys. Weight names follow the
 //! checkpoint (`embeddings.*`, `encoder.layer.N.*`, with or without a `bert.` prefix).
 //!
-//! Row independence of the projections rests on gemm's ordinary tiled kernel, whose sum over
-//! `k` for an output does not depend on the row count. Two other gemm paths sum differently:
-//! the dot-product kernel it takes for tiny products (`m * n <= 256`) when the right-hand
-//! side's rows are contiguous, and matrix-vector code for a single row. So weights are stored
-//! transposed (`[in, out]`, row-major), which rules out the first, and [`Packed`] always has
-//! at least two rows (`Packed::ensure_rows`), which rules out the second.
+//! The projections run on [`crate::matmul`]'s kernels, which sum in one fixed order, so a
+//! token's row is the same bits whatever else is in the batch; candle does the rest (embedding
+//! lookups, layer norms, GELU, attention), all row by row or per sequence.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::config::BertConfig;
+use crate::matmul::{Level, PackedLinear};
 
 /// Token ids of several sequences laid end to end, with each token's position in its own
 /// sequence and each sequence's `(first row, length)`.
@@ -36,41 +34,45 @@ impl Packed {
         // Positions are below max_position_embeddings (checked by the caller), so they fit.
         self.positions.extend((0..ids.len()).map(|p| p as u32));
     }
-
-    /// A batch of a single token gets a second, throw-away sequence (a copy of it), so that no
-    /// projection runs as a matrix-vector product. Returns the number of real sequences.
-    pub fn ensure_rows(&mut self) -> usize {
-        let real = self.spans.len();
-        if self.ids.len() == 1 {
-            let id = self.ids[0];
-            self.push(&[id]);
-        }
-        real
-    }
 }
 
-/// `y = x W^T + b` with `W^T` stored row-major (`[in, out]`), see the module docs.
+/// `y = x W^T + b` on packed weights (see [`crate::matmul`]).
 #[derive(Debug)]
 struct Dense {
-    weight_t: Tensor,
-    bias: Tensor,
+    lin: PackedLinear,
+    level: Level,
 }
 
 impl Dense {
-    fn new(weight: &Tensor, bias: Tensor) -> Result<Self> {
+    fn new(weight: &Tensor, bias: &Tensor, level: Level) -> Result<Self> {
+        let (outputs, inputs) = weight.dims2()?;
+        let w = weight.flatten_all()?.to_vec1::<f32>()?;
+        let b = bias.to_vec1::<f32>()?;
         Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
+            lin: PackedLinear::new(&w, &b, outputs, inputs),
+            level,
         })
     }
 
-    fn load(vb: &VarBuilder, name: &str, out: usize, inp: usize) -> Result<Self> {
+    fn load(vb: &VarBuilder, name: &str, out: usize, inp: usize, level: Level) -> Result<Self> {
         let vb = vb.pp(name);
-        Self::new(&vb.get((out, inp), "weight")?, vb.get(out, "bias")?)
+        Self::new(&vb.get((out, inp), "weight")?, &vb.get(out, "bias")?, level)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+        let rows = x.dim(0)?;
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("projection: the input is not on the CPU");
+        };
+        let n = rows * self.lin.inputs();
+        let data = cpu
+            .as_slice::<f32>()?
+            .get(layout.start_offset()..layout.start_offset() + n)
+            .ok_or_else(|| candle_core::Error::Msg("projection: input shape".into()))?;
+        let out = self.lin.forward(data, self.level);
+        Tensor::from_vec(out, (rows, self.lin.outputs()), &Device::Cpu)
     }
 }
 
@@ -126,7 +128,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &BertConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &BertConfig, vb: VarBuilder, level: Level) -> Result<Self> {
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let attn = vb.pp("attention");
         let (mut weights, mut biases) = (Vec::new(), Vec::new());
@@ -136,11 +138,11 @@ impl Layer {
             biases.push(vb.get(h, "bias")?);
         }
         Ok(Self {
-            qkv: Dense::new(&Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)?,
-            attn_out: Dense::load(&attn.pp("output"), "dense", h, h)?,
+            qkv: Dense::new(&Tensor::cat(&weights, 0)?, &Tensor::cat(&biases, 0)?, level)?,
+            attn_out: Dense::load(&attn.pp("output"), "dense", h, h, level)?,
             attn_norm: candle_nn::layer_norm(h, eps, attn.pp("output").pp("LayerNorm"))?,
-            up: Dense::load(&vb.pp("intermediate"), "dense", i, h)?,
-            down: Dense::load(&vb.pp("output"), "dense", h, i)?,
+            up: Dense::load(&vb.pp("intermediate"), "dense", i, h, level)?,
+            down: Dense::load(&vb.pp("output"), "dense", h, i, level)?,
             out_norm: candle_nn::layer_norm(h, eps, vb.pp("output").pp("LayerNorm"))?,
         })
     }
@@ -195,8 +197,9 @@ impl Bert {
         } else {
             vb
         };
+        let level = Level::detect();
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
+            .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}")), level))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeddings: Embeddings::new(cfg, vb.pp("embeddings"))?,

@@ -6,14 +6,16 @@
 //! `sentence_bert_config.json`, `1_Pooling/config.json`); [`Embedder::embed`] turns texts or
 //! token ids into unit vectors, many inputs per forward pass.
 //!
-//! Deterministic: sequences are packed end to end, never padded, and attention runs per
-//! sequence, so an input's vector is the same bits alone, amid any other inputs, in any batch
-//! split and with any thread count (tested). Like the engine, this crate knows nothing of HTTP,
-//! environment variables or where models are cached: it is given a directory.
+//! Deterministic: sequences are packed end to end, never padded, attention runs per sequence,
+//! and the projections run on our own kernels (`matmul`), which sum in one fixed order on every
+//! CPU vector level; so an input's vector is the same bits alone, amid any other inputs, in any
+//! batch split and with any thread count (tested). Like the engine, this crate knows nothing of
+//! HTTP, environment variables or where models are cached: it is given a directory.
 
 mod bert;
 mod config;
 mod error;
+mod matmul;
 #[cfg(feature = "test-support")]
 pub mod testing;
 mod tokenize;
@@ -69,7 +71,11 @@ pub struct Embedding {
 /// How to run a model.
 #[derive(Debug, Clone)]
 pub struct EmbedOptions {
-    /// Compute threads; `None`: rayon's default (`RAYON_NUM_THREADS`, else every core).
+    /// Threads of the model's own pool, which runs the projections and attention (nearly all
+    /// the work); `None`: rayon's default (`RAYON_NUM_THREADS`, else every core). candle's
+    /// element-wise kernels (GELU, additions) keep candle's global pool, sized by
+    /// `CANDLE_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the physical cores. No count
+    /// changes any bit of the result.
     pub threads: Option<usize>,
     /// Most tokens in one forward pass; larger requests are split (same bits, less memory).
     pub max_batch_tokens: usize,
@@ -177,7 +183,7 @@ impl Embedder {
                 batch.push(&seqs[end].0);
                 end += 1;
             }
-            let vectors = self.pool.install(|| self.forward(&mut batch))?;
+            let vectors = self.pool.install(|| self.forward(&batch))?;
             out.extend(vectors.into_iter().zip(&seqs[first..end]).map(
                 |(vector, (ids, truncated))| Embedding {
                     vector,
@@ -260,12 +266,12 @@ impl Embedder {
     }
 
     /// One forward pass and the pooled vectors of its sequences.
-    fn forward(&self, batch: &mut Packed) -> Result<Vec<Vec<f32>>> {
-        let real = batch.ensure_rows();
+    fn forward(&self, batch: &Packed) -> Result<Vec<Vec<f32>>> {
         let hidden = self.model.forward(batch)?;
         let width = hidden.dim(1)?;
         let rows = hidden.flatten_all()?.to_vec1::<f32>()?;
-        Ok(batch.spans[..real]
+        Ok(batch
+            .spans
             .iter()
             .map(|&(start, len)| {
                 let mut v = mean_rows(&rows[start * width..(start + len) * width], width);
