@@ -95,6 +95,9 @@ pub enum Prompt {
     Text(String),
     /// Token ids, used as given (completions).
     Tokens(Vec<u32>),
+    /// Several completion prompts (each `Text` or `Tokens`), run together: `n` choices each,
+    /// choice `p × n + j` being prompt `p`'s `j`-th.
+    Batch(Vec<Prompt>),
 }
 
 /// Why a generation ended.
@@ -284,8 +287,10 @@ impl Execution {
 /// A request the backend has validated and tokenized but not started: the API reserves compute
 /// units for `prompt_tokens` in between, and the prompt is tokenized only once.
 pub struct Prepared {
-    /// Tokens of the rendered prompt.
+    /// Tokens of the rendered prompt (of all prompts, for a batch).
     pub prompt_tokens: u64,
+    /// Choices the request generates (its `n`, times its prompts).
+    pub choices: usize,
     /// The prompt's text, when the request asked for it back (`echo`).
     pub echo: Option<String>,
     /// How it will run (for the request log).
@@ -310,13 +315,16 @@ impl Prepared {
         execution: Execution,
         start: impl FnOnce() -> Result<BoxStream<'static, BackendEvent>, BackendError> + Send + 'static,
     ) -> Self {
-        Self::with_choices(prompt_tokens, execution, move || start().map(|s| vec![s]))
+        Self::with_choices(prompt_tokens, 1, execution, move || {
+            start().map(|s| vec![s])
+        })
     }
 
     /// A prepared request of several choices (`n`): `start` gives one event stream per choice,
     /// in choice order.
     pub fn with_choices(
         prompt_tokens: u64,
+        choices: usize,
         execution: Execution,
         start: impl FnOnce() -> Result<Vec<BoxStream<'static, BackendEvent>>, BackendError>
         + Send
@@ -324,6 +332,7 @@ impl Prepared {
     ) -> Self {
         Self {
             prompt_tokens,
+            choices,
             echo: None,
             execution,
             start: Box::new(start),

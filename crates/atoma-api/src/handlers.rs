@@ -140,10 +140,16 @@ async fn serve(
     let stack = signed.stack;
     let checked = parse(kind, &body)?;
     let req = checked.inference;
-    if req.n > s.inner.max_n {
+    let prompts = match &req.prompt {
+        crate::backend::Prompt::Batch(v) => v.len() as u64,
+        _ => 1,
+    };
+    if prompts * u64::from(req.n) > u64::from(s.inner.max_n) {
         return Err(ApiError::InvalidRequest(format!(
-            "`n` is {}: this node serves at most {} choices per request",
-            req.n, s.inner.max_n
+            "{} choices asked (`n` {} × {prompts} prompts): this node serves at most {} choices per request",
+            prompts * u64::from(req.n),
+            req.n,
+            s.inner.max_n
         )));
     }
     if !backend.models().contains(&req.model) {
@@ -166,7 +172,8 @@ async fn serve(
         signature: signed.signature.clone(),
         execution: prepared.execution.clone(),
     };
-    let units = ComputeUnits(prompt_tokens + u64::from(req.n) * u64::from(req.max_tokens));
+    let choices = prepared.choices;
+    let units = ComputeUnits(prompt_tokens + choices as u64 * u64::from(req.max_tokens));
     let meter = s.inner.meter.clone();
     let model = req.model.clone();
     let reservation = tokio::task::spawn_blocking(move || {
@@ -199,6 +206,8 @@ async fn serve(
         fingerprint: log.execution.fingerprint(),
         logprobs: req.logprobs.is_some(),
         echo: prepared.echo.clone(),
+        choices,
+        per_prompt: req.n.max(1) as usize,
     };
     let events = prepared.start()?;
     if checked.stream {
@@ -209,16 +218,18 @@ async fn serve(
             reservation,
             checked.include_usage,
             log,
-            req.n as usize,
         ));
     }
     let t0 = Instant::now();
     let mut events = events;
     let echo = meta.echo.clone().unwrap_or_default();
     let echoed = echo.chars().count();
-    let mut choices: Vec<Choice> = (0..req.n).map(|_| Choice::new(&echo)).collect();
+    let mut choices: Vec<Choice> = (0..choices).map(|_| Choice::new(&echo)).collect();
     let mut first_token_at: Option<Instant> = None;
-    let (mut prompt, mut cached) = (prompt_tokens, 0);
+    // Usage counts every prompt once (a batch's prompts together), and the prefix-cache hits
+    // of each prompt's first choice (the others share its KV).
+    let (prompt, mut cached) = (prompt_tokens, 0);
+    let per_prompt = req.n.max(1) as usize;
     while let Some((i, ev)) = events.next().await {
         let Some(ch) = choices.get_mut(i) else {
             return Err(ApiError::Internal(format!("the backend sent choice {i}")));
@@ -245,12 +256,14 @@ async fn serve(
             }
             BackendEvent::Done {
                 finish_reason,
-                prompt_tokens,
+                prompt_tokens: _,
                 completion_tokens,
                 cached_tokens,
             } => {
                 ch.done = Some((finish_reason, completion_tokens));
-                (prompt, cached) = (prompt_tokens, cached_tokens);
+                if i.is_multiple_of(per_prompt) {
+                    cached += cached_tokens;
+                }
             }
             BackendEvent::Error(e) => return Err(ApiError::Internal(e)),
         }

@@ -32,6 +32,8 @@ pub const MAX_TOOLS: usize = 128;
 pub const MAX_N: u32 = 128;
 /// Choices per request a node serves unless configured otherwise.
 pub const DEFAULT_MAX_N: u32 = 8;
+/// Most prompts in one completions request.
+pub const MAX_PROMPTS: usize = 128;
 
 /// Recognised OpenAI parameters this node refuses, with why (the README's table).
 pub const UNSUPPORTED: &[(&str, &str)] = &[
@@ -652,22 +654,43 @@ impl CompletionRequest {
         {
             return Err(unsupported("best_of"));
         }
-        let one = || {
-            bad(
-                "`prompt` lists of more than one prompt are not supported yet (one choice per request)",
-            )
-        };
         let prompt = match self.prompt {
             PromptIn::One(s) => Prompt::Text(s),
             PromptIn::Tokens(t) => Prompt::Tokens(t),
             PromptIn::Many(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
             PromptIn::ManyTokens(mut v) if v.len() == 1 => Prompt::Tokens(v.remove(0)),
-            PromptIn::Many(_) | PromptIn::ManyTokens(_) => return Err(one()),
+            PromptIn::Many(v) => Prompt::Batch(v.into_iter().map(Prompt::Text).collect()),
+            PromptIn::ManyTokens(v) => Prompt::Batch(v.into_iter().map(Prompt::Tokens).collect()),
         };
-        match &prompt {
-            Prompt::Text(t) if t.is_empty() => return Err(bad("`prompt` must not be empty")),
-            Prompt::Tokens(t) if t.is_empty() => return Err(bad("`prompt` must not be empty")),
-            _ => {}
+        let parts = match &prompt {
+            Prompt::Batch(v) => v.iter().collect(),
+            one => vec![one],
+        };
+        if parts.is_empty() || parts.len() > MAX_PROMPTS {
+            return Err(bad(format!(
+                "`prompt` must hold between 1 and {MAX_PROMPTS} prompts"
+            )));
+        }
+        for p in &parts {
+            match p {
+                Prompt::Text(t) if t.is_empty() => return Err(bad("`prompt` must not be empty")),
+                Prompt::Tokens(t) if t.is_empty() => {
+                    return Err(bad("`prompt` must not be empty"));
+                }
+                _ => {}
+            }
+        }
+        let choices = parts.len() as u64 * u64::from(self.common.n.unwrap_or(1));
+        if choices > u64::from(MAX_N) {
+            return Err(bad(format!(
+                "{} prompts × `n` = {choices} choices; at most {MAX_N} per request",
+                parts.len()
+            )));
+        }
+        if self.echo && parts.len() > 1 {
+            return Err(bad(
+                "`echo` with a list of prompts is not supported: send the prompts one by one",
+            ));
         }
         if let Some(k) = self.logprobs
             && k > MAX_TOP_LOGPROBS

@@ -41,6 +41,9 @@ pub(crate) struct Meta {
     pub logprobs: bool,
     /// The prompt's text, sent first, when the request asked for it back.
     pub echo: Option<String>,
+    /// Choices in the answer (`n` × prompts), and per prompt (`n`).
+    pub choices: usize,
+    pub per_prompt: usize,
 }
 
 /// Hash of a whole stream, for the request log: Blake2b-256 over the concatenated hashes of its
@@ -84,6 +87,10 @@ struct State {
     /// Every chunk as sent, for the log record.
     chunks: Vec<String>,
     choices: Vec<ChoiceState>,
+    /// Choices per prompt (`n`).
+    per_prompt: usize,
+    /// Prefix-cache hits so far, over the prompts.
+    cached: u64,
     log: RequestLog,
     pending: VecDeque<Event>,
     started: Instant,
@@ -209,10 +216,17 @@ impl State {
             }
             BackendEvent::Done {
                 finish_reason,
-                prompt_tokens,
+                prompt_tokens: _,
                 completion_tokens,
                 cached_tokens,
             } => {
+                // Usage counts every prompt once (a batch's together), and the prefix-cache
+                // hits of each prompt's first choice (the others share its KV).
+                let prompt_tokens = self.meta.prompt_tokens;
+                if index.is_multiple_of(self.per_prompt) {
+                    self.cached += cached_tokens;
+                }
+                let cached_tokens = self.cached;
                 let ch = &mut self.choices[index];
                 ch.finish = Some(finish_reason);
                 ch.completion_tokens = completion_tokens;
@@ -316,8 +330,8 @@ pub(crate) fn sse(
     reservation: Reservation,
     include_usage: bool,
     log: RequestLog,
-    n: usize,
 ) -> Response {
+    let (n, per_prompt) = (meta.choices, meta.per_prompt);
     let keys = s.inner.keys.clone();
     let echo = meta.echo.clone();
     let mut state = State {
@@ -329,6 +343,8 @@ pub(crate) fn sse(
         hash: RunningHash::default(),
         chunks: Vec::new(),
         choices: (0..n).map(|_| ChoiceState::default()).collect(),
+        per_prompt: per_prompt.max(1),
+        cached: 0,
         log,
         pending: VecDeque::new(),
         started: Instant::now(),

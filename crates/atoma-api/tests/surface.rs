@@ -206,8 +206,16 @@ async fn unsupported_parameters_are_refused_by_name_and_harmless_ones_accepted()
             "chat completions",
         ),
         (
-            json!({"model": "tiny", "prompt": ["a", "b"]}),
-            "more than one prompt",
+            json!({"model": "tiny", "prompt": ["a", "b"], "echo": true}),
+            "echo",
+        ),
+        (
+            json!({"model": "tiny", "prompt": ["a", "b", "c"], "n": 3}),
+            "at most 8 choices",
+        ),
+        (
+            json!({"model": "tiny", "prompt": ["a", ""]}),
+            "must not be empty",
         ),
         (
             json!({"model": "tiny", "prompt": "a", "echo": true, "logprobs": 1}),

@@ -73,9 +73,28 @@ impl EngineBackend {
         }
     }
 
-    fn tokens(&self, req: &InferenceRequest) -> Result<Vec<u32>, BackendError> {
+    /// The token ids of each of the request's prompts (one, unless a completions batch).
+    pub(crate) fn prompts(&self, req: &InferenceRequest) -> Result<Vec<Vec<u32>>, BackendError> {
         let lm = self.engine.model();
-        let ids = match &req.prompt {
+        if let Some((t, _)) = req
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= lm.tokenizer.vocab_size())
+        {
+            return Err(BackendError::Invalid(format!(
+                "`logit_bias` names token {t}, which is not in the model's vocabulary of {}",
+                lm.tokenizer.vocab_size()
+            )));
+        }
+        match &req.prompt {
+            Prompt::Batch(prompts) => prompts.iter().map(|p| self.tokens_of(p, req)).collect(),
+            one => Ok(vec![self.tokens_of(one, req)?]),
+        }
+    }
+
+    fn tokens_of(&self, prompt: &Prompt, req: &InferenceRequest) -> Result<Vec<u32>, BackendError> {
+        let lm = self.engine.model();
+        let ids = match prompt {
             Prompt::Text(t) => lm.tokenize_prompt(t),
             Prompt::Tokens(ids) => {
                 let vocab = lm.tokenizer.vocab_size();
@@ -94,22 +113,17 @@ impl EngineBackend {
                     .map_err(map_err)?;
                 lm.tokenize_prompt(&text)
             }
+            Prompt::Batch(_) => {
+                return Err(BackendError::Invalid(
+                    "a prompt list inside a prompt list".into(),
+                ));
+            }
         };
         let context = lm.info.config.context;
         if ids.len() >= context {
             return Err(BackendError::Invalid(format!(
                 "the prompt has {} tokens, the model's context holds {context}",
                 ids.len()
-            )));
-        }
-        if let Some((t, _)) = req
-            .logit_bias
-            .iter()
-            .find(|(t, _)| *t as usize >= lm.tokenizer.vocab_size())
-        {
-            return Err(BackendError::Invalid(format!(
-                "`logit_bias` names token {t}, which is not in the model's vocabulary of {}",
-                lm.tokenizer.vocab_size()
             )));
         }
         Ok(ids)
@@ -123,7 +137,7 @@ impl EngineBackend {
         Some(match &req.prompt {
             Prompt::Text(t) => t.clone(),
             Prompt::Tokens(ids) => self.engine.model().tokenizer.decode(ids),
-            Prompt::Chat(_) => String::new(),
+            Prompt::Chat(_) | Prompt::Batch(_) => String::new(),
         })
     }
 
@@ -289,7 +303,11 @@ impl InferenceBackend for EngineBackend {
         // A bad schema is refused here, before any unit is reserved. Each choice has its own
         // grammar state.
         let grammar = grammar_of(&req);
-        let constraints = (0..req.n.max(1))
+        let n_prompts = match &req.prompt {
+            Prompt::Batch(v) => v.len() as u32,
+            _ => 1,
+        };
+        let constraints = (0..req.n.max(1) * n_prompts)
             .map(|_| {
                 self.engine
                     .model()
@@ -297,15 +315,15 @@ impl InferenceBackend for EngineBackend {
                     .map_err(map_err)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let prompt = execution.prompt_token_ids.clone();
+        let prompts = self.prompts(&req)?;
         let engine = self.engine.clone();
         let echo = self.echo_text(&req);
-        Ok(
-            Prepared::with_choices(prompt.len() as u64, execution, move || {
-                start(&engine, prompt, req, sampling, grammar, constraints)
-            })
-            .with_echo(echo),
-        )
+        let total = execution.prompt_token_ids.len() as u64;
+        let choices = prompts.len() * req.n.max(1) as usize;
+        Ok(Prepared::with_choices(total, choices, execution, move || {
+            start(&engine, prompts, req, sampling, grammar, constraints)
+        })
+        .with_echo(echo))
     }
 
     fn tokenize(
@@ -347,7 +365,7 @@ impl EngineBackend {
         req: &InferenceRequest,
         seed: u64,
     ) -> Result<(Execution, SamplingParams), BackendError> {
-        let prompt = self.tokens(req)?;
+        let prompt = self.prompts(req)?.concat();
         let sampling = SamplingParams {
             temperature: req.temperature,
             top_k: req.top_k as usize,
@@ -428,37 +446,38 @@ pub(crate) fn choice_seed(seed: u64, i: u32) -> u64 {
 /// once) and maps each choice's events to the API's.
 fn start(
     engine: &Engine,
-    prompt: Vec<u32>,
+    prompts: Vec<Vec<u32>>,
     req: InferenceRequest,
     sampling: SamplingParams,
     grammar: Option<GrammarSpec>,
     constraints: Vec<Option<Constraint>>,
 ) -> Result<Vec<BoxStream<'static, BackendEvent>>, BackendError> {
-    let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
-    g.stop = req.stop.clone();
-    g.ignore_eos = req.ignore_eos;
-    g.sampling = sampling;
-    g.grammar = grammar;
-    if let Some(k) = req.logprobs {
-        g.logprobs = true;
-        g.top_logprobs = usize::from(k);
-    }
-    let group = constraints
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let mut r = g.clone();
-            r.sampling.seed = choice_seed(g.sampling.seed, i as u32);
-            (r, c)
-        })
-        .collect();
-    let streams = engine.submit_group(group).map_err(map_err)?;
+    let n = req.n.max(1) as usize;
     let model = engine.model_arc();
     let tools = req.tools.is_some();
-    Ok(streams
-        .into_iter()
-        .map(|s| events(s, model.clone(), tools))
-        .collect())
+    let mut constraints = constraints.into_iter();
+    let mut out = Vec::with_capacity(prompts.len() * n);
+    for (p, prompt) in prompts.into_iter().enumerate() {
+        let mut g = GenerateRequest::new(prompt, req.max_tokens as usize);
+        g.stop = req.stop.clone();
+        g.ignore_eos = req.ignore_eos;
+        g.sampling = sampling.clone();
+        g.grammar = grammar.clone();
+        if let Some(k) = req.logprobs {
+            g.logprobs = true;
+            g.top_logprobs = usize::from(k);
+        }
+        let group = (0..n)
+            .map(|j| {
+                let mut r = g.clone();
+                r.sampling.seed = choice_seed(sampling.seed, (p * n + j) as u32);
+                (r, constraints.next().flatten())
+            })
+            .collect();
+        let streams = engine.submit_group(group).map_err(map_err)?;
+        out.extend(streams.into_iter().map(|s| events(s, model.clone(), tools)));
+    }
+    Ok(out)
 }
 
 /// One choice's engine events as the API's; with tools, the text is split into content and

@@ -201,13 +201,24 @@ impl EngineBackend {
                         .map(|c| (c.output_tokens.as_slice(), c.finish_reason.as_str())),
                 )
                 .collect();
-        if choices.len() != req.n as usize {
+        // The prompts' own token ids (their concatenation was checked to be the logged ones).
+        let prompts = match self.prompts(&req) {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(disagree(
+                    None,
+                    format!("the signed body cannot be served: {e}"),
+                ));
+            }
+        };
+        let n = req.n.max(1) as usize;
+        if choices.len() != n * prompts.len() {
             return Ok(disagree(
                 None,
                 format!(
                     "the log holds {} choices, the request asked for {}",
                     choices.len(),
-                    req.n
+                    n * prompts.len()
                 ),
             ));
         }
@@ -233,7 +244,7 @@ impl EngineBackend {
                 rec,
                 &sampling,
                 echo.as_deref(),
-                (i, output, finish_reason),
+                (i, &prompts[i / n], output, finish_reason),
                 answer,
             )? {
                 return Ok(match v {
@@ -257,7 +268,7 @@ impl EngineBackend {
         rec: &LogRecord,
         sampling: &atoma_engine::SamplingParams,
         echo: Option<&str>,
-        (i, output, finish_reason): (usize, &[u32], &str),
+        (i, prompt, output, finish_reason): (usize, &[u32], &[u32], &str),
         answer: Option<&Answer>,
     ) -> Result<Option<RecordVerdict>, String> {
         let choice = |r: &str| {
@@ -280,7 +291,7 @@ impl EngineBackend {
         let verdict = self
             .engine()
             .verify(VerifyRequest {
-                prompt: rec.prompt_tokens.clone(),
+                prompt: prompt.to_vec(),
                 output: output.to_vec(),
                 max_tokens: rec.sampling.max_tokens as usize,
                 sampling,

@@ -251,13 +251,14 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
         let _ = stopped.await;
     }));
 
-    // Six requests, streamed and not, seeded and not, with every sampling control the API
+    // Seven requests, streamed and not, seeded and not, with every sampling control the API
     // takes (log-probabilities, logit bias, top-k, min-p, repetition penalty, n > 1), tool calls
     // (required, and auto after a tool's answer), and completions with a token-id prompt and
-    // with echo: an honest log of all of them must verify.
+    // with echo, and a list of two token prompts with two choices each: an honest log of all
+    // of them must verify.
     let (u, sid) = (user.clone(), stack.small_id);
     tokio::task::spawn_blocking(move || {
-        for i in 0..6u64 {
+        for i in 0..7u64 {
             let mut body = json!({"model": "tiny", "max_tokens": 8, "stream": i % 2 == 1,
                 "temperature": 0.8, "messages": [{"role": "user", "content": format!("q{i}")}]});
             if i < 2 {
@@ -299,6 +300,10 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
                 5 => {
                     body = json!({"model": "tiny", "max_tokens": 6, "prompt": "q5 text",
                                   "echo": true, "stream": true, "seed": 5});
+                }
+                6 => {
+                    body = json!({"model": "tiny", "max_tokens": 5, "n": 2, "seed": 9,
+                                  "prompt": [[5, 9, 12], [30, 31]], "temperature": 0.9});
                 }
                 _ => {}
             }

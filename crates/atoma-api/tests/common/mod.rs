@@ -66,14 +66,20 @@ impl InferenceBackend for Trivial {
                 .join(" "),
             Prompt::Text(t) => t.clone(),
             Prompt::Tokens(ids) => ids.iter().map(|i| format!("<{i}>")).collect(),
+            Prompt::Batch(v) => format!("{} prompts", v.len()),
         };
         let prompt = text.split_whitespace().count() as u64 + 3;
         let overloaded = self.overloaded.load(Ordering::Relaxed);
         let delay = self.delay;
         let execution = atoma_api::Execution::from_request(&req);
         let echo = req.echo.then(|| text.clone());
-        Ok(Prepared::with_choices(prompt, execution, move || {
-            (0..req.n)
+        let choices = req.n as usize
+            * match &req.prompt {
+                Prompt::Batch(v) => v.len(),
+                _ => 1,
+            };
+        Ok(Prepared::with_choices(prompt, choices, execution, move || {
+            (0..choices)
                 .map(|_| reply(prompt, req.max_tokens, delay, overloaded, req.logprobs))
                 .collect()
         })

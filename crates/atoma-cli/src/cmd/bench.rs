@@ -43,6 +43,10 @@ pub struct Args {
     /// them (`-p` prompt and `-n` generated tokens each), one at a time and all at once.
     #[arg(long, value_name = "N")]
     pub verify: Option<usize>,
+    /// Instead: time per output token under a JSON-Schema constraint vs free, at concurrency
+    /// 1 and 16 (structured outputs' cost).
+    #[arg(long)]
+    pub structured: bool,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -77,6 +81,15 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
             atoma_engine::cpu_matmul_kernel()
         );
         return crate::cmd::bench_verify::run(lm, n, a.prompt_tokens, a.gen_tokens);
+    }
+    if a.structured {
+        eprintln!(
+            "atoma bench --structured: {} ({}), {threads} threads, kernel {}",
+            lm.info.name,
+            path.display(),
+            atoma_engine::cpu_matmul_kernel()
+        );
+        return crate::cmd::bench_grammar::run(lm, a.repetitions.max(1));
     }
     let model = &lm.model;
     anyhow::ensure!(

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_grammar;
 pub mod bench_verify;
 pub mod client;
 pub mod da;

@@ -243,6 +243,13 @@ assert [texts[i] for i in range(3)] == [c.message.content for c in multi.choices
 c = client.completions.create(model=model, prompt="Once upon", max_tokens=4, n=2, echo=True, seed=3,
                               extra_body=nonce())
 assert len(c.choices) == 2 and all(ch.text.startswith("Once upon") for ch in c.choices), c
+# A list of prompts, n choices each: choice p*n + j is prompt p's j-th (seed + p*n + j).
+lst = client.completions.create(model=model, prompt=["Once upon", "The sky"], max_tokens=4, n=2,
+                                seed=11, extra_body=nonce())
+assert [c.index for c in lst.choices] == [0, 1, 2, 3], lst
+alone = client.completions.create(model=model, prompt="The sky", max_tokens=4, seed=13,
+                                  extra_body=nonce())
+assert lst.choices[2].text == alone.choices[0].text, (lst, alone)
 print("n=3:", [ch.message.content for ch in multi.choices], multi.usage.completion_tokens, "tokens")
 
 # Parameters we do not implement are refused by name, never ignored.
