@@ -2,14 +2,12 @@
 //! packed one after another instead of padded to a common length.
 //!
 //! Every layer but attention works row by row, so the batch runs as one `[tokens, hidden]`
-//! matrix: no padding rows are computed, and a token's row goes through the same matrix
-//! products whatever else is in the batch. Attention runs per sequence on its own rows, so no
-//! mask is needed and a sequence's scores never see another's keys. Weight names follow the
-//! checkpoint (`embeddings.*`, `encoder.layer.N.*`, with or without a `bert.` prefix).
-//!
-//! The projections run on [`crate::matmul`]'s kernels, which sum in one fixed order, so a
-//! token's row is the same bits whatever else is in the batch; candle does the rest (embedding
-//! lookups, layer norms, GELU, attention), all row by row or per sequence.
+//! matrix and no padding rows are computed. The projections run on [`crate::matmul`]'s kernels,
+//! which sum in one fixed order, so a token's row is the same bits whatever else is in the
+//! batch; candle does the rest (embedding lookups, layer norms, GELU) row by row. Attention runs
+//! per sequence on its own rows, so no mask is needed and a sequence's scores never see
+//! another's keys. Weight names follow the checkpoint (`embeddings.*`, `encoder.layer.N.*`,
+//! with or without a `bert.` prefix).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
@@ -60,7 +58,10 @@ impl Dense {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.dim(0)?;
+        let (rows, cols) = x.dims2()?;
+        if cols != self.lin.inputs() {
+            candle_core::bail!("projection: {cols} inputs, expected {}", self.lin.inputs());
+        }
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
