@@ -442,6 +442,10 @@ pub trait InferenceBackend: Send + Sync + 'static {
     }
     /// Names of the models served.
     fn models(&self) -> Vec<String>;
+    /// Most choices (`n` × prompts) one request may ask for here.
+    fn max_choices(&self) -> u32 {
+        crate::openai::DEFAULT_MAX_N
+    }
     /// Whether the models are loaded and requests can be served.
     fn ready(&self) -> bool;
     /// Requests waiting for the engine.

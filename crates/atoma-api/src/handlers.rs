@@ -144,12 +144,13 @@ async fn serve(
         crate::backend::Prompt::Batch(v) => v.len() as u64,
         _ => 1,
     };
-    if prompts * u64::from(req.n) > u64::from(s.inner.max_n) {
+    let max_n = backend.max_choices();
+    if prompts * u64::from(req.n) > u64::from(max_n) {
         return Err(ApiError::InvalidRequest(format!(
             "{} choices asked (`n` {} × {prompts} prompts): this node serves at most {} choices per request",
             prompts * u64::from(req.n),
             req.n,
-            s.inner.max_n
+            max_n
         )));
     }
     if !backend.models().contains(&req.model) {

@@ -59,8 +59,6 @@ struct Inner {
     keys: Keypair,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     gate: Arc<gate::Gate>,
-    /// Most choices (`n`) per request this node serves.
-    max_n: u32,
 }
 
 impl std::fmt::Debug for AppState {
@@ -81,7 +79,6 @@ impl AppState {
                 metrics: metrics::install(),
                 gate: Arc::new(gate::Gate::new(meter.clone(), None)),
                 meter,
-                max_n: openai::DEFAULT_MAX_N,
             }),
         }
     }
@@ -96,23 +93,6 @@ impl AppState {
                 keys: i.keys.clone(),
                 metrics: i.metrics.clone(),
                 gate: Arc::new(gate::Gate::new(i.meter.clone(), Some(refresh))),
-                max_n: i.max_n,
-            }),
-        }
-    }
-
-    /// Sets the most choices (`n`) per request this node serves (at least 1, at most
-    /// `openai::MAX_N`).
-    pub fn with_max_n(self, max_n: u32) -> Self {
-        let i = &self.inner;
-        Self {
-            inner: Arc::new(Inner {
-                backend: i.backend.clone(),
-                meter: i.meter.clone(),
-                keys: i.keys.clone(),
-                metrics: i.metrics.clone(),
-                gate: i.gate.clone(),
-                max_n: max_n.clamp(1, openai::MAX_N),
             }),
         }
     }

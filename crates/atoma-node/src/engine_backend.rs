@@ -26,6 +26,8 @@ pub struct EngineBackend {
     model_sha256: [u8; 32],
     determinism_class: String,
     embedder: Option<Arc<ServedEmbedder>>,
+    /// Most choices per request.
+    max_choices: u32,
 }
 
 /// An embedding model and the name it is served under.
@@ -50,7 +52,14 @@ impl EngineBackend {
             model_sha256,
             determinism_class,
             embedder: None,
+            max_choices: atoma_api::openai::DEFAULT_MAX_N,
         }
+    }
+
+    /// Serves at most `max` choices (`n` × prompts) per request (1 to `openai::MAX_N`).
+    pub fn with_max_choices(mut self, max: u32) -> Self {
+        self.max_choices = max.clamp(1, atoma_api::openai::MAX_N);
+        self
     }
 
     /// Also serves `embedder` under `name` (`/v1/embeddings`).
@@ -228,6 +237,10 @@ fn embed_err(e: atoma_embed::EmbedError) -> BackendError {
 impl InferenceBackend for EngineBackend {
     fn models(&self) -> Vec<String> {
         vec![self.name.clone()]
+    }
+
+    fn max_choices(&self) -> u32 {
+        self.max_choices
     }
 
     fn embedding_models(&self) -> Vec<String> {

@@ -62,6 +62,12 @@ impl InferenceBackend for LoadingBackend {
             .map_or_else(|| self.names.clone(), |b| b.models())
     }
 
+    fn max_choices(&self) -> u32 {
+        self.inner
+            .get()
+            .map_or(atoma_api::openai::DEFAULT_MAX_N, |b| b.max_choices())
+    }
+
     fn embedding_models(&self) -> Vec<String> {
         self.inner
             .get()

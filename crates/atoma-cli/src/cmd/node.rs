@@ -172,6 +172,9 @@ pub struct EngineSection {
     /// Prompt tokens in a step that also decodes (0: no cap): a long prompt is cut into short
     /// chunks so that the running streams' next tokens are not held up.
     pub max_prefill_while_decoding: usize,
+    /// Most choices one request may ask for (`n`, times the prompts of a completions list);
+    /// they share the prompt's KV but each decodes.
+    pub max_n: u32,
 }
 
 impl Default for NodeSection {
@@ -216,6 +219,7 @@ impl Default for EngineSection {
             kv_dtype: atoma_engine::KvDtype::default(),
             kernel: atoma_engine::KernelChoice::Auto,
             max_prefill_while_decoding: 32,
+            max_n: atoma_api::openai::DEFAULT_MAX_N,
         }
     }
 }
@@ -263,6 +267,12 @@ impl Config {
         }
         if cfg.engine.max_context < 16 || cfg.engine.queue_capacity == 0 {
             bail!("engine.max_context must be at least 16 and engine.queue_capacity at least 1");
+        }
+        if !(1..=atoma_api::openai::MAX_N).contains(&cfg.engine.max_n) {
+            bail!(
+                "engine.max_n must be between 1 and {}",
+                atoma_api::openai::MAX_N
+            );
         }
         if cfg.engine.max_num_seqs == 0 || cfg.engine.max_num_batched_tokens == 0 {
             bail!("engine.max_num_seqs and engine.max_num_batched_tokens must be at least 1");
@@ -396,6 +406,7 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
     let backend = LoadingBackend::new(vec![name.clone()])
         .with_embedding_models(embedding.iter().map(|(_, n)| n.clone()).collect());
     let embed_threads = cfg.embedding.threads;
+    let max_n = cfg.engine.max_n;
     let reexec = atoma_node::ReexecSlot::default();
     let parts = NodeParts {
         backend: Arc::new(backend.clone()),
@@ -429,7 +440,8 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
             );
             let digest = atoma_models::sha256_file(&path)?;
             let engine = Engine::start(lm, &engine_cfg)?;
-            let mut eb = EngineBackend::new(engine, load_name.clone(), digest);
+            let mut eb =
+                EngineBackend::new(engine, load_name.clone(), digest).with_max_choices(max_n);
             if let Some((dir, ename)) = &embedding {
                 let opts = atoma_embed::EmbedOptions {
                     threads: (embed_threads > 0).then_some(embed_threads),
