@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::config::BertConfig;
-use crate::matmul::{Level, PackedLinear};
+use crate::matmul::{Epilogue, Level, PackedLinear};
 
 /// Token ids of several sequences laid end to end, with each token's position in its own
 /// sequence and each sequence's `(first row, length)`.
@@ -57,24 +57,57 @@ impl Dense {
         Self::new(&vb.get((out, inp), "weight")?, &vb.get(out, "bias")?, level)
     }
 
+    /// `x W^T + b`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None, false)
+    }
+
+    /// `gelu(x W^T + b)`.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None, true)
+    }
+
+    /// `x W^T + b + residual`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.run(x, Some(residual), false)
+    }
+
+    fn run(&self, x: &Tensor, residual: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
         let (rows, cols) = x.dims2()?;
         if cols != self.lin.inputs() {
             candle_core::bail!("projection: {cols} inputs, expected {}", self.lin.inputs());
         }
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("projection: the input is not on the CPU");
-        };
-        let n = rows * self.lin.inputs();
-        let data = cpu
-            .as_slice::<f32>()?
-            .get(layout.start_offset()..layout.start_offset() + n)
-            .ok_or_else(|| candle_core::Error::Msg("projection: input shape".into()))?;
-        let out = self.lin.forward(data, self.level);
+        let out = with_f32(x, |x| match residual {
+            Some(r) => {
+                if r.dims2()? != (rows, self.lin.outputs()) {
+                    candle_core::bail!("projection: residual of shape {:?}", r.dims());
+                }
+                with_f32(r, |r| {
+                    Ok(self.lin.forward(x, Epilogue::Residual(r), self.level))
+                })
+            }
+            None => {
+                let ep = if gelu { Epilogue::Gelu } else { Epilogue::None };
+                Ok(self.lin.forward(x, ep, self.level))
+            }
+        })?;
         Tensor::from_vec(out, (rows, self.lin.outputs()), &Device::Cpu)
     }
+}
+
+/// Calls `f` with the values of the CPU f32 tensor `t`, read in place when contiguous.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("projection: the input is not on the CPU");
+    };
+    let start = layout.start_offset();
+    let data = cpu
+        .as_slice::<f32>()?
+        .get(start..start + t.elem_count())
+        .ok_or_else(|| candle_core::Error::Msg("projection: layout outside the storage".into()))?;
+    f(data)
 }
 
 #[derive(Debug)]
@@ -153,9 +186,9 @@ impl Layer {
         let ctx = attention(&qkv, spans, heads)?;
         let x = self
             .attn_norm
-            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
-        let y = self.down.forward(&self.up.forward(&x)?.gelu_erf()?)?;
-        self.out_norm.forward(&(y + x)?)
+            .forward(&self.attn_out.forward_residual(&ctx, x)?)?;
+        let y = self.down.forward_residual(&self.up.forward_gelu(&x)?, &x)?;
+        self.out_norm.forward(&y)
     }
 }
 

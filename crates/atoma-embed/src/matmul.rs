@@ -1,6 +1,7 @@
 //! The encoder's projections `y = x W^T + b` on the CPU, with `W` packed once at load and one
 //! fixed order of arithmetic: each output is a chain of fused multiply-adds over the input
-//! index in order, starting from zero, then plus the bias.
+//! index in order, starting from zero, then plus the bias, then (the [`Epilogue`]) GELU or plus
+//! a residual, fused into the store so that no separate pass over the output is needed.
 //!
 //! The AVX-512, AVX2 and scalar kernels all compute exactly that chain, so an output row is the
 //! same bits whatever the number of rows, the tile it falls in, the thread count or the CPU's
@@ -58,6 +59,17 @@ impl Level {
     }
 }
 
+/// What happens to `x W^T + b` on its way to the output.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Epilogue<'a> {
+    /// Nothing.
+    None,
+    /// GELU, exact (erf) form: `0.5 v (1 + erf(v / sqrt 2))`, as candle and PyTorch define it.
+    Gelu,
+    /// Plus this residual, `[rows, outputs]`.
+    Residual(&'a [f32]),
+}
+
 /// A linear layer's weights in panels, and its bias.
 #[derive(Debug)]
 pub(crate) struct PackedLinear {
@@ -97,11 +109,14 @@ impl PackedLinear {
         self.outputs
     }
 
-    /// `x W^T + b` for the `x.len() / inputs` rows of `x` (row-major), on the current rayon
-    /// pool's threads.
-    pub fn forward(&self, x: &[f32], level: Level) -> Vec<f32> {
+    /// `x W^T + b`, then `epilogue`, for the `x.len() / inputs` rows of `x` (row-major), on
+    /// the current rayon pool's threads.
+    pub fn forward(&self, x: &[f32], epilogue: Epilogue<'_>, level: Level) -> Vec<f32> {
         let rows = x.len() / self.inputs;
         assert_eq!(rows * self.inputs, x.len(), "input shape");
+        if let Epilogue::Residual(res) = epilogue {
+            assert_eq!(res.len(), rows * self.outputs, "residual shape");
+        }
         let mut out = vec![0f32; rows * self.outputs];
         if rows == 0 {
             return out;
@@ -115,7 +130,10 @@ impl PackedLinear {
             .clamp(1, n_panels.div_ceil(2));
         let panels_per_chunk = n_panels.div_ceil(chunks).next_multiple_of(2);
         let col_chunks = n_panels.div_ceil(panels_per_chunk);
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = Dst {
+            ptr: out.as_mut_ptr(),
+            epilogue,
+        };
         (0..row_blocks * col_chunks)
             .into_par_iter()
             .for_each(|task| {
@@ -138,7 +156,7 @@ impl PackedLinear {
     /// # Safety
     /// `dst` must point to the output of `x`'s row count, and no other thread may write this
     /// tile's elements meanwhile.
-    unsafe fn tile(&self, x: &[f32], t: &Tile, dst: OutPtr, level: Level) {
+    unsafe fn tile(&self, x: &[f32], t: &Tile, dst: Dst<'_>, level: Level) {
         match level {
             Level::Scalar => {
                 for p in t.p0..t.p1 {
@@ -165,17 +183,25 @@ impl PackedLinear {
         }
     }
 
-    /// Writes one row's sums of panel `p` plus the bias (the features that exist).
+    /// Writes one row's sums of panel `p` plus the bias, through the epilogue (the features
+    /// that exist).
     ///
     /// # Safety
     /// As for [`tile`](Self::tile): the element range must be this thread's to write.
     #[inline(always)]
-    unsafe fn store(&self, dst: OutPtr, row: usize, p: usize, acc: &[f32; PANEL]) {
+    unsafe fn store(&self, dst: Dst<'_>, row: usize, p: usize, acc: &[f32; PANEL]) {
         let c0 = p * PANEL;
         let n = PANEL.min(self.outputs - c0);
+        let at = row * self.outputs + c0;
         for (j, a) in acc[..n].iter().enumerate() {
+            let v = a + self.bias[c0 + j];
+            let v = match dst.epilogue {
+                Epilogue::None => v,
+                Epilogue::Gelu => gelu(v),
+                Epilogue::Residual(res) => v + res[at + j],
+            };
             // SAFETY: row < rows and c0 + j < outputs, inside the output (caller's contract).
-            unsafe { *dst.0.add(row * self.outputs + c0 + j) = a + self.bias[c0 + j] };
+            unsafe { *dst.ptr.add(at + j) = v };
         }
     }
 }
@@ -189,13 +215,24 @@ struct Tile {
     p1: usize,
 }
 
-/// The output's base pointer, shared by the tasks of one product; each writes its own tile.
+/// GELU as candle computes it (its `erf`, a port of Boost's, is deterministic Rust).
+#[inline(always)]
+pub(crate) fn gelu(v: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+}
+
+/// The output's base pointer and epilogue, shared by the tasks of one product; each writes its
+/// own tile.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them.
-unsafe impl Send for OutPtr {}
+struct Dst<'a> {
+    ptr: *mut f32,
+    epilogue: Epilogue<'a>,
+}
+// SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them; the
+// epilogue only reads.
+unsafe impl Send for Dst<'_> {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl Sync for Dst<'_> {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -204,12 +241,12 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{OutPtr, PANEL, PackedLinear, Tile};
+    use super::{Dst, PANEL, PackedLinear, Tile};
 
     /// # Safety
     /// AVX2 and FMA must be available; see [`PackedLinear::tile`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_avx2(lin: &PackedLinear, x: &[f32], t: &Tile, dst: OutPtr) {
+    pub(super) unsafe fn tile_avx2(lin: &PackedLinear, x: &[f32], t: &Tile, dst: Dst<'_>) {
         for p in t.p0..t.p1 {
             let mut r = t.r0;
             while r < t.r1 {
@@ -231,7 +268,13 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2<const R: usize>(lin: &PackedLinear, x: &[f32], r: usize, p: usize, dst: OutPtr) {
+    unsafe fn avx2<const R: usize>(
+        lin: &PackedLinear,
+        x: &[f32],
+        r: usize,
+        p: usize,
+        dst: Dst<'_>,
+    ) {
         let k = lin.inputs;
         let xs = &x[r * k..(r + R) * k];
         let panel = &lin.panels[p * k * PANEL..(p + 1) * k * PANEL];
@@ -262,7 +305,7 @@ mod x86 {
     /// # Safety
     /// AVX-512F must be available; see [`PackedLinear::tile`].
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_avx512(lin: &PackedLinear, x: &[f32], t: &Tile, dst: OutPtr) {
+    pub(super) unsafe fn tile_avx512(lin: &PackedLinear, x: &[f32], t: &Tile, dst: Dst<'_>) {
         let mut p = t.p0;
         while p < t.p1 {
             let pair = p + 1 < t.p1;
@@ -301,7 +344,7 @@ mod x86 {
         x: &[f32],
         r: usize,
         p: usize,
-        dst: OutPtr,
+        dst: Dst<'_>,
     ) {
         let k = lin.inputs;
         let xs = &x[r * k..(r + R) * k];
@@ -379,24 +422,48 @@ mod tests {
                     acc + b[o]
                 })
                 .collect();
+            let residual = values(rows * outputs, 4);
+            let epilogues = [
+                (Epilogue::None, want.clone()),
+                (
+                    Epilogue::Gelu,
+                    want.iter().map(|v| gelu(*v)).collect::<Vec<_>>(),
+                ),
+                (
+                    Epilogue::Residual(&residual),
+                    want.iter().zip(&residual).map(|(v, r)| v + r).collect(),
+                ),
+            ];
             for level in levels() {
-                for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
-                    let all = pool.install(|| lin.forward(&x, level));
-                    assert_eq!(all, want, "{level:?} {outputs}x{inputs}, {threads} threads");
+                for (ep, want) in &epilogues {
+                    for threads in [1, 3] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let all = pool.install(|| lin.forward(&x, *ep, level));
+                        assert_eq!(
+                            &all, want,
+                            "{level:?} {ep:?} {outputs}x{inputs}, {threads} threads"
+                        );
+                    }
                     // Each row alone, and in a slice that starts elsewhere in a tile.
+                    let rows_of = |r0: usize, r1: usize| match ep {
+                        Epilogue::Residual(_) => {
+                            Epilogue::Residual(&residual[r0 * outputs..r1 * outputs])
+                        }
+                        other => *other,
+                    };
                     for r in [0, 1, 7, rows - 1] {
-                        let one = lin.forward(&x[r * inputs..(r + 1) * inputs], level);
+                        let one =
+                            lin.forward(&x[r * inputs..(r + 1) * inputs], rows_of(r, r + 1), level);
                         assert_eq!(
                             one,
                             want[r * outputs..(r + 1) * outputs],
                             "{level:?} row {r}"
                         );
                     }
-                    let some = lin.forward(&x[5 * inputs..16 * inputs], level);
+                    let some = lin.forward(&x[5 * inputs..16 * inputs], rows_of(5, 16), level);
                     assert_eq!(some, want[5 * outputs..16 * outputs], "{level:?}");
                 }
             }
