@@ -38,7 +38,9 @@ struct ServedEmbedder {
 }
 
 /// The determinism class of embeddings: the vectors' bits depend on the embedding crate's
-/// numerics (f32 on the CPU), not on the batch or the thread count.
+/// numerics (f32 on the CPU), not on the batch or the thread count. Bump the number whenever a
+/// change to `atoma-embed` alters a bit of a vector, so logs of other numerics are never
+/// compared.
 pub const EMBED_DETERMINISM_CLASS: &str = "atoma-embed/numerics-1/cpu/f32";
 
 impl EngineBackend {
