@@ -127,7 +127,7 @@ pub fn encode_vector(v: &[f32], base64: bool) -> Value {
 }
 
 /// The sampling fields of an embeddings record: nothing is sampled.
-fn no_sampling() -> SamplingRecord {
+pub fn no_sampling() -> SamplingRecord {
     SamplingRecord {
         temperature: 0.0,
         top_p: 1.0,

@@ -4,22 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use atoma_engine::Architecture;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("ATOMA_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "no Python with `openai`: run scripts/test.sh (it creates .venv) or set ATOMA_TEST_PYTHON"
-    );
-    venv
-}
 
 fn db(home: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["db"];
@@ -83,22 +70,21 @@ fn the_openai_sdk_embeds_with_a_stack_of_an_embedding_task() {
     );
     let stack = stack["small_id"].as_u64().expect("a stack id").to_string();
     let mut node = common::start_node(home, &url);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/embeddings_client.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(&url)
-        .arg(home.join("keys/user.keystore"))
-        .args([stack.as_str(), "1", "minilm", "tiny"])
-        .output()
-        .unwrap();
+    let keystore = home.join("keys/user.keystore");
+    let (ok, stdout, stderr) = common::run_client(
+        "embeddings_client.py",
+        &[
+            url.as_ref(),
+            keystore.as_ref(),
+            stack.as_ref(),
+            "1".as_ref(),
+            "minilm".as_ref(),
+            "tiny".as_ref(),
+        ],
+    );
     node.kill().unwrap();
     node.wait().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("embeddings ok"), "{stdout}");
 }

@@ -6,21 +6,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("ATOMA_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "no Python with `openai`: run scripts/test.sh (it creates .venv) or set ATOMA_TEST_PYTHON"
-    );
-    venv
-}
-
 #[test]
 #[allow(clippy::print_stderr)] // the client's figures, shown with --nocapture
 fn a_hundred_schema_constrained_answers_on_the_default_model_all_validate() {
@@ -32,23 +17,19 @@ fn a_hundred_schema_constrained_answers_on_the_default_model_all_validate() {
     let home = dir.path();
     let url = common::set_up_with(home, &model, &[]);
     let mut node = common::start_node(home, &url);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/structured_outputs.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(&url)
-        .arg(home.join("keys/user.keystore"))
-        .arg("1")
-        .arg("SmolLM2-135M-Instruct.Q4_1")
-        .output()
-        .unwrap();
+    let keystore = home.join("keys/user.keystore");
+    let (ok, stdout, stderr) = common::run_client(
+        "structured_outputs.py",
+        &[
+            url.as_ref(),
+            keystore.as_ref(),
+            "1".as_ref(),
+            "SmolLM2-135M-Instruct.Q4_1".as_ref(),
+        ],
+    );
     node.kill().unwrap();
     node.wait().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("structured outputs ok"), "{stdout}");
 }

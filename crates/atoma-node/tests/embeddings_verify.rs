@@ -2,13 +2,13 @@
 //! either encoding) agrees; a changed vector, other logged tokens or an embedding model the
 //! verifier does not serve are caught (the last as "cannot check here", not a dispute).
 
-use atoma_api::embeddings::encode_vector;
+use atoma_api::embeddings::{encode_vector, no_sampling};
 use atoma_api::{EmbedInput, InferenceBackend};
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
 use atoma_node::EngineBackend;
 use atoma_node::reexec::RecordVerdict;
-use atoma_state::log::{LogRecord, ResponseRecord, SamplingRecord};
+use atoma_state::log::{LogRecord, ResponseRecord};
 use serde_json::json;
 
 fn backend(dir: &std::path::Path, with_embedder: bool) -> EngineBackend {
@@ -57,18 +57,7 @@ fn record(b: &EngineBackend, body: serde_json::Value, base64: bool) -> LogRecord
         prompt_tokens,
         output_tokens: Vec::new(),
         seed: 0,
-        sampling: SamplingRecord {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            max_tokens: 0,
-            stop: Vec::new(),
-            ignore_eos: false,
-        },
+        sampling: no_sampling(),
         finish_reason: "stop".into(),
         usage_completion_tokens: 0,
         model_sha256: out.model_sha256,

@@ -3,7 +3,8 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -89,4 +90,36 @@ pub fn start_node(home: &Path, url: &str) -> Child {
         std::thread::sleep(Duration::from_millis(50));
     }
     child
+}
+
+/// The Python with the official `openai` package the end-to-end clients run on: $ATOMA_TEST_PYTHON,
+/// else the repository's `.venv` (made by scripts/test.sh).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("ATOMA_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(
+        venv.is_file(),
+        "no Python with `openai`: run scripts/test.sh (it creates .venv) or set ATOMA_TEST_PYTHON"
+    );
+    venv
+}
+
+/// Runs the end-to-end client `tests/e2e/<script>` with `args`; returns whether it succeeded,
+/// its stdout and its stderr.
+pub fn run_client(script: &str, args: &[&OsStr]) -> (bool, String, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/e2e")
+        .join(script);
+    let out = Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
