@@ -20,6 +20,8 @@
 //!    reservation stays, every unit granted to a key is kept or spent, every answer that
 //!    got out was charged.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -30,18 +32,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("ATOMA_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "no Python with `openai`: run scripts/test.sh (it creates .venv) or set ATOMA_TEST_PYTHON"
-    );
-    venv
-}
 
 /// Every child is killed when the test ends, however it ends.
 #[derive(Default)]
@@ -309,7 +299,7 @@ fn keys(dir: &Path) -> HashMap<String, Value> {
 #[test]
 #[allow(clippy::print_stderr)] // the figures of the run, for the issue note
 fn gateway_routes_fails_over_ejects_forgers_and_charges_exactly() {
-    let py = python();
+    let py = common::python();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let d = dir.to_str().unwrap();
