@@ -172,6 +172,14 @@ pub enum LedgerError {
     },
     #[error("ledger storage: {0}")]
     Storage(String),
+    /// A backend whose contract has no such operation (the deployed Sui contract has no
+    /// collateral deposits, dispute resolution, stack expiry or DA pointer on tickets:
+    /// `docs/protocol.md` has the table).
+    #[error("{0} is not supported by the deployed contract")]
+    NotSupported(&'static str),
+    /// The chain could not be reached or answered out of protocol (after the backend's retries).
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Result alias of the ledger.
