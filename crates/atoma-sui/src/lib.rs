@@ -11,13 +11,20 @@
 //! - [`tx`]: one programmable transaction per entry function, and its reverse.
 //! - [`keys`]: the Sui CLI keystore and per-address signers.
 //! - [`rpc`]: owned objects, gas, execute-and-wait, effects to events or named errors.
+//! - [`ledger`]: `SuiLedger`, the `Ledger` trait over all of the above; [`index`] and [`view`]:
+//!   the durable event index and the read model folded from it.
 //! - `fake` (feature `fake`): a loopback Sui test double that executes real signed transactions
 //!   on the embedded ledger's semantics. It is a test double, not a Sui node.
 
 pub mod abort;
 #[cfg(feature = "fake")]
 pub mod fake;
+pub mod index;
 pub mod keys;
+mod ledger;
 pub mod move_types;
 pub mod rpc;
 pub mod tx;
+pub mod view;
+
+pub use ledger::{Flavor, SuiConfig, SuiLedger};

@@ -260,6 +260,132 @@ impl Call {
     }
 }
 
+impl Call {
+    // ---- the extended contract's entry functions (not in the deployed package) ----
+
+    /// `set_node_public_url(self, &NodeBadge, url: ascii::String)`.
+    pub fn set_node_public_url(badge: ObjRef, url: &str) -> Self {
+        Self::new(
+            "set_node_public_url",
+            vec![Arg::Db, Arg::Object(badge), Arg::pure(&url.to_string())],
+        )
+    }
+
+    /// `deposit_collateral(self, &mut NodeBadge, wallet: &mut Coin<USDC>, amount: u64)`.
+    pub fn deposit_collateral(
+        badge: ObjRef,
+        wallet: ObjRef,
+        merge: &[ObjRef],
+        amount: u64,
+    ) -> Self {
+        let mut c = Self::new(
+            "deposit_collateral",
+            vec![
+                Arg::Db,
+                Arg::Object(badge),
+                Arg::Object(wallet),
+                Arg::pure(&amount),
+            ],
+        );
+        c.merge = merge.to_vec();
+        c
+    }
+
+    /// `withdraw_collateral(self, &mut NodeBadge, amount: u64)`.
+    pub fn withdraw_collateral(badge: ObjRef, amount: u64) -> Self {
+        Self::new(
+            "withdraw_collateral",
+            vec![Arg::Db, Arg::Object(badge), Arg::pure(&amount)],
+        )
+    }
+
+    /// `try_settle_stack_with_log(self, &NodeBadge, stack_small_id, num_claimed_compute_units,
+    /// committed_stack_proof, stack_merkle_leaf, leaf_count: u64, blob_id: ascii::String,
+    /// blob_hash: vector<u8>, blob_size: u64, &Random)`: the deployed call plus where the log is.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_settle_with_log(
+        badge: ObjRef,
+        stack: u64,
+        units: u64,
+        root: &[u8],
+        leaf_count: u64,
+        blob_id: &str,
+        blob_hash: &[u8],
+        blob_size: u64,
+    ) -> Self {
+        Self::new(
+            "try_settle_stack_with_log",
+            vec![
+                Arg::Db,
+                Arg::Object(badge),
+                Arg::pure(&stack),
+                Arg::pure(&units),
+                Arg::pure(&root.to_vec()),
+                Arg::pure(&root.to_vec()),
+                Arg::pure(&leaf_count),
+                Arg::pure(&blob_id.to_string()),
+                Arg::pure(&blob_hash.to_vec()),
+                Arg::pure(&blob_size),
+                Arg::Random,
+            ],
+        )
+    }
+
+    /// `start_attestation_dispute_at(self, &NodeBadge, stack_small_id, attestation_commitment,
+    /// record: Option<u64>, position: Option<u64>)`.
+    pub fn dispute_at(
+        badge: ObjRef,
+        stack: u64,
+        commitment: &[u8],
+        record: Option<u64>,
+        position: Option<u64>,
+    ) -> Self {
+        Self::new(
+            "start_attestation_dispute_at",
+            vec![
+                Arg::Db,
+                Arg::Object(badge),
+                Arg::pure(&stack),
+                Arg::pure(&commitment.to_vec()),
+                Arg::pure(&record),
+                Arg::pure(&position),
+            ],
+        )
+    }
+
+    /// `resolve_attestation_dispute(self, &NodeBadge (the oracle's), stack_small_id,
+    /// node_was_honest: bool)`.
+    pub fn resolve_dispute(oracle_badge: ObjRef, stack: u64, node_was_honest: bool) -> Self {
+        Self::new(
+            "resolve_attestation_dispute",
+            vec![
+                Arg::Db,
+                Arg::Object(oracle_badge),
+                Arg::pure(&stack),
+                Arg::pure(&node_was_honest),
+            ],
+        )
+    }
+
+    /// `expire_dispute_oracle(self, stack_small_id)`.
+    pub fn expire_dispute_oracle(stack: u64) -> Self {
+        Self::new("expire_dispute_oracle", vec![Arg::Db, Arg::pure(&stack)])
+    }
+
+    /// `close_expired_stack(self, stack_small_id)`.
+    pub fn close_expired_stack(stack: u64) -> Self {
+        Self::new("close_expired_stack", vec![Arg::Db, Arg::pure(&stack)])
+    }
+
+    /// `set_params(self, &AtomaManagerBadge, params: Params)`.
+    pub fn set_params(manager: ObjRef, params: &crate::move_types::Params) -> Self {
+        Self::new(
+            "set_params",
+            vec![Arg::Db, Arg::Object(manager), Arg::pure(params)],
+        )
+    }
+}
+
 /// Where the contract lives: the package the calls go to, and the shared objects' initial
 /// shared versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

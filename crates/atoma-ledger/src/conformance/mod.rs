@@ -17,7 +17,20 @@ use crate::*;
 /// A fresh, empty ledger per call.
 pub type Factory<'a> = &'a (dyn Fn() -> Box<dyn Ledger> + Sync);
 
-pub(crate) fn addr(n: u8) -> Address {
+static ACTORS: std::sync::OnceLock<fn(u8) -> Address> = std::sync::OnceLock::new();
+
+/// Makes the suite act as `actors(n)` instead of the plain address `0x…0n`, for backends that
+/// must sign as each actor (Sui: key-derived addresses). Once per process; later calls with
+/// another function are ignored.
+pub fn use_actors(actors: fn(u8) -> Address) {
+    let _ = ACTORS.set(actors);
+}
+
+/// The suite's actor `n`.
+pub fn addr(n: u8) -> Address {
+    if let Some(f) = ACTORS.get() {
+        return f(n);
+    }
     let mut a = [0u8; 32];
     a[31] = n;
     Address(a)

@@ -11,6 +11,7 @@
 //! Faults can be injected ([`Faults`]): unavailability, slowness, an event stream dropped
 //! mid-page, and test-only operations (faucet, epoch) are direct calls ([`FakeSui`]).
 
+mod backed;
 mod exec;
 mod service;
 pub mod state;
@@ -28,6 +29,7 @@ use sui_rpc::proto::sui::rpc::v2::transaction_execution_service_server::Transact
 use sui_sdk_types::Address as SuiAddress;
 use tokio::sync::{broadcast, oneshot};
 
+pub use backed::{FakeBacked, actor, actor_key};
 pub use state::ChainIds;
 use state::State;
 
