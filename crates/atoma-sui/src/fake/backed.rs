@@ -29,12 +29,20 @@ pub struct FakeBacked {
 
 impl FakeBacked {
     /// A fresh test double (admin: actor 9, as the conformance suite creates tasks) and a
-    /// client holding the keys of actors 1..=255.
+    /// client holding the keys of actors 1..=255, its index in memory.
     pub fn start(flavor: Flavor) -> Result<Self> {
-        let admin = actor(9);
-        let ids = default_ids(admin);
-        let fake = FakeSui::start(ids.clone(), SqliteLedger::in_memory()?, 0)
+        let fake = FakeSui::start(default_ids(actor(9)), SqliteLedger::in_memory()?, 0)
             .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        Self::connect(Arc::new(fake), flavor, None)
+    }
+
+    /// A client of a running test double, its index at `index_path` (`None`: in memory).
+    pub fn connect(
+        fake: Arc<FakeSui>,
+        flavor: Flavor,
+        index_path: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
+        let ids = fake.ids();
         let mut signers = Signers::default();
         for n in 1..=255u8 {
             signers.insert(&actor_key(n));
@@ -46,16 +54,13 @@ impl FakeBacked {
             atoma_db: ids.db,
             usdc_type: ids.usdc_type.clone(),
             gas_budget: 50_000_000,
-            index_path: None,
-            admin: Some(admin),
+            index_path,
+            admin: Some(Address(ids.admin.into_inner())),
             flavor,
             timeout: std::time::Duration::from_secs(10),
         };
         let ledger = SuiLedger::connect(cfg, signers)?;
-        Ok(Self {
-            ledger,
-            fake: Arc::new(fake),
-        })
+        Ok(Self { ledger, fake })
     }
 }
 

@@ -177,6 +177,20 @@ impl FakeSui {
         f(&self.shared.lock().ledger)
     }
 
+    /// Test-only: registers `n` nodes for `owner` straight on the embedded ledger and puts
+    /// their events on the chain as one synthetic transaction (for ingestion benchmarks).
+    pub fn register_nodes_directly(&self, owner: Address, n: usize) -> atoma_ledger::Result<()> {
+        let mut s = self.shared.lock();
+        for _ in 0..n {
+            s.ledger.register_node(owner)?;
+        }
+        let cp = s.checkpoint + 1;
+        let digest = sui_sdk_types::Digest::new(atoma_crypto::blake2b256(&cp.to_le_bytes()));
+        s.drain_events(SuiAddress::new(owner.0), &digest.to_string(), cp);
+        s.checkpoint = cp;
+        Ok(())
+    }
+
     /// Number of events on the chain.
     pub fn event_count(&self) -> usize {
         self.shared.lock().events.len()

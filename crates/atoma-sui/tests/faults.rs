@@ -1,0 +1,127 @@
+//! The Sui backend under faults of the (test double) RPC server: unavailable for a while, slow,
+//! an event stream that breaks mid-page, and a client restarted over its persisted index. The
+//! node recovers, applies each event exactly once, and never executes a transaction twice.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use atoma_ledger::{EventCursor, Ledger, SqliteLedger};
+use atoma_sui::Flavor;
+use atoma_sui::fake::{FakeBacked, FakeSui, actor, default_ids};
+
+fn fake() -> Arc<FakeSui> {
+    Arc::new(FakeSui::start(default_ids(actor(9)), SqliteLedger::in_memory().unwrap(), 0).unwrap())
+}
+
+fn assert_dense_once(l: &dyn Ledger, expected: usize) {
+    let evs = l.events_after(EventCursor(0), usize::MAX >> 1).unwrap();
+    assert_eq!(evs.len(), expected, "every chain event exactly once");
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "dense sequence numbers");
+    }
+}
+
+#[test]
+fn a_stream_broken_mid_page_resumes_without_loss_or_repeats() {
+    let f = fake();
+    f.register_nodes_directly(actor(1), 7).unwrap();
+    let l = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
+    f.faults().drop_events_after.store(3, Ordering::SeqCst);
+    assert_dense_once(&l, 7);
+    assert_eq!(
+        f.faults().drop_events_after.load(Ordering::SeqCst),
+        0,
+        "the fault fired"
+    );
+}
+
+#[test]
+fn an_unavailable_then_slow_server_delays_a_write_but_it_happens_once() {
+    let f = fake();
+    let l = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
+    f.faults().unavailable.store(true, Ordering::SeqCst);
+    let f2 = f.clone();
+    let heal = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        f2.faults().delay_ms.store(50, Ordering::SeqCst);
+        f2.faults().unavailable.store(false, Ordering::SeqCst);
+    });
+    let node = l
+        .register_node(actor(1))
+        .expect("succeeds once the server is back");
+    heal.join().unwrap();
+    f.faults().delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(node.owner, actor(1));
+    assert_eq!(
+        f.with_ledger(|x| x.nodes().unwrap().len()),
+        1,
+        "executed once"
+    );
+    assert_dense_once(&l, 1);
+}
+
+#[test]
+fn a_restarted_client_resumes_from_its_persisted_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("sui-index.sqlite");
+    let f = fake();
+    f.register_nodes_directly(actor(1), 5).unwrap();
+    {
+        let l = FakeBacked::connect(f.clone(), Flavor::Extended, Some(index.clone())).unwrap();
+        assert_dense_once(&l, 5);
+    }
+    // While the client is down the chain moves on; a restart picks up from the stored cursor.
+    f.register_nodes_directly(actor(2), 4).unwrap();
+    let l = FakeBacked::connect(f.clone(), Flavor::Extended, Some(index)).unwrap();
+    assert_dense_once(&l, 9);
+    assert_eq!(l.nodes().unwrap().len(), 9);
+    assert_eq!(l.nodes_of(actor(2)).unwrap().len(), 4);
+}
+
+#[test]
+fn deployed_contract_lacks_are_named() {
+    let f = fake();
+    let l = FakeBacked::connect(f, Flavor::Deployed, None).unwrap();
+    let n = l.register_node(actor(1)).unwrap().small_id;
+    for e in [
+        l.ledger
+            .deposit_collateral(actor(1), n, atoma_ledger::Amount(1))
+            .unwrap_err(),
+        l.ledger
+            .set_node_public_url(actor(1), n, "http://x")
+            .unwrap_err(),
+        l.ledger
+            .close_expired_stack(actor(1), atoma_ledger::StackSmallId(1))
+            .unwrap_err(),
+        l.ledger
+            .faucet(actor(1), atoma_ledger::Amount(1))
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(e, atoma_ledger::LedgerError::NotSupported(_)),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains("not supported by the deployed contract")
+        );
+    }
+}
+
+#[test]
+#[allow(clippy::print_stdout)] // the figures of the run, for the issue note
+fn ingesting_ten_thousand_events() {
+    let f = fake();
+    f.register_nodes_directly(actor(1), 10_000).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let l = FakeBacked::connect(f, Flavor::Extended, Some(dir.path().join("i.sqlite"))).unwrap();
+    let t = Instant::now();
+    let n = l.ledger.sync().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(n, 10_000);
+    println!(
+        "ingested {n} events in {secs:.2} s ({:.0} events/s)",
+        n as f64 / secs
+    );
+}
