@@ -550,14 +550,18 @@ impl Ledger for SuiLedger {
             return Err(LedgerError::NotSupported("a task's minimum collateral"));
         }
         let ev = self.submit(sender, AbortContext::default(), || {
-            Ok(Call::create_task(
+            let mut call = Call::create_task(
                 self.manager_badge(sender)?,
                 task.role.code(),
                 task.model_name.clone(),
                 task.security_level.code(),
                 task.minimum_reputation_score,
                 task.is_public,
-            ))
+            );
+            if task.minimum_collateral.0 > 0 {
+                call = call.with_minimum_collateral(task.minimum_collateral.0);
+            }
+            Ok(call)
         })?;
         let id = ev
             .iter()
@@ -569,6 +573,7 @@ impl Ledger for SuiLedger {
         let mut t = self.task(id)?;
         // The chain's event does not say; the call did.
         t.is_public = task.is_public;
+        t.minimum_collateral = task.minimum_collateral;
         Ok(t)
     }
 
@@ -937,7 +942,7 @@ impl Ledger for SuiLedger {
         let ids: Vec<u64> = stacks.iter().map(|s| s.0).collect();
         let cx = stacks.first().map(|s| stack_cx(*s)).unwrap_or_default();
         let ev = self.node_call(sender, node, cx, |b| Call::claim_funds(b, &ids))?;
-        Ok(claims_of(&ev))
+        self.view(|v| claims_of(v, &ev))
     }
 
     fn claim_funds_for_stacks(
@@ -952,7 +957,7 @@ impl Ledger for SuiLedger {
         let ev = self.node_call(sender, node, cx, |b| {
             Call::claim_funds_for_stacks(b, &ids, &units)
         })?;
-        Ok(claims_of(&ev))
+        self.view(|v| claims_of(v, &ev))
     }
 
     fn close_expired_stack(&self, sender: Address, stack: StackSmallId) -> Result<Amount> {
@@ -976,13 +981,7 @@ impl Ledger for SuiLedger {
     }
 
     fn open_tickets_of(&self, node: NodeSmallId) -> Result<Vec<SettlementTicket>> {
-        self.view(|v| {
-            v.tickets
-                .values()
-                .filter(|t| !t.is_claimed && t.selected_node_id == node)
-                .cloned()
-                .collect()
-        })
+        self.view(|v| v.open_tickets_of(node))
     }
 
     fn totals(&self) -> Result<MoneyTotals> {
@@ -992,38 +991,66 @@ impl Ledger for SuiLedger {
     }
 }
 
-/// Claim outcomes from a claim's events (attestor shares and slashes are not in the events).
-fn claims_of(ev: &[LedgerEvent]) -> Vec<ClaimOutcome> {
-    ev.iter()
-        .filter_map(|e| match e {
+/// Claim outcomes from a claim transaction's events, in order: each stack's slashes come before
+/// its claimed event; attestors who attested share the pool equally (`attestor_share` each); a
+/// direct (ConfidentialCompute) claim's node fee is the task's fee on the claimed units.
+fn claims_of(view: &View, ev: &[LedgerEvent]) -> Vec<ClaimOutcome> {
+    let mut out = Vec::new();
+    let mut slashed = Vec::new();
+    for e in ev {
+        match e {
+            LedgerEvent::NodeSlashedEvent {
+                node_small_id,
+                amount,
+                ..
+            } => slashed.push((*node_small_id, *amount)),
             LedgerEvent::StackSettlementTicketClaimedEvent {
                 stack_small_id,
+                attestation_nodes,
                 num_claimed_compute_units,
                 user_refund_amount,
                 node_fee,
+                attestor_share,
                 ..
-            } => Some(ClaimOutcome {
+            } => out.push(ClaimOutcome {
                 stack_small_id: *stack_small_id,
                 num_claimed_compute_units: *num_claimed_compute_units,
                 node_fee: *node_fee,
-                attestor_shares: Vec::new(),
+                attestor_shares: attestation_nodes
+                    .iter()
+                    .map(|a| (*a, *attestor_share))
+                    .collect(),
                 user_refund_amount: *user_refund_amount,
-                slashed: Vec::new(),
+                slashed: std::mem::take(&mut slashed),
             }),
             LedgerEvent::ClaimedStackEvent {
                 stack_small_id,
                 num_claimed_compute_units,
                 user_refund_amount,
                 ..
-            } => Some(ClaimOutcome {
-                stack_small_id: *stack_small_id,
-                num_claimed_compute_units: *num_claimed_compute_units,
-                node_fee: Amount(0),
-                attestor_shares: Vec::new(),
-                user_refund_amount: *user_refund_amount,
-                slashed: Vec::new(),
-            }),
-            _ => None,
-        })
-        .collect()
+            } => {
+                let node_fee = view
+                    .stacks
+                    .get(stack_small_id)
+                    .and_then(|s| {
+                        let level = view.tasks.get(&s.task_small_id)?.security_level;
+                        level.node_fee(
+                            s.price_per_one_million_compute_units,
+                            *num_claimed_compute_units,
+                        )
+                    })
+                    .unwrap_or(Amount(0));
+                out.push(ClaimOutcome {
+                    stack_small_id: *stack_small_id,
+                    num_claimed_compute_units: *num_claimed_compute_units,
+                    node_fee,
+                    attestor_shares: Vec::new(),
+                    user_refund_amount: *user_refund_amount,
+                    slashed: std::mem::take(&mut slashed),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
 }

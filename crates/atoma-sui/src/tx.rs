@@ -263,6 +263,13 @@ impl Call {
 impl Call {
     // ---- the extended contract's entry functions (not in the deployed package) ----
 
+    /// `create_task_with_collateral(…create_task_entry's arguments…, minimum_collateral: u64)`.
+    pub fn with_minimum_collateral(mut self, minimum_collateral: u64) -> Self {
+        self.function = "create_task_with_collateral".into();
+        self.args.push(Arg::pure(&minimum_collateral));
+        self
+    }
+
     /// `set_node_public_url(self, &NodeBadge, url: ascii::String)`.
     pub fn set_node_public_url(badge: ObjRef, url: &str) -> Self {
         Self::new(

@@ -140,8 +140,15 @@ impl View {
                     },
                 );
             }
-            E::ClaimedStackEvent { stack_small_id, .. }
-            | E::StackExpiredEvent { stack_small_id, .. } => {
+            E::ClaimedStackEvent {
+                stack_small_id,
+                selected_node_id,
+                ..
+            } => {
+                self.record(*selected_node_id, |r| r.settled_on_time += 1);
+                self.close_stack(*stack_small_id);
+            }
+            E::StackExpiredEvent { stack_small_id, .. } => {
                 self.close_stack(*stack_small_id);
             }
             E::StackTrySettleEvent {
@@ -186,6 +193,7 @@ impl View {
                 attestation_node_id,
                 ..
             } => {
+                self.record(*attestation_node_id, |r| r.attestations_made += 1);
                 if let Some(t) = self.tickets.get_mut(stack_small_id)
                     && !t.already_attested_nodes.contains(attestation_node_id)
                 {
@@ -201,7 +209,12 @@ impl View {
                     t.dispute_settled_at_epoch = *dispute_settled_at_epoch;
                 }
             }
-            E::StackSettlementTicketClaimedEvent { stack_small_id, .. } => {
+            E::StackSettlementTicketClaimedEvent {
+                stack_small_id,
+                selected_node_id,
+                ..
+            } => {
+                self.record(*selected_node_id, |r| r.settled_on_time += 1);
                 if let Some(t) = self.tickets.get_mut(stack_small_id) {
                     t.is_claimed = true;
                 }
@@ -281,10 +294,17 @@ impl View {
             E::NodeSlashedEvent {
                 node_small_id,
                 amount,
-                ..
+                reason,
             } => {
                 if let Some(n) = self.nodes.get_mut(node_small_id) {
                     n.collateral = Amount(n.collateral.0.saturating_sub(amount.0));
+                }
+                match reason.as_str() {
+                    "attestation_timeout" | "oracle_timeout" => {
+                        self.record(*node_small_id, |r| r.attestations_missed += 1)
+                    }
+                    "dispute_lost" => self.record(*node_small_id, |r| r.disputes_lost += 1),
+                    _ => {}
                 }
             }
             E::NodeReputationUpdatedEvent {
@@ -305,6 +325,34 @@ impl View {
             }
             E::NodeSubscribedToModelEvent { .. } | E::LedgerParamsUpdatedEvent { .. } => {}
         }
+    }
+
+    /// The node's reputation counters, which the embedded ledger bumps on the same events:
+    /// an attestation made, a ticket or stack claimed (settled on time), a slash for a silent
+    /// attestor or oracle (missed) or a lost dispute.
+    fn record(&mut self, node: NodeSmallId, f: impl FnOnce(&mut Reputation)) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            f(&mut n.record);
+        }
+    }
+
+    /// Open tickets that name `node` as seller, as an attestor yet to attest, or as the oracle
+    /// of their open dispute.
+    pub fn open_tickets_of(&self, node: NodeSmallId) -> Vec<SettlementTicket> {
+        self.tickets
+            .values()
+            .filter(|t| !t.is_claimed)
+            .filter(|t| {
+                t.selected_node_id == node
+                    || (t.requested_attestation_nodes.contains(&node)
+                        && !t.already_attested_nodes.contains(&node))
+                    || self
+                        .disputes
+                        .get(&t.stack_small_id)
+                        .is_some_and(|d| d.outcome.is_none() && d.oracle == Some(node))
+            })
+            .cloned()
+            .collect()
     }
 
     fn close_stack(&mut self, id: StackSmallId) {

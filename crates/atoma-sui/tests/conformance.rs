@@ -46,3 +46,40 @@ fn concurrent_purchases_keep_balances_exact() {
 fn events_follow_with_a_cursor() {
     c::events_follow_with_a_cursor(&fresh());
 }
+
+macro_rules! settlement {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                c::settlement::$name(&fresh());
+            }
+        )*
+    };
+}
+
+settlement!(
+    epochs_advance_and_survive_a_new_length,
+    sampling_consensus_pays_node_attestors_and_owner,
+    settlement_refusals_change_nothing,
+    attestors_are_distinct_and_never_the_seller,
+    silent_attestors_are_slashed,
+    a_different_commitment_opens_a_dispute,
+    a_cheating_node_loses_its_collateral_and_the_user_is_refunded,
+    an_honest_node_wins_and_is_paid,
+    silent_oracles_are_replaced_then_the_stack_is_void,
+    confidential_stacks_claim_directly,
+    expired_stacks_refund_their_owner,
+    collateral_and_reputation_gate_sampling,
+);
+
+/// Money conserved after every step of seeded random operation sequences (fewer and shorter than
+/// on SQLite: every step is a signed transaction over gRPC).
+#[test]
+fn random_sequences_conserve_money() {
+    c::conservation::random_sequences_conserve_money(
+        &|| Box::new(fresh()) as Box<dyn atoma_ledger::Ledger>,
+        0..2,
+        80,
+    );
+}

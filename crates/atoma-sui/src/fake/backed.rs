@@ -28,11 +28,13 @@ pub struct FakeBacked {
 }
 
 impl FakeBacked {
-    /// A fresh test double (admin: actor 9, as the conformance suite creates tasks) and a
-    /// client holding the keys of actors 1..=255, its index in memory.
+    /// A fresh test double (admins: actors 9 and 99, as the conformance suite creates tasks
+    /// and sets parameters as them) and a client holding the keys of actors 1..=255, its index
+    /// in memory.
     pub fn start(flavor: Flavor) -> Result<Self> {
         let fake = FakeSui::start(default_ids(actor(9)), SqliteLedger::in_memory()?, 0)
             .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        fake.issue_manager_badge(actor(99));
         Self::connect(Arc::new(fake), flavor, None)
     }
 

@@ -329,8 +329,9 @@ impl State {
                 let model: String = pure(a, 2)?;
                 l.add_node_to_model(sender, node(self, 1)?, &model, pure(a, 3)?)?;
             }
-            "create_task_entry" => {
-                need(7)?;
+            "create_task_entry" | "create_task_with_collateral" => {
+                let with_collateral = call.function == "create_task_with_collateral";
+                need(if with_collateral { 8 } else { 7 })?;
                 if !matches!(self.kind_at(a, 1), Some(ObjKind::ManagerBadge)) {
                     return Err(LedgerError::Invalid(
                         "argument 1 is not the manager badge".into(),
@@ -347,7 +348,7 @@ impl State {
                         .ok_or_else(|| LedgerError::Invalid(format!("security level {sec:?}")))?,
                     minimum_reputation_score: rep.unwrap_or(0),
                     is_public: pure(a, 6)?,
-                    minimum_collateral: Amount(0),
+                    minimum_collateral: Amount(if with_collateral { pure(a, 7)? } else { 0 }),
                 };
                 let t = l.create_task(sender, &task)?;
                 let task_id = self.task_object_id(t.small_id)?;

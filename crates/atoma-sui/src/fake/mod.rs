@@ -191,6 +191,23 @@ impl FakeSui {
         Ok(())
     }
 
+    /// Test-only: gives `to` an `AtomaManagerBadge` (as the package's publisher does with
+    /// `create_manager_badge_entry` and a transfer).
+    pub fn issue_manager_badge(&self, to: Address) {
+        let mut seed = b"atoma test double: manager badge of ".to_vec();
+        seed.extend_from_slice(&to.0);
+        let id = SuiAddress::new(atoma_crypto::blake2b256(&seed));
+        let mut s = self.shared.lock();
+        if !s.objects.contains_key(&id) {
+            s.insert(
+                id,
+                state::ObjKind::ManagerBadge,
+                state::ObjOwner::Address(SuiAddress::new(to.0)),
+                1,
+            );
+        }
+    }
+
     /// Number of events on the chain.
     pub fn event_count(&self) -> usize {
         self.shared.lock().events.len()
