@@ -4,7 +4,8 @@
 //! order, with a durable cursor) folded into a [`View`], and from owned objects (balances).
 //!
 //! The trait is synchronous and sui-rpc is async: the ledger owns a small runtime and blocks on
-//! it. Call it from a blocking context (`spawn_blocking`), never from inside a runtime.
+//! it (from a blocking context; called from inside another runtime it waits on a scoped helper
+//! thread instead of panicking).
 //!
 //! **Never double-submitted**: a transaction's digest is fixed once it is built and signed; a
 //! transient failure (unavailable, timeout) resends the *same* signed transaction, which the
@@ -79,7 +80,8 @@ const EVENTS_PER_PAGE: u32 = 500;
 
 pub struct SuiLedger {
     cfg: SuiConfig,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until drop (which shuts it down without blocking, allowed anywhere).
+    rt: Option<tokio::runtime::Runtime>,
     client: Client,
     contract: Contract,
     signers: Signers,
@@ -115,6 +117,14 @@ fn backoff(attempt: u32) -> Duration {
 impl SuiLedger {
     /// Connects, resolves the shared objects' initial versions and replays the local index.
     pub fn connect(cfg: SuiConfig, signers: Signers) -> Result<Self> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Building and blocking on a runtime inside another one panics: connect elsewhere.
+            return std::thread::scope(|s| {
+                s.spawn(|| Self::connect(cfg, signers))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -156,13 +166,35 @@ impl SuiLedger {
         };
         Ok(Self {
             cfg,
-            rt,
+            rt: Some(rt),
             client,
             contract,
             signers,
             index: Mutex::new(index),
             view: Mutex::new(view),
             senders: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("the runtime lives until drop")
+    }
+
+    /// Runs `f` to completion on the ledger's runtime. From inside another runtime (an async
+    /// handler that forgot `spawn_blocking`), blocking would panic; there the wait happens on a
+    /// scoped helper thread instead, so the ledger is safe to call from anywhere.
+    fn block<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.rt().block_on(f);
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| self.rt().block_on(f))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
     }
 
@@ -188,7 +220,7 @@ impl SuiLedger {
         let mut failures = 0u32;
         loop {
             let after = index.cursor()?;
-            let (page, cursor, done, error) = self.rt.block_on(self.list_page(after));
+            let (page, cursor, done, error) = self.block(self.list_page(after));
             if let Some(cursor) = cursor {
                 added += index.apply(&page, &cursor)? as u64;
                 let mut view = lock(&self.view);
@@ -329,10 +361,7 @@ impl SuiLedger {
     fn owned(&self, owner: Address, type_: &str) -> Result<Vec<rpc::Owned>> {
         let mut last = None;
         for attempt in 0..MAX_ATTEMPTS {
-            match self
-                .rt
-                .block_on(rpc::owned(&self.client, SuiAddress::new(owner.0), type_))
-            {
+            match self.block(rpc::owned(&self.client, SuiAddress::new(owner.0), type_)) {
                 Ok(v) => return Ok(v),
                 Err(e @ LedgerError::Unavailable(_)) => last = Some(e),
                 Err(e) => return Err(e),
@@ -422,7 +451,7 @@ impl SuiLedger {
                 .max_by_key(|c| c.balance.unwrap_or(0))
                 .ok_or_else(|| LedgerError::Invalid(format!("{sender} has no SUI for gas")))?;
             let mut client = self.client.clone();
-            let price = self.rt.block_on(rpc::gas_price(&mut client))?;
+            let price = self.block(rpc::gas_price(&mut client))?;
             let gas = Gas {
                 coin: gas_coin.obj,
                 price,
@@ -434,9 +463,7 @@ impl SuiLedger {
             // Resend this exact transaction while the failure is transient.
             loop {
                 attempt += 1;
-                let sent = self
-                    .rt
-                    .block_on(rpc::execute(&mut client, &tx, &sig, self.cfg.timeout));
+                let sent = self.block(rpc::execute(&mut client, &tx, &sig, self.cfg.timeout));
                 match sent {
                     Ok(done) => {
                         let out = rpc::outcome(&done, &cx);
@@ -489,6 +516,14 @@ impl SuiLedger {
 
     fn ticket_after(&self, stack: StackSmallId) -> Result<SettlementTicket> {
         self.ticket(stack)?.ok_or(LedgerError::NoTicket(stack))
+    }
+}
+
+impl Drop for SuiLedger {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -761,7 +796,7 @@ impl Ledger for SuiLedger {
 
     fn epoch(&self) -> Result<u64> {
         let mut client = self.client.clone();
-        self.rt.block_on(async {
+        self.block(async {
             let mut req = proto::GetEpochRequest::default();
             req.read_mask =
                 Some(<prost_types::FieldMask as sui_rpc::field::FieldMaskUtil>::from_str("epoch"));

@@ -125,3 +125,19 @@ fn ingesting_ten_thousand_events() {
         n as f64 / secs
     );
 }
+
+#[test]
+fn the_ledger_may_be_used_and_dropped_inside_an_async_runtime() {
+    let f = fake();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        // No spawn_blocking: the ledger waits on a helper thread rather than panicking.
+        let l = FakeBacked::connect(f, Flavor::Extended, None).unwrap();
+        let n = l.register_node(actor(3)).unwrap();
+        assert_eq!(l.node(n.small_id).unwrap().owner, actor(3));
+        drop(l);
+    });
+}
