@@ -75,6 +75,9 @@ enum Command {
     /// Data-availability store: run a local Walrus-compatible server, put and get blobs.
     #[command(subcommand)]
     Da(cmd::da::DaCommand),
+    /// Serve a Sui test double (sui.rpc.v2 over gRPC on loopback) running the Atoma contract,
+    /// for trying `[ledger] backend = "sui"` without a Sui network.
+    SuiFake(cmd::sui_fake::SuiFakeArgs),
     /// The users' OpenAI front door with API keys: `serve`, and `keys` to manage them.
     #[command(subcommand)]
     Gateway(cmd::gateway::GatewayCommand),
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => cmd::client::chat(&home, &a),
         Command::Loadgen(a) => cmd::loadgen::run(&home, &store, &a),
         Command::Da(c) => cmd::da::run(&home, c),
+        Command::SuiFake(a) => cmd::sui_fake::run(&home, &a),
         Command::Gateway(c) => cmd::gateway::run(&home, c),
         Command::Devnet(c) => {
             // Without --home the devnet gets its own directory beside `atoma up`'s files.

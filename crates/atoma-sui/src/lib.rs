@@ -28,3 +28,5 @@ pub mod tx;
 pub mod view;
 
 pub use ledger::{Flavor, SuiConfig, SuiLedger};
+/// Sui's 32-byte address type, for callers that configure the backend.
+pub use sui_sdk_types::Address as SuiAddress;

@@ -22,6 +22,10 @@ pub struct DbArgs {
     /// Ledger file (default: <home>/ledger.db).
     #[arg(long, global = true)]
     pub ledger: Option<PathBuf>,
+    /// A node config whose `[ledger]` section names the ledger (for `backend = "sui"`: the
+    /// chain, signing with this home's keys).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: DbCommand,
 }
@@ -141,7 +145,19 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let l = SqliteLedger::open(&path)?;
+    let l: std::sync::Arc<dyn Ledger> = match &a.config {
+        Some(c) => {
+            let cfg = crate::cmd::node::Config::load(Some(c))?;
+            let keys: Vec<_> = home
+                .key_names()
+                .iter()
+                .filter_map(|n| home.key(n).ok())
+                .collect();
+            crate::cmd::ledger::open(home, &cfg.ledger, &path, &keys)?
+        }
+        None => std::sync::Arc::new(SqliteLedger::open(&path)?),
+    };
+    let l = l.as_ref();
     let json = |v: &dyn erased::Show| println!("{}", v.show());
     match a.command {
         DbCommand::RegisterNode { key } => {
@@ -235,7 +251,7 @@ pub fn run(home: &Home, a: DbArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&e)?);
             }
         }
-        DbCommand::Settle(c) => db_settle::run(home, &l, c)?,
+        DbCommand::Settle(c) => db_settle::run(home, l, c)?,
     }
     Ok(())
 }

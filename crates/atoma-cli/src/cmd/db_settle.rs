@@ -8,8 +8,7 @@ use clap::Subcommand;
 use serde::Serialize;
 
 use atoma_ledger::{
-    Amount, ComputeUnits, Hash32, Ledger, LedgerParams, NodeSmallId, SqliteLedger, StackCommitment,
-    StackSmallId,
+    Amount, ComputeUnits, Hash32, Ledger, LedgerParams, NodeSmallId, StackCommitment, StackSmallId,
 };
 
 use crate::home::{Home, address_of};
@@ -239,7 +238,7 @@ struct TotalsOut {
     conserved: bool,
 }
 
-pub fn run(home: &Home, l: &SqliteLedger, cmd: SettleCommand) -> anyhow::Result<()> {
+pub fn run(home: &Home, l: &dyn Ledger, cmd: SettleCommand) -> anyhow::Result<()> {
     let addr = |key: &str| -> anyhow::Result<_> { Ok(address_of(&home.key(key)?)) };
     match cmd {
         SettleCommand::DepositCollateral { key, node, amount } => {

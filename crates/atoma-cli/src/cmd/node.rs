@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use atoma_engine::{Engine, EngineConfig, LoadOptions};
-use atoma_ledger::{Ledger, NodeSmallId, SqliteLedger};
+use atoma_ledger::NodeSmallId;
 use atoma_models::ModelStore;
 use atoma_node::{EngineBackend, LoadingBackend, NodeParts, SettlementPolicy};
 use atoma_state::meter::Meter;
@@ -130,11 +130,32 @@ pub struct NodeSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerSection {
-    /// `local` (embedded SQLite). The Sui backend is not built yet.
+    /// `local` (embedded SQLite) or `sui` (the Atoma contract on Sui, over gRPC).
     pub backend: String,
-    /// Ledger file (default <home>/ledger.db).
+    /// Ledger file (default <home>/ledger.db); `local` only.
     pub path: Option<PathBuf>,
     pub poll_interval_ms: u64,
+    /// `sui`: the full node's gRPC URL, e.g. `https://fullnode.testnet.sui.io:443`.
+    pub rpc_url: String,
+    /// `sui`: the Atoma package calls go to (its latest version).
+    pub package_id: String,
+    /// `sui`: the package's original id, which names its event types (default: `package_id`).
+    pub original_package_id: Option<String>,
+    /// `sui`: the shared `AtomaDb` object.
+    pub atoma_db: String,
+    /// `sui`: the USDC coin type (`0x…::usdc::USDC`).
+    pub usdc_type: String,
+    /// `sui`: gas budget per transaction, in MIST.
+    pub gas_budget: u64,
+    /// `sui`: a Sui CLI keystore whose keys may sign besides the node's own key.
+    pub keystore: Option<PathBuf>,
+    /// `sui`: the local index of the chain's events (default <home>/sui-index.db).
+    pub index_path: Option<PathBuf>,
+    /// `sui`: `deployed` (the published contract) or `extended` (with our settlement
+    /// additions, as the test double runs them).
+    pub contract: String,
+    /// `sui`: the AtomaManagerBadge holder's address, for whitelisting.
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +213,16 @@ impl Default for LedgerSection {
             backend: "local".into(),
             path: None,
             poll_interval_ms: 250,
+            rpc_url: String::new(),
+            package_id: String::new(),
+            original_package_id: None,
+            atoma_db: String::new(),
+            usdc_type: String::new(),
+            gas_budget: 50_000_000,
+            keystore: None,
+            index_path: None,
+            contract: "deployed".into(),
+            admin: None,
         }
     }
 }
@@ -259,9 +290,9 @@ impl Config {
         let cfg: Config = toml::Value::Table(table)
             .try_into()
             .context("invalid node configuration")?;
-        if cfg.ledger.backend != "local" {
+        if !matches!(cfg.ledger.backend.as_str(), "local" | "sui") {
             bail!(
-                "ledger backend `{}` is not available yet (supported: local)",
+                "[ledger] backend = \"{}\": expected \"local\" (embedded SQLite) or \"sui\"",
                 cfg.ledger.backend
             );
         }
@@ -359,7 +390,8 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
         .path
         .clone()
         .unwrap_or_else(|| home.ledger_path());
-    let ledger = Arc::new(SqliteLedger::open(&ledger_path)?);
+    let ledger =
+        crate::cmd::ledger::open(home, &cfg.ledger, &ledger_path, std::slice::from_ref(&key))?;
     let ids: Vec<NodeSmallId> = if cfg.node.small_ids.is_empty() {
         ledger
             .nodes_of(address_of(&key))?

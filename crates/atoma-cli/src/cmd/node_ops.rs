@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use atoma_ledger::{Ledger, NodeSmallId, SqliteLedger, StackSmallId};
+use atoma_ledger::{Ledger, NodeSmallId, StackSmallId};
 use atoma_state::meter::Meter;
 
 use crate::cmd::node::{Config, state_path};
@@ -40,9 +40,10 @@ fn open(home: &Home, config: Option<&std::path::Path>) -> anyhow::Result<(Arc<dy
         .path
         .clone()
         .unwrap_or_else(|| home.ledger_path());
-    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&ledger_path)?);
+    let key = home.key(&cfg.node.key)?;
+    let ledger =
+        crate::cmd::ledger::open(home, &cfg.ledger, &ledger_path, std::slice::from_ref(&key))?;
     let ids: Vec<NodeSmallId> = if cfg.node.small_ids.is_empty() {
-        let key = home.key(&cfg.node.key)?;
         ledger
             .nodes_of(address_of(&key))?
             .into_iter()
