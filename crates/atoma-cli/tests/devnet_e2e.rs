@@ -6,6 +6,11 @@
 //! At the end every balance is exact to the base unit: each stack's claimed units are what the
 //! user was charged in the answers, the node got its fee, the attestor its share, the user the
 //! rest of the escrow back, nobody else moved, and the ledger's totals are conserved.
+//!
+//! The same run twice: on the embedded ledger, and with `--ledger sui-fake`, where the nodes,
+//! the gateway and the user's purchases all go through Sui's gRPC wire (signed Move calls,
+//! events ingested with a cursor) to the Sui test double; the books are then read from the
+//! test double's own ledger file.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -14,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use atoma_crypto::{Keypair, blake2b256, read_keystore};
 use atoma_ledger::{
-    Address, Amount, ComputeUnits, Ledger, NodeSmallId, SecurityLevel, SqliteLedger, StackRequest,
-    TaskSmallId,
+    Address, Amount, ComputeUnits, Ledger, NodeSmallId, SecurityLevel, SqliteLedger, Stack,
+    StackRequest, TaskSmallId,
 };
 use serde_json::{Value, json};
 
@@ -37,7 +42,7 @@ impl Drop for Devnet {
     }
 }
 
-fn start(dir: &Path) -> Devnet {
+fn start(dir: &Path, ledger: &str) -> Devnet {
     let child = Command::new(env!("CARGO_BIN_EXE_atoma"))
         .args([
             "--home",
@@ -54,6 +59,8 @@ fn start(dir: &Path) -> Devnet {
             "1000",
             "--stack-units",
             "1000",
+            "--ledger",
+            ledger,
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -133,10 +140,43 @@ fn url_of(net: &Value, node: NodeSmallId) -> String {
         .to_string()
 }
 
+/// Buys a stack as the user: on the ledger file, or over the Sui wire with `atoma db --config`.
+fn buy(dir: &Path, net: &Value, ledger: &SqliteLedger, user: Address, req: &StackRequest) -> Stack {
+    let Some(config) = net["ledger_config"].as_str() else {
+        return ledger.acquire_stack(user, req).unwrap();
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_atoma"))
+        .args(["--home", dir.to_str().unwrap(), "db", "--config", config])
+        .args(["acquire-stack", "--key", "user"])
+        .args(["--task", &req.task_small_id.0.to_string()])
+        .args(["--units", &req.num_compute_units.0.to_string()])
+        .args([
+            "--price",
+            &req.price_per_one_million_compute_units.0.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn three_nodes_settle_attest_and_claim_to_the_unit() {
+    settle_attest_and_claim("local");
+}
+
+#[test]
+fn the_same_over_the_sui_wire_with_the_test_double() {
+    settle_attest_and_claim("sui-fake");
+}
+
+fn settle_attest_and_claim(ledger_kind: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path());
+    let d = start(dir.path(), ledger_kind);
     let net = &d.net;
     let ledger = Arc::new(SqliteLedger::open(Path::new(net["ledger"].as_str().unwrap())).unwrap());
     let user = read_keystore(Path::new(net["user"]["keystore"].as_str().unwrap()))
@@ -174,16 +214,17 @@ fn three_nodes_settle_attest_and_claim_to_the_unit() {
     let stacks: Vec<_> = tasks
         .iter()
         .map(|t| {
-            ledger
-                .acquire_stack(
-                    user_addr,
-                    &StackRequest {
-                        task_small_id: TaskSmallId(*t),
-                        num_compute_units: ComputeUnits(units),
-                        price_per_one_million_compute_units: Amount(PRICE_CAP),
-                    },
-                )
-                .unwrap()
+            buy(
+                dir.path(),
+                net,
+                &ledger,
+                user_addr,
+                &StackRequest {
+                    task_small_id: TaskSmallId(*t),
+                    num_compute_units: ComputeUnits(units),
+                    price_per_one_million_compute_units: Amount(PRICE_CAP),
+                },
+            )
         })
         .collect();
 

@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Ledger file (default <home>/ledger.db).
     #[arg(long)]
     pub ledger: Option<PathBuf>,
+    /// A node config whose `[ledger]` section names the ledger (e.g. `backend = "sui"`); the
+    /// gateway signs with `--key`.
+    #[arg(long)]
+    pub ledger_config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -147,7 +151,18 @@ fn serve(home: &Home, a: &ServeArgs) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let signer = home.key(&a.key)?;
     let ledger_path = a.ledger.clone().unwrap_or_else(|| home.ledger_path());
-    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::open(&ledger_path)?);
+    let ledger: Arc<dyn Ledger> = match &a.ledger_config {
+        Some(c) => {
+            let cfg = crate::cmd::node::Config::load(Some(c))?;
+            crate::cmd::ledger::open(
+                home,
+                &cfg.ledger,
+                &ledger_path,
+                std::slice::from_ref(&signer),
+            )?
+        }
+        None => Arc::new(SqliteLedger::open(&ledger_path)?),
+    };
     let owner = address_of(&signer);
     let balance = ledger.balance(owner)?;
     let db = db_path(home);

@@ -38,17 +38,28 @@ impl FakeBacked {
         Self::connect(Arc::new(fake), flavor, None)
     }
 
-    /// A client of a running test double, its index at `index_path` (`None`: in memory).
+    /// A client of a running test double, its index at `index_path` (`None`: in memory),
+    /// holding the keys of actors 1..=255.
     pub fn connect(
         fake: Arc<FakeSui>,
         flavor: Flavor,
         index_path: Option<std::path::PathBuf>,
     ) -> Result<Self> {
-        let ids = fake.ids();
         let mut signers = Signers::default();
         for n in 1..=255u8 {
             signers.insert(&actor_key(n));
         }
+        Self::with_signers(fake, flavor, index_path, signers)
+    }
+
+    /// A client of a running test double signing with `signers`.
+    pub fn with_signers(
+        fake: Arc<FakeSui>,
+        flavor: Flavor,
+        index_path: Option<std::path::PathBuf>,
+        signers: Signers,
+    ) -> Result<Self> {
+        let ids = fake.ids();
         let cfg = SuiConfig {
             rpc_url: fake.url(),
             package_id: ids.package,

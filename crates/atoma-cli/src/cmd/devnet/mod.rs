@@ -73,6 +73,10 @@ pub struct UpArgs {
     /// Set everything up and write devnet.json, but start nothing.
     #[arg(long)]
     pub no_run: bool,
+    /// The ledger: `local` (one embedded SQLite file) or `sui-fake` (the Sui test double in
+    /// this process, over the same books: nodes, gateway and scripts talk Sui's gRPC wire).
+    #[arg(long, default_value = "local", value_parser = ["local", "sui-fake"])]
+    pub ledger: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +107,10 @@ pub struct DevnetFile {
     /// The gateway's OpenAI-compatible URL and an API key with credit.
     pub gateway_url: String,
     pub gateway_api_key: String,
+    /// `--ledger sui-fake`: a config whose `[ledger]` section reaches the test double, for
+    /// `atoma db --config` and scripts (the `ledger` file above stays the double's books).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,7 +190,13 @@ pub fn run(
     let dir = devnet_dir(home);
     match cmd {
         DevnetCommand::Up(a) => {
-            let net = setup::set_up(&dir, store, &a)?;
+            if a.no_run && a.ledger == "sui-fake" {
+                anyhow::bail!(
+                    "--ledger sui-fake runs the Sui test double inside `devnet up`; drop --no-run"
+                );
+            }
+            // The test double (if any) lives until the devnet stops.
+            let (net, _fake) = setup::set_up(&dir, store, &a)?;
             setup::print_summary(&dir, &net);
             if a.no_run {
                 return Ok(());

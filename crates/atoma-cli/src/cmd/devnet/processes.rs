@@ -108,6 +108,14 @@ pub fn run(dir: &Path, net: &DevnetFile, a: &UpArgs) -> anyhow::Result<()> {
                 &[],
             )?);
         }
+        // Over the Sui test double the gateway reaches it like the nodes do.
+        let gw_ledger: Vec<String> = match &net.ledger_config {
+            Some(_) => vec![
+                "--ledger-config".into(),
+                dir.join("gateway-ledger.toml").display().to_string(),
+            ],
+            None => Vec::new(),
+        };
         let gw_config = dir.join("gateway.toml");
         std::fs::write(
             &gw_config,
@@ -132,7 +140,10 @@ pub fn run(dir: &Path, net: &DevnetFile, a: &UpArgs) -> anyhow::Result<()> {
                 net.gateway_url.trim_start_matches("http://"),
                 "--ledger",
                 &net.ledger.display().to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(gw_ledger.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
             &[],
         )?);
         let t = Instant::now();

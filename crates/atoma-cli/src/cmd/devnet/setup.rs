@@ -1,9 +1,13 @@
 //! Setting a devnet up on the ledger and on disk (idempotent: a directory that already holds a
 //! `devnet.json` is reused as it is, so `up` after a stop resumes the same network).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
+use atoma_sui::Flavor;
+use atoma_sui::fake::{FakeBacked, FakeSui, default_ids};
+use atoma_sui::keys::Signers;
 
 use atoma_ledger::{
     Amount, ComputeUnits, Ledger, LedgerParams, NewTask, SecurityLevel, SqliteLedger, StackRequest,
@@ -13,7 +17,7 @@ use atoma_models::ModelStore;
 
 use super::{DevnetFile, NodeEntry, StackEntry, Tasks, UpArgs, UserEntry};
 use crate::cmd::client::Session;
-use crate::cmd::node::{Config, served_name_of};
+use crate::cmd::node::{Config, LedgerSection, served_name_of};
 use crate::home::{Home, address_of, hex_of};
 
 /// What each node deposits as collateral (1 USDC) and the ledger requires (0.1 USDC).
@@ -41,12 +45,24 @@ fn port(a: &UpArgs, i: u16) -> anyhow::Result<u16> {
     }
 }
 
-/// Sets the devnet up in `dir`, or loads the one there.
-pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<DevnetFile> {
+/// Sets the devnet up in `dir`, or loads the one there; with `--ledger sui-fake` also returns
+/// the running Sui test double (drop it to stop it).
+pub fn set_up(
+    dir: &Path,
+    store: &ModelStore,
+    a: &UpArgs,
+) -> anyhow::Result<(DevnetFile, Option<Arc<FakeSui>>)> {
     if DevnetFile::path(dir).is_file() {
         let net = DevnetFile::load(dir)?;
+        if net.ledger_config.is_some() || a.ledger == "sui-fake" {
+            anyhow::bail!(
+                "{} holds a devnet; a Sui test double's chain lives in memory and cannot be \
+                 resumed: use a new --home",
+                dir.display()
+            );
+        }
         eprintln!("reusing the devnet in {}", dir.display());
-        return Ok(net);
+        return Ok((net, None));
     }
     if a.nodes == 0 {
         anyhow::bail!("a devnet needs at least one node (--nodes)");
@@ -62,7 +78,7 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
         root: dir.to_path_buf(),
     };
     let ledger_path = dir.join("ledger.db");
-    let l = SqliteLedger::open_with(
+    let books = SqliteLedger::open_with(
         &ledger_path,
         &LedgerParams {
             epoch_ms: a.epoch_ms,
@@ -74,7 +90,76 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
             ..LedgerParams::default()
         },
     )?;
-    let admin = address_of(&home.key_or_new("admin")?);
+    let admin_key = home.key_or_new("admin")?;
+    let admin = address_of(&admin_key);
+    // Every key signs from the start (the Sui client is given its signers once).
+    let node_homes: Vec<Home> = (1..=a.nodes)
+        .map(|i| Home {
+            root: dir.join("nodes").join(format!("node-{i}")),
+        })
+        .collect();
+    let mut keys = vec![admin_key];
+    for h in &node_homes {
+        std::fs::create_dir_all(&h.root)?;
+        keys.push(h.key_or_new("node")?);
+    }
+    let gw_key = home.key_or_new("gateway")?;
+    let user_key = home.key_or_new("user")?;
+    keys.extend([gw_key.clone(), user_key.clone()]);
+    let (l, fake, sui): (Box<dyn Ledger>, _, _) = if a.ledger == "sui-fake" {
+        let ids = default_ids(admin);
+        let fake = Arc::new(
+            FakeSui::start(ids.clone(), books, port(a, a.nodes as u16 + 2)?)
+                .context("starting the Sui test double")?,
+        );
+        let mut signers = Signers::default();
+        for k in &keys {
+            signers.insert(k);
+        }
+        let client = FakeBacked::with_signers(
+            fake.clone(),
+            Flavor::Extended,
+            Some(dir.join("sui-index.db")),
+            signers,
+        )?;
+        let section = LedgerSection {
+            backend: "sui".into(),
+            rpc_url: fake.url(),
+            package_id: ids.package.to_string(),
+            atoma_db: ids.db.to_string(),
+            usdc_type: ids.usdc_type.clone(),
+            contract: "extended".into(),
+            admin: Some(admin.to_string()),
+            poll_interval_ms: 200,
+            ..LedgerSection::default()
+        };
+        (Box::new(client), Some(fake), Some(section))
+    } else {
+        (Box::new(books), None, None)
+    };
+    // A config reaching the ledger, with its own event index, for `atoma db --config`.
+    let with_index = |index: PathBuf| -> Option<Config> {
+        let mut cfg = Config {
+            ledger: sui.clone()?,
+            ..Config::default()
+        };
+        cfg.ledger.index_path = Some(index);
+        Some(cfg)
+    };
+    let ledger_config = match with_index(dir.join("cli-sui-index.db")) {
+        Some(cfg) => {
+            let p = dir.join("ledger.toml");
+            std::fs::write(&p, toml::to_string_pretty(&cfg)?)?;
+            std::fs::write(
+                dir.join("gateway-ledger.toml"),
+                toml::to_string_pretty(
+                    &with_index(dir.join("gateway-sui-index.db")).expect("sui"),
+                )?,
+            )?;
+            Some(p)
+        }
+        None => None,
+    };
     let task = |level| -> anyhow::Result<u64> {
         Ok(l.create_task(
             admin,
@@ -96,12 +181,8 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
     };
     let da_port = port(a, 0)?;
     let mut nodes = Vec::with_capacity(a.nodes);
-    for i in 1..=a.nodes {
-        let node_home = Home {
-            root: dir.join("nodes").join(format!("node-{i}")),
-        };
-        std::fs::create_dir_all(&node_home.root)?;
-        let key = node_home.key_or_new("node")?;
+    for (i, node_home) in (1..=a.nodes).zip(&node_homes) {
+        let key = node_home.key("node")?;
         let who = address_of(&key);
         let id = l.register_node(who)?.small_id;
         l.add_node_to_model(who, id, &model, 1)?;
@@ -112,7 +193,7 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
             l.subscribe_node_to_task(who, id, atoma_ledger::TaskSmallId(t), Amount(price))?;
         }
         let url = format!("http://127.0.0.1:{}", port(a, i as u16)?);
-        let mut cfg = Config::default();
+        let mut cfg = with_index(node_home.root.join("sui-index.db")).unwrap_or_default();
         cfg.node.small_ids = vec![id.0];
         cfg.ledger.path = Some(ledger_path.clone());
         cfg.ledger.poll_interval_ms = 200;
@@ -145,7 +226,6 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
         });
     }
     // The gateway: a ledger key with USDC to buy stacks, and one API key for the user.
-    let gw_key = home.key_or_new("gateway")?;
     l.faucet(address_of(&gw_key), Amount(USER_FUNDS))?;
     let (_, api_key) = atoma_gateway::keys::KeyStore::open(&dir.join("gateway.db"))?.create(
         "devnet",
@@ -153,7 +233,6 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
         atoma_gateway::keys::Limits::default(),
     )?;
     let gateway_url = format!("http://127.0.0.1:{}", port(a, a.nodes as u16 + 1)?);
-    let user_key = home.key_or_new("user")?;
     let user = address_of(&user_key);
     l.faucet(user, Amount(USER_FUNDS))?;
     let mut stacks = Vec::new();
@@ -205,9 +284,10 @@ pub fn set_up(dir: &Path, store: &ModelStore, a: &UpArgs) -> anyhow::Result<Devn
         stacks,
         gateway_url,
         gateway_api_key: api_key,
+        ledger_config,
     };
     net.save(dir)?;
-    Ok(net)
+    Ok((net, fake))
 }
 
 /// The table of what runs where and what to try.
