@@ -83,3 +83,41 @@ fn random_sequences_conserve_money() {
         80,
     );
 }
+
+/// The market checks again with the client in the deployed contract's flavour: every call is
+/// one the published package has (node_operations_need_the_badge_owner also announces a public
+/// URL, which the deployed contract lacks: that one is checked to be refused by name in
+/// `faults.rs`).
+mod deployed {
+    use super::*;
+
+    fn fresh() -> FakeBacked {
+        c::use_actors(actor);
+        FakeBacked::start(Flavor::Deployed).expect("test double and client start")
+    }
+
+    #[test]
+    fn ids_are_sequential_from_one() {
+        c::ids_are_sequential_from_one(&fresh());
+    }
+
+    #[test]
+    fn subscription_rules() {
+        c::subscription_rules(&fresh());
+    }
+
+    #[test]
+    fn stacks_sample_only_eligible_nodes() {
+        c::stacks_sample_only_eligible_nodes(&fresh());
+    }
+
+    #[test]
+    fn failed_purchases_change_nothing() {
+        c::failed_purchases_change_nothing(&fresh());
+    }
+
+    #[test]
+    fn events_follow_with_a_cursor() {
+        c::events_follow_with_a_cursor(&fresh());
+    }
+}

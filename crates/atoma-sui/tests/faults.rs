@@ -141,3 +141,27 @@ fn the_ledger_may_be_used_and_dropped_inside_an_async_runtime() {
         drop(l);
     });
 }
+
+#[test]
+fn a_stale_object_version_from_a_lagging_server_is_refreshed_and_the_write_happens_once() {
+    let f = fake();
+    let l = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
+    // Move the gas coin past version 1 so a stale read can lag behind it.
+    l.register_node(actor(1)).unwrap();
+    f.faults().stale_reads.store(1, Ordering::SeqCst);
+    let n = l
+        .register_node(actor(1))
+        .expect("rebuilt from fresh references");
+    assert_eq!(n.small_id.0, 2);
+    assert_eq!(
+        f.stale_refusals(),
+        1,
+        "the stale transaction was refused, not executed"
+    );
+    assert_eq!(
+        f.with_ledger(|x| x.nodes().unwrap().len()),
+        2,
+        "each write once"
+    );
+    assert_dense_once(&l, 2);
+}

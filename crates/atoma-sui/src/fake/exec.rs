@@ -73,7 +73,8 @@ impl State {
             })
             .collect();
         for g in &gas {
-            self.check_owned(g, sender, Some(&ObjKind::Gas))?;
+            self.check_owned(g, sender, Some(&ObjKind::Gas))
+                .inspect_err(|e| self.count_stale(e))?;
         }
 
         let decoded = decode_call(&tx, self.ids.package, self.ids.db).map_err(invalid)?;
@@ -107,7 +108,8 @@ impl State {
             .chain(decoded.call.merge.iter().copied())
             .collect();
         for r in &owned {
-            self.check_owned(r, sender, None)?;
+            self.check_owned(r, sender, None)
+                .inspect_err(|e| self.count_stale(e))?;
         }
 
         // Run it. The checkpoint is assigned now: one transaction per checkpoint.
@@ -184,6 +186,12 @@ impl State {
         self.checkpoint = checkpoint;
         self.txs.insert(digest, out.clone());
         Ok(out)
+    }
+
+    fn count_stale(&mut self, e: &Status) {
+        if e.code() == tonic::Code::FailedPrecondition {
+            self.stale_refusals += 1;
+        }
     }
 
     fn changed(

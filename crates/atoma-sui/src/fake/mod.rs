@@ -42,6 +42,9 @@ pub struct Faults {
     pub delay_ms: AtomicU64,
     /// The next ListEvents stream breaks (`Unavailable`) after this many events (0: never).
     pub drop_events_after: AtomicUsize,
+    /// The next this many ListOwnedObjects answers report every object one version behind (a
+    /// lagging full node): a transaction built from them is refused as stale.
+    pub stale_reads: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -206,6 +209,11 @@ impl FakeSui {
                 1,
             );
         }
+    }
+
+    /// Transactions refused because an input object's version was stale.
+    pub fn stale_refusals(&self) -> u64 {
+        self.shared.lock().stale_refusals
     }
 
     /// Number of events on the chain.

@@ -264,6 +264,12 @@ impl StateService for Service {
         self.gate().await?;
         let req = req.into_inner();
         let owner = parse_address(req.owner.as_deref().unwrap_or(""), "owner")?;
+        let stale = self
+            .0
+            .faults
+            .stale_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
         let mut s = self.0.lock();
         s.ensure_account(owner);
         let mut r = proto::ListOwnedObjectsResponse::default();
@@ -276,7 +282,13 @@ impl StateService for Service {
             {
                 continue;
             }
-            r.objects.push(s.proto_object(id, o));
+            let mut obj = s.proto_object(id, o);
+            if stale && o.version > 1 {
+                let v = o.version - 1;
+                obj.version = Some(v);
+                obj.digest = Some(super::state::object_digest(id, v).to_string());
+            }
+            r.objects.push(obj);
         }
         Ok(Response::new(r))
     }

@@ -76,6 +76,8 @@ pub struct State {
     pub events: Vec<proto::Event>,
     /// Checkpoints so far (one per executed transaction).
     pub checkpoint: u64,
+    /// Transactions refused for a stale input version.
+    pub stale_refusals: u64,
 }
 
 impl std::fmt::Debug for State {
@@ -98,6 +100,7 @@ impl State {
             txs: HashMap::new(),
             events: Vec::new(),
             checkpoint: 1,
+            stale_refusals: 0,
             ids: ids.clone(),
         };
         s.insert(
