@@ -45,6 +45,10 @@ pub struct Faults {
     /// The next this many ListOwnedObjects answers report every object one version behind (a
     /// lagging full node): a transaction built from them is refused as stale.
     pub stale_reads: AtomicUsize,
+    /// ExecuteTransaction waits this long before executing (to kill a client mid-transaction).
+    pub execute_delay_ms: AtomicU64,
+    /// ExecuteTransaction requests received so far.
+    pub executes_received: AtomicUsize,
 }
 
 #[derive(Debug)]

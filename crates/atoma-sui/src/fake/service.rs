@@ -301,6 +301,12 @@ impl TransactionExecutionService for Service {
         req: Request<proto::ExecuteTransactionRequest>,
     ) -> Result<Response<proto::ExecuteTransactionResponse>, Status> {
         self.gate().await?;
+        let f = &self.0.faults;
+        f.executes_received.fetch_add(1, Ordering::SeqCst);
+        let ms = f.execute_delay_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let req = req.into_inner();
         let executed = self.0.lock().execute(&req)?;
         let mut cp = proto::Checkpoint::default();

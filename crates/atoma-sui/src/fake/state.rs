@@ -233,10 +233,21 @@ impl State {
         digest: &str,
         checkpoint: u64,
     ) -> Vec<proto::Event> {
-        let new = self
-            .ledger
-            .events_after(EventCursor(self.ledger_seq), usize::MAX >> 1)
-            .unwrap_or_default();
+        // The ledger answers in pages: read until it has nothing newer.
+        let mut new = Vec::new();
+        loop {
+            let after = new
+                .last()
+                .map_or(self.ledger_seq, |r: &atoma_ledger::EventRecord| r.seq);
+            let page = self
+                .ledger
+                .events_after(EventCursor(after), 10_000)
+                .unwrap_or_default();
+            if page.is_empty() {
+                break;
+            }
+            new.extend(page);
+        }
         let mut out = Vec::with_capacity(new.len());
         for (i, rec) in new.into_iter().enumerate() {
             self.ledger_seq = rec.seq;
