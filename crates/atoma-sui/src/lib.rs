@@ -12,7 +12,7 @@
 //! - [`keys`]: the Sui CLI keystore and per-address signers.
 //! - [`rpc`]: owned objects, gas, execute-and-wait, effects to events or named errors.
 //! - [`ledger`]: `SuiLedger`, the `Ledger` trait over all of the above; [`index`] and [`view`]:
-//!   the durable event index and the read model folded from it.
+//!   the durable event index and the read model folded from it (`ledger/ops.rs`: the trait, call by call).
 //! - `fake` (feature `fake`): a loopback Sui test double that executes real signed transactions
 //!   on the embedded ledger's semantics. It is a test double, not a Sui node.
 
