@@ -165,3 +165,55 @@ fn a_stale_object_version_from_a_lagging_server_is_refreshed_and_the_write_happe
     );
     assert_dense_once(&l, 2);
 }
+
+#[test]
+fn a_stack_is_found_by_its_purchase_transaction_digest() {
+    let f = fake();
+    let l = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
+    let task = l
+        .create_task(
+            actor(9),
+            &atoma_ledger::NewTask {
+                role: atoma_ledger::TaskRole::ChatCompletion,
+                model_name: Some("m".into()),
+                security_level: atoma_ledger::SecurityLevel::NoSecurity,
+                minimum_reputation_score: 0,
+                is_public: true,
+                minimum_collateral: atoma_ledger::Amount(0),
+            },
+        )
+        .unwrap()
+        .small_id;
+    let n = l.register_node(actor(1)).unwrap().small_id;
+    l.subscribe_node_to_task(actor(1), n, task, atoma_ledger::Amount(1_000))
+        .unwrap();
+    f.faucet(actor(5), atoma_ledger::Amount(10_000)).unwrap();
+    let bought = l
+        .acquire_stack(
+            actor(5),
+            &atoma_ledger::StackRequest {
+                task_small_id: task,
+                num_compute_units: atoma_ledger::ComputeUnits(1_000_000),
+                price_per_one_million_compute_units: atoma_ledger::Amount(1_000),
+            },
+        )
+        .unwrap();
+    // Another client (a node that has not followed the chain yet) looks the purchase up.
+    let node_side = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
+    let digest = f.last_transaction_digest().unwrap();
+    let found = node_side.ledger.stack_in_transaction(&digest).unwrap();
+    assert_eq!(found, Some(bought));
+    // A transaction that bought nothing, and one that does not exist.
+    l.register_node(actor(2)).unwrap();
+    let digest = f.last_transaction_digest().unwrap();
+    assert_eq!(
+        node_side.ledger.stack_in_transaction(&digest).unwrap(),
+        None
+    );
+    assert!(
+        node_side
+            .ledger
+            .stack_in_transaction("11111111111111111111111111111111")
+            .is_err()
+    );
+}

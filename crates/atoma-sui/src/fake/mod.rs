@@ -220,6 +220,15 @@ impl FakeSui {
         self.shared.lock().stale_refusals
     }
 
+    /// The digest of the transaction executed last.
+    pub fn last_transaction_digest(&self) -> Option<String> {
+        let s = self.shared.lock();
+        s.txs
+            .iter()
+            .max_by_key(|(_, t)| t.checkpoint)
+            .map(|(d, _)| d.clone())
+    }
+
     /// Number of events on the chain.
     pub fn event_count(&self) -> usize {
         self.shared.lock().events.len()

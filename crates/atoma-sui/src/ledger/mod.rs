@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use atoma_ledger::{
-    Address, Ledger, LedgerError, LedgerEvent, NodeSmallId, Result, SettlementTicket, StackSmallId,
+    Address, Ledger, LedgerError, LedgerEvent, NodeSmallId, Result, SettlementTicket, Stack,
+    StackSmallId,
 };
 use sui_rpc::Client;
 use sui_rpc::proto::sui::rpc::v2 as proto;
@@ -195,6 +196,49 @@ impl SuiLedger {
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
+    }
+
+    /// The stack a purchase transaction created, read from the transaction itself (what the
+    /// reference does with `X-Tx-Digest` when its event subscriber lags); `None` if that
+    /// transaction created none. The event index is brought up to date too, so the stack is
+    /// then known to every read.
+    pub fn stack_in_transaction(&self, digest: &str) -> Result<Option<Stack>> {
+        let mut client = self.client.clone();
+        let mut req = proto::GetTransactionRequest::default();
+        req.digest = Some(digest.to_string());
+        req.read_mask = Some(
+            <prost_types::FieldMask as sui_rpc::field::FieldMaskUtil>::from_str(
+                "digest,effects.status,events,checkpoint",
+            ),
+        );
+        let t = self
+            .block(async move { client.ledger_client().get_transaction(req).await })
+            .map_err(|s| match s.code() {
+                Code::NotFound | Code::InvalidArgument => {
+                    LedgerError::Invalid(format!("transaction {digest}: {}", s.message()))
+                }
+                _ => LedgerError::Unavailable(format!("GetTransaction: {}", s.message())),
+            })?
+            .into_inner()
+            .transaction
+            .unwrap_or_default();
+        let events = rpc::outcome(&t, &AbortContext::default())?;
+        let Some(id) = events.iter().find_map(|e| match e {
+            LedgerEvent::StackCreatedEvent { stack_small_id, .. } => Some(*stack_small_id),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        self.sync()?;
+        if let Some(s) = lock(&self.view).stacks.get(&id) {
+            return Ok(Some(s.clone()));
+        }
+        // The chain's event list has not reached it yet: the transaction's own event says.
+        let mut view = lock(&self.view).clone();
+        for e in &events {
+            view.apply(view.seq, Address([0; 32]), e);
+        }
+        Ok(view.stacks.get(&id).cloned())
     }
 
     pub fn config(&self) -> &SuiConfig {
