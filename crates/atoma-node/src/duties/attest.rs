@@ -123,6 +123,10 @@ impl Duties {
         pick: impl Fn(usize) -> Vec<usize>,
     ) -> Result<Verdict, DutyError> {
         let c = claimed.commitment;
+        if c.blob_id.is_empty() {
+            // Never dispute an honest seller for what the ledger could not record.
+            return Err(DutyError::NoLogLocation(claimed.stack));
+        }
         let fetched = self.da.get(&BlobRef {
             blob_id: c.blob_id.clone(),
             content_hash: c.blob_hash.0,

@@ -92,6 +92,12 @@ pub enum DutyError {
     State(#[from] atoma_state::meter::MeterError),
     #[error("re-execution could not run: {0}")]
     Reexec(String),
+    /// The ledger's ticket does not say where the log is (the deployed Sui contract records
+    /// only its root): the log cannot be fetched, and that is not the seller's fault.
+    #[error(
+        "stack {0}'s ticket names no log location (deployed contract); finding it off-chain is not built yet"
+    )]
+    NoLogLocation(atoma_ledger::StackSmallId),
 }
 
 impl Duties {
