@@ -217,3 +217,22 @@ fn a_stack_is_found_by_its_purchase_transaction_digest() {
             .is_err()
     );
 }
+
+#[test]
+fn a_write_that_executed_is_reported_done_even_if_the_events_cannot_be_listed_yet() {
+    let f = fake();
+    let l = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
+    f.faults()
+        .list_events_unavailable
+        .store(true, Ordering::SeqCst);
+    // Executed on the chain; the index cannot catch up: still a success (else a caller would
+    // register again), read from the transaction's own events.
+    let node = l.register_node(actor(4)).expect("done, though unlisted");
+    assert_eq!(node.owner, actor(4));
+    assert_eq!(f.with_ledger(|x| x.nodes().unwrap().len()), 1);
+    f.faults()
+        .list_events_unavailable
+        .store(false, Ordering::SeqCst);
+    assert_dense_once(&l, 1);
+    assert_eq!(l.node(node.small_id).unwrap(), node);
+}

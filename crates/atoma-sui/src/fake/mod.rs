@@ -49,6 +49,8 @@ pub struct Faults {
     pub execute_delay_ms: AtomicU64,
     /// ExecuteTransaction requests received so far.
     pub executes_received: AtomicUsize,
+    /// ListEvents answers `Unavailable` while set (an indexer that lags behind execution).
+    pub list_events_unavailable: AtomicBool,
 }
 
 #[derive(Debug)]

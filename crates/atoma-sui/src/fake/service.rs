@@ -192,6 +192,11 @@ impl LedgerService for Service {
         req: Request<proto::ListEventsRequest>,
     ) -> Result<Response<BoxStream<proto::ListEventsResponse>>, Status> {
         self.gate().await?;
+        if self.0.faults.list_events_unavailable.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "the test double's event listing is down",
+            ));
+        }
         let req = req.into_inner();
         let opts = req.options.unwrap_or_default();
         if opts.before.is_some() || opts.ordering.is_some_and(|o| o != 0 && o != 1) {

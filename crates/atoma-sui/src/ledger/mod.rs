@@ -19,10 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use atoma_ledger::{
-    Address, Ledger, LedgerError, LedgerEvent, NodeSmallId, Result, SettlementTicket, Stack,
-    StackSmallId,
-};
+use atoma_ledger::{Address, LedgerError, LedgerEvent, NodeSmallId, Result, Stack};
 use sui_rpc::Client;
 use sui_rpc::proto::sui::rpc::v2 as proto;
 use sui_sdk_types::Address as SuiAddress;
@@ -510,7 +507,11 @@ impl SuiLedger {
                 match sent {
                     Ok(done) => {
                         let out = rpc::outcome(&done, &cx);
-                        self.sync()?;
+                        // The transaction is done: a failure to catch the index up now must not
+                        // read as a failed operation (a caller would do it again).
+                        if let Err(e) = self.sync() {
+                            tracing::warn!(digest = %tx.digest(), "executed; the event index will catch up: {e}");
+                        }
                         return out;
                     }
                     Err(s) if s.code() == Code::FailedPrecondition => {
@@ -557,8 +558,20 @@ impl SuiLedger {
         self.submit(sender, cx, || Ok(make(self.node_badge(sender, node)?)))
     }
 
-    fn ticket_after(&self, stack: StackSmallId) -> Result<SettlementTicket> {
-        self.ticket(stack)?.ok_or(LedgerError::NoTicket(stack))
+    /// What `f` reads after a transaction: from the view if the index caught up, else from
+    /// the view with the transaction's own events applied (no read that can fail after a
+    /// write that succeeded).
+    fn after<T>(&self, events: &[LedgerEvent], f: impl Fn(&View) -> Option<T>) -> Option<T> {
+        let view = lock(&self.view);
+        if let Some(x) = f(&view) {
+            return Some(x);
+        }
+        let mut v = view.clone();
+        drop(view);
+        for e in events {
+            v.apply(v.seq, Address([0; 32]), e);
+        }
+        f(&v)
     }
 }
 

@@ -35,7 +35,8 @@ impl Ledger for SuiLedger {
                 _ => None,
             })
             .ok_or_else(|| LedgerError::Unavailable("registration emitted no event".into()))?;
-        self.node(id)
+        self.after(&ev, |v| v.nodes.get(&id).cloned())
+            .ok_or(LedgerError::NodeNotFound(id))
     }
 
     fn set_node_public_url(&self, sender: Address, node: NodeSmallId, url: &str) -> Result<()> {
@@ -92,7 +93,9 @@ impl Ledger for SuiLedger {
                 _ => None,
             })
             .ok_or_else(|| LedgerError::Unavailable("task creation emitted no event".into()))?;
-        let mut t = self.task(id)?;
+        let mut t = self
+            .after(&ev, |v| v.tasks.get(&id).cloned())
+            .ok_or(LedgerError::TaskNotFound(id))?;
         // The chain's event does not say; the call did.
         t.is_public = task.is_public;
         t.minimum_collateral = task.minimum_collateral;
@@ -145,8 +148,8 @@ impl Ledger for SuiLedger {
             task: Some(task),
             ..AbortContext::default()
         };
-        self.node_call(sender, node, cx, |b| Call::subscribe(b, task.0, price.0))?;
-        self.view(|v| v.subscriptions.get(&(task, node)).cloned())?
+        let ev = self.node_call(sender, node, cx, |b| Call::subscribe(b, task.0, price.0))?;
+        self.after(&ev, |v| v.subscriptions.get(&(task, node)).cloned())
             .ok_or(LedgerError::NotSubscribed { task, node })
     }
 
@@ -161,10 +164,10 @@ impl Ledger for SuiLedger {
             task: Some(task),
             ..AbortContext::default()
         };
-        self.node_call(sender, node, cx, |b| {
+        let ev = self.node_call(sender, node, cx, |b| {
             Call::update_subscription(b, task.0, price.0)
         })?;
-        self.view(|v| v.subscriptions.get(&(task, node)).cloned())?
+        self.after(&ev, |v| v.subscriptions.get(&(task, node)).cloned())
             .ok_or(LedgerError::NotSubscribed { task, node })
     }
 
@@ -223,7 +226,8 @@ impl Ledger for SuiLedger {
                 _ => None,
             })
             .ok_or_else(|| LedgerError::Unavailable("the purchase emitted no event".into()))?;
-        self.stack(id)
+        self.after(&ev, |v| v.stacks.get(&id).cloned())
+            .ok_or(LedgerError::StackNotFound(id))
     }
 
     fn faucet(&self, _to: Address, _amount: Amount) -> Result<Amount> {
@@ -323,11 +327,12 @@ impl Ledger for SuiLedger {
         amount: Amount,
     ) -> Result<Amount> {
         self.extended("collateral deposits")?;
-        self.node_call(sender, node, AbortContext::default(), |b| {
+        let ev = self.node_call(sender, node, AbortContext::default(), |b| {
             let (coin, merge) = self.usdc(sender).unwrap_or((b, Vec::new()));
             Call::deposit_collateral(b, coin, &merge, amount.0)
         })?;
-        Ok(self.node(node)?.collateral)
+        self.after(&ev, |v| v.nodes.get(&node).map(|n| n.collateral))
+            .ok_or(LedgerError::NodeNotFound(node))
     }
 
     fn withdraw_collateral(
@@ -337,10 +342,11 @@ impl Ledger for SuiLedger {
         amount: Amount,
     ) -> Result<Amount> {
         self.extended("collateral withdrawals")?;
-        self.node_call(sender, node, AbortContext::default(), |b| {
+        let ev = self.node_call(sender, node, AbortContext::default(), |b| {
             Call::withdraw_collateral(b, amount.0)
         })?;
-        Ok(self.node(node)?.collateral)
+        self.after(&ev, |v| v.nodes.get(&node).map(|n| n.collateral))
+            .ok_or(LedgerError::NodeNotFound(node))
     }
 
     fn try_settle_stack(
@@ -356,7 +362,7 @@ impl Ledger for SuiLedger {
             ..stack_cx(stack)
         };
         let root = c.merkle_root.0;
-        match self.cfg.flavor {
+        let ev = match self.cfg.flavor {
             Flavor::Extended => self.node_call(sender, node, cx, |b| {
                 Call::try_settle_with_log(
                     b,
@@ -373,7 +379,8 @@ impl Ledger for SuiLedger {
                 Call::try_settle(b, stack.0, claimed.0, &root, &root)
             })?,
         };
-        self.ticket_after(stack)
+        self.after(&ev, |v| v.tickets.get(&stack).cloned())
+            .ok_or(LedgerError::NoTicket(stack))
     }
 
     fn submit_stack_settlement_attestation(
@@ -383,10 +390,11 @@ impl Ledger for SuiLedger {
         stack: StackSmallId,
         proof: Hash32,
     ) -> Result<SettlementTicket> {
-        self.node_call(sender, node, stack_cx(stack), |b| {
+        let ev = self.node_call(sender, node, stack_cx(stack), |b| {
             Call::attest(b, stack.0, &proof.0, &proof.0)
         })?;
-        self.ticket_after(stack)
+        self.after(&ev, |v| v.tickets.get(&stack).cloned())
+            .ok_or(LedgerError::NoTicket(stack))
     }
 
     fn start_attestation_dispute(
@@ -397,7 +405,7 @@ impl Ledger for SuiLedger {
         claim: &DisputeClaim,
     ) -> Result<Dispute> {
         let commitment = claim.attestation_commitment.0;
-        match self.cfg.flavor {
+        let ev = match self.cfg.flavor {
             Flavor::Extended => self.node_call(sender, node, stack_cx(stack), |b| {
                 Call::dispute_at(b, stack.0, &commitment, claim.record, claim.position)
             })?,
@@ -405,7 +413,8 @@ impl Ledger for SuiLedger {
                 Call::dispute(b, stack.0, &commitment)
             })?,
         };
-        self.dispute(stack)?.ok_or(LedgerError::NoDispute(stack))
+        self.after(&ev, |v| v.disputes.get(&stack).cloned())
+            .ok_or(LedgerError::NoDispute(stack))
     }
 
     fn resolve_attestation_dispute(
@@ -445,10 +454,11 @@ impl Ledger for SuiLedger {
 
     fn expire_dispute_oracle(&self, sender: Address, stack: StackSmallId) -> Result<Dispute> {
         self.extended("expiring a dispute's oracle")?;
-        self.submit(sender, stack_cx(stack), || {
+        let ev = self.submit(sender, stack_cx(stack), || {
             Ok(Call::expire_dispute_oracle(stack.0))
         })?;
-        self.dispute(stack)?.ok_or(LedgerError::NoDispute(stack))
+        self.after(&ev, |v| v.disputes.get(&stack).cloned())
+            .ok_or(LedgerError::NoDispute(stack))
     }
 
     fn dispute(&self, stack: StackSmallId) -> Result<Option<Dispute>> {
