@@ -176,19 +176,34 @@ fn node_config_rejects_unknown_keys_and_bad_backends() {
         dir.path(),
     );
     assert_one_line_error(&out, "unknown field `bnd`");
-    std::fs::write(&cfg, "[ledger]\nbackend = \"sui\"\n").unwrap();
-    let out = atoma(
-        &[
-            "--home",
-            home,
-            "node",
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-        ],
-        dir.path(),
+    let run = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        atoma(
+            &[
+                "--home",
+                home,
+                "node",
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+            ],
+            dir.path(),
+        )
+    };
+    assert_one_line_error(
+        &run("[ledger]\nbackend = \"ethereum\"\n"),
+        "expected \"local\" (embedded SQLite) or \"sui\"",
     );
-    assert_one_line_error(&out, "ledger backend `sui` is not available yet");
+    assert_one_line_error(
+        &run("[ledger]\nbackend = \"sui\"\n"),
+        "[ledger] backend = \"sui\" needs `rpc_url`",
+    );
+    assert_one_line_error(
+        &run(
+            "[ledger]\nbackend = \"sui\"\nrpc_url = \"http://127.0.0.1:1\"\npackage_id = \"0x1\"\natoma_db = \"0x2\"\nusdc_type = \"0x3::usdc::USDC\"\ncontract = \"mainnet\"\n",
+        ),
+        "contract = \"mainnet\"",
+    );
     // A node key that registered nothing is told how to register.
     std::fs::write(&cfg, "").unwrap();
     assert!(

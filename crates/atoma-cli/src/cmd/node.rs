@@ -296,6 +296,24 @@ impl Config {
                 cfg.ledger.backend
             );
         }
+        if cfg.ledger.backend == "sui" {
+            for (what, v) in [
+                ("rpc_url", &cfg.ledger.rpc_url),
+                ("package_id", &cfg.ledger.package_id),
+                ("atoma_db", &cfg.ledger.atoma_db),
+                ("usdc_type", &cfg.ledger.usdc_type),
+            ] {
+                if v.is_empty() {
+                    bail!("[ledger] backend = \"sui\" needs `{what}`");
+                }
+            }
+            if !matches!(cfg.ledger.contract.as_str(), "deployed" | "extended") {
+                bail!(
+                    "[ledger] contract = \"{}\": expected \"deployed\" or \"extended\"",
+                    cfg.ledger.contract
+                );
+            }
+        }
         if cfg.engine.max_context < 16 || cfg.engine.queue_capacity == 0 {
             bail!("engine.max_context must be at least 16 and engine.queue_capacity at least 1");
         }
