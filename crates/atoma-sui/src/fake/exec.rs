@@ -209,18 +209,7 @@ impl State {
             c.output_version = Some(o.version);
             c.output_digest = Some(o.digest.to_string());
             c.object_type = Some(self.type_of(&o.kind));
-            let mut owner = proto::Owner::default();
-            match o.owner {
-                ObjOwner::Address(a) => {
-                    owner.kind = Some(proto::owner::OwnerKind::Address as i32);
-                    owner.address = Some(a.to_string());
-                }
-                ObjOwner::Shared(v) => {
-                    owner.kind = Some(proto::owner::OwnerKind::Shared as i32);
-                    owner.version = Some(v);
-                }
-            }
-            c.output_owner = Some(owner);
+            c.output_owner = Some(o.owner.to_proto());
         }
         c
     }

@@ -17,6 +17,24 @@ pub enum ObjOwner {
     Shared(u64),
 }
 
+impl ObjOwner {
+    /// The owner as the RPC reports it.
+    pub fn to_proto(self) -> proto::Owner {
+        let mut owner = proto::Owner::default();
+        match self {
+            ObjOwner::Address(a) => {
+                owner.kind = Some(proto::owner::OwnerKind::Address as i32);
+                owner.address = Some(a.to_string());
+            }
+            ObjOwner::Shared(v) => {
+                owner.kind = Some(proto::owner::OwnerKind::Shared as i32);
+                owner.version = Some(v);
+            }
+        }
+        owner
+    }
+}
+
 /// What an object is, for its type string and contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjKind {
@@ -183,18 +201,7 @@ impl State {
         o.version = Some(obj.version);
         o.digest = Some(obj.digest.to_string());
         o.object_type = Some(self.type_of(&obj.kind));
-        let mut owner = proto::Owner::default();
-        match obj.owner {
-            ObjOwner::Address(a) => {
-                owner.kind = Some(proto::owner::OwnerKind::Address as i32);
-                owner.address = Some(a.to_string());
-            }
-            ObjOwner::Shared(v) => {
-                owner.kind = Some(proto::owner::OwnerKind::Shared as i32);
-                owner.version = Some(v);
-            }
-        }
-        o.owner = Some(owner);
+        o.owner = Some(obj.owner.to_proto());
         let contents = match &obj.kind {
             ObjKind::NodeBadge(n) | ObjKind::TaskBadge(n) | ObjKind::StackBadge(n) => {
                 bcs::to_bytes(&move_types::Badge {
