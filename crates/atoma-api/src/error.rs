@@ -23,6 +23,8 @@ pub enum ApiError {
     #[error("model `{0}` is not served by this node")]
     UnknownModel(String),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
     StackExhausted(String),
     #[error("{0}")]
     Overloaded(String),
@@ -55,6 +57,7 @@ impl ApiError {
                 "invalid_request_error",
                 "MODEL_NOT_FOUND",
             ),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "NOT_FOUND"),
             Self::StackExhausted(_) => (StatusCode::LOCKED, "stack_error", "LOCKED_STACK_ERROR"),
             Self::Overloaded(_) => (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -9,6 +9,12 @@
 //! - syncs run one at a time, at most one per `REFRESH_GAP`, and a request whose arrival
 //!   precedes the start of the latest sync is covered by it (the stack it names was bought
 //!   before the request was signed, so that sync saw it) and does not start another.
+//!
+//! A request may also name the transaction that bought its stack (`X-Tx-Digest`, as the
+//! reference node reads it): the catch-up then reads that transaction too, which finds the
+//! stack even when the ledger's event list lags behind it. Such a request is not covered by an
+//! earlier sync nor refused by the memory of unknown ids, but it still waits its turn, one
+//! catch-up per `REFRESH_GAP`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -49,6 +55,7 @@ impl Gate {
         &self,
         stack: StackSmallId,
         signer: &Address,
+        tx_digest: Option<&str>,
     ) -> Result<StackTask, MeterError> {
         let arrived = Instant::now();
         let Some(refresh) = &self.refresh else {
@@ -58,10 +65,10 @@ impl Gate {
             Err(MeterError::UnknownStack(_)) => {}
             other => return other,
         }
-        if self.recently_unknown(stack, arrived) {
+        if tx_digest.is_none() && self.recently_unknown(stack, arrived) {
             return Err(MeterError::UnknownStack(stack));
         }
-        self.refresh_since(refresh, arrived);
+        self.refresh_since(refresh, arrived, tx_digest);
         let res = self.meter.authorize(stack, signer);
         if matches!(res, Err(MeterError::UnknownStack(_))) {
             self.remember_unknown(stack);
@@ -97,13 +104,14 @@ impl Gate {
         map.insert(stack, now);
     }
 
-    /// Syncs with the ledger unless a sync that started after `arrived` already ran.
-    fn refresh_since(&self, refresh: &Refresh, arrived: Instant) {
+    /// Syncs with the ledger unless a sync that started after `arrived` already ran (and no
+    /// transaction is named).
+    fn refresh_since(&self, refresh: &Refresh, arrived: Instant, tx_digest: Option<&str>) {
         let Ok(mut last) = self.last_refresh.lock() else {
             return;
         };
         if let Some(t) = *last {
-            if t >= arrived {
+            if t >= arrived && tx_digest.is_none() {
                 return;
             }
             let next = t + REFRESH_GAP;
@@ -113,6 +121,6 @@ impl Gate {
             }
         }
         *last = Some(Instant::now());
-        refresh();
+        refresh(tx_digest);
     }
 }

@@ -13,9 +13,10 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use atoma_ledger::{ComputeUnits, TaskRole};
+use atoma_ledger::{ComputeUnits, StackSmallId, TaskRole};
 use atoma_state::log::ResponseRecord;
 use atoma_state::meter::{MeterError, StackTask};
+use atoma_state::published::PublishedCommitment;
 
 use crate::auth::authenticate;
 use crate::backend::{BackendEvent, FinishReason};
@@ -111,11 +112,13 @@ pub(crate) async fn admit(
         return Err(ApiError::NotReady);
     }
     let signed = authenticate(headers, &body)?;
+    let digest = tx_digest(headers)?;
     let gate = s.inner.gate.clone();
     let (stack, signer) = (signed.stack, signed.signer);
-    let task = tokio::task::spawn_blocking(move || gate.authorize(stack, &signer))
-        .await
-        .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
+    let task =
+        tokio::task::spawn_blocking(move || gate.authorize(stack, &signer, digest.as_deref()))
+            .await
+            .map_err(|e| ApiError::Internal(format!("metering task failed: {e}")))??;
     if task.role != role {
         return Err(MeterError::WrongRole {
             stack,
@@ -126,6 +129,23 @@ pub(crate) async fn admit(
         .into());
     }
     Ok((body, signed, task))
+}
+
+/// The `X-Tx-Digest` header: the digest of the transaction that bought the request's stack
+/// (a Sui digest is 32 bytes in base58, 43 or 44 characters).
+fn tx_digest(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("x-tx-digest") else {
+        return Ok(None);
+    };
+    const BASE58: &str = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+    match v.to_str() {
+        Ok(d) if (32..=64).contains(&d.len()) && d.chars().all(|c| BASE58.contains(c)) => {
+            Ok(Some(d.to_string()))
+        }
+        _ => Err(ApiError::InvalidRequest(
+            "X-Tx-Digest must be a transaction digest (base58, 32 to 64 characters)".into(),
+        )),
+    }
 }
 
 async fn serve(
@@ -496,6 +516,39 @@ pub(crate) async fn status(State(s): State<AppState>) -> Response {
         "tpot_seconds": tpot,
     }))
     .into_response()
+}
+
+/// `GET /v1/settlements/{stack}`: the signed commitment of a stack this node settled
+/// (`atoma_state::published`), for attestors on a ledger that records only the root. Public:
+/// it points at a public blob and is bound by the root on the ledger.
+pub(crate) async fn settlement(
+    State(s): State<AppState>,
+    axum::extract::Path(stack): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = stack.parse::<u64>() else {
+        return ApiError::InvalidRequest(format!("`{stack}` is not a stack small id"))
+            .into_response();
+    };
+    let meter = s.inner.meter.clone();
+    let row = tokio::task::spawn_blocking(move || meter.settlement(StackSmallId(id))).await;
+    let row = match row {
+        Ok(Ok(r)) => r,
+        Ok(Err(MeterError::UnknownStack(_))) => {
+            return ApiError::NotFound(format!("this node did not sell stack {id}"))
+                .into_response();
+        }
+        Ok(Err(e)) => return ApiError::Internal(e.to_string()).into_response(),
+        Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+    };
+    let (Some(c), Some(units)) = (row.commitment, row.claimed_units) else {
+        return ApiError::NotFound(format!(
+            "stack {id} is not settled yet (its log is not stored; state `{}`)",
+            row.state.as_str()
+        ))
+        .into_response();
+    };
+    let body = PublishedCommitment::new(row.stack, row.selected_node_id, units, c);
+    Json(body.to_signed_json(&s.inner.keys)).into_response()
 }
 
 pub(crate) async fn health(State(s): State<AppState>) -> Response {

@@ -3,7 +3,8 @@
 //! Routes: `POST /v1/chat/completions` and `POST /v1/completions` (JSON or SSE), `GET /v1/models`,
 //! `POST /tokenize` and `/detokenize` (llama-server's shapes; unsigned, small bodies),
 //! `GET /health` (503 until the backend is ready or once its engine died), `GET /metrics`
-//! (Prometheus). Every inference
+//! (Prometheus), `GET /v1/settlements/{stack}` (the signed commitment of a stack this node
+//! settled, for attestors on a root-only ledger). Every inference
 //! request is authenticated (`auth`), metered on its stack (`atoma_state::meter`: reserve the worst
 //! case, settle to the real usage, release on failure or disconnect) and answered with a signed,
 //! hash-committed body (`sign`), every streamed chunk included. The API depends on the
@@ -50,8 +51,9 @@ pub struct AppState {
 }
 
 /// Catches the node's state up with the ledger (blocking); called when a request names a stack
-/// the node does not know yet (for example one bought a moment ago).
-pub type Refresh = Arc<dyn Fn() + Send + Sync>;
+/// the node does not know yet (for example one bought a moment ago), with the digest of the
+/// transaction that bought it when the request names one (`X-Tx-Digest`).
+pub type Refresh = Arc<dyn Fn(Option<&str>) + Send + Sync>;
 
 struct Inner {
     backend: Arc<dyn InferenceBackend>,
@@ -106,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(handlers::models))
         .route("/v1/node/status", get(handlers::status))
+        .route("/v1/settlements/{stack}", get(handlers::settlement))
         .route(
             "/tokenize",
             post(handlers::tokenize).layer(DefaultBodyLimit::max(MAX_TOKENIZE_BYTES)),

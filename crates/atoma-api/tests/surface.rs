@@ -51,7 +51,7 @@ async fn unknown_stacks_cause_few_ledger_syncs_and_new_stacks_are_found() {
     let syncs = Arc::new(AtomicUsize::new(0));
     let counter = syncs.clone();
     let f = fixture_with(0, move |_| {
-        let hook: atoma_api::Refresh = Arc::new(move || {
+        let hook: atoma_api::Refresh = Arc::new(move |_| {
             counter.fetch_add(1, Ordering::Relaxed);
             // A ledger round trip.
             std::thread::sleep(Duration::from_millis(5));
@@ -94,7 +94,7 @@ async fn a_stack_bought_a_moment_ago_is_found_by_one_sync() {
     let owner: Address = atoma_crypto::address_hex(&user.address()).parse().unwrap();
     let f = fixture_with(0, move |meter| {
         let meter = meter.clone();
-        let hook: atoma_api::Refresh = Arc::new(move || {
+        let hook: atoma_api::Refresh = Arc::new(move |_| {
             counter.fetch_add(1, Ordering::Relaxed);
             meter
                 .upsert_stack(&Stack {
@@ -117,6 +117,61 @@ async fn a_stack_bought_a_moment_ago_is_found_by_one_sync() {
     let (status, body) = send(&f, signed(&f, "/v1/chat/completions", 50, &chat(1, 4))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(syncs.load(Ordering::Relaxed), 1);
+}
+
+/// `X-Tx-Digest`: the hook gets the digest, and a stack the ledger's event list does not show
+/// yet is found through it, even right after the same id was found unknown.
+#[tokio::test]
+async fn a_purchase_named_by_its_transaction_digest_is_looked_up() {
+    const DIGEST: &str = "4vJ9JU1bJJE96FWSJKvHsmmFADCg4gpZQff4P3bkLKi";
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<Option<String>>::new()));
+    let log = seen.clone();
+    let user = Keypair::from_secret([3; 32]);
+    let owner: Address = atoma_crypto::address_hex(&user.address()).parse().unwrap();
+    let f = fixture_with(0, move |meter| {
+        let meter = meter.clone();
+        let hook: atoma_api::Refresh = Arc::new(move |digest| {
+            log.lock().unwrap().push(digest.map(str::to_string));
+            // Only the purchase transaction shows the stack (the event list lags).
+            if digest == Some(DIGEST) {
+                let s = Stack {
+                    small_id: StackSmallId(60),
+                    stack_id: "0x60".into(),
+                    owner,
+                    task_small_id: TaskSmallId(1),
+                    selected_node_id: ME,
+                    num_compute_units: ComputeUnits(1000),
+                    price_per_one_million_compute_units: Amount(1),
+                    escrowed: Amount(1),
+                    is_claimed: false,
+                    created_at_epoch: 0,
+                };
+                assert!(meter.admit_stack(&s).unwrap());
+            }
+        });
+        Some(hook)
+    });
+    let (status, resp) = send(&f, signed(&f, "/v1/chat/completions", 60, &chat(1, 4))).await;
+    assert_error(status, &resp, StatusCode::UNAUTHORIZED, "unknown");
+    let mut req = signed(&f, "/v1/chat/completions", 60, &chat(2, 4));
+    req.headers_mut()
+        .insert("x-tx-digest", DIGEST.parse().unwrap());
+    let (status, body) = send(&f, req).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![None, Some(DIGEST.to_string())],
+        "one plain sync, then one with the digest"
+    );
+    // A digest that is not one: refused by name before any lookup.
+    for bad in ["0OIl", "not a digest at all, spaces and all........"] {
+        let mut req = signed(&f, "/v1/chat/completions", 61, &chat(3, 4));
+        req.headers_mut()
+            .insert("x-tx-digest", bad.parse().unwrap());
+        let (status, resp) = send(&f, req).await;
+        assert_error(status, &resp, StatusCode::BAD_REQUEST, "X-Tx-Digest");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]

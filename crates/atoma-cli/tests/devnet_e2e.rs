@@ -10,7 +10,9 @@
 //! The same run twice: on the embedded ledger, and with `--ledger sui-fake`, where the nodes,
 //! the gateway and the user's purchases all go through Sui's gRPC wire (signed Move calls,
 //! events ingested with a cursor) to the Sui test double; the books are then read from the
-//! test double's own ledger file.
+//! test double's own ledger file; and a third time over the wire with only the deployed
+//! contract's calls, whose settlements record the Merkle root alone (the attestor gets the
+//! log's location from the seller's signed commitment at `GET /v1/settlements/{stack}`).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -22,6 +24,7 @@ use atoma_ledger::{
     Address, Amount, ComputeUnits, Ledger, NodeSmallId, SecurityLevel, SqliteLedger, Stack,
     StackRequest, TaskSmallId,
 };
+use atoma_state::published::PublishedCommitment;
 use serde_json::{Value, json};
 
 const MAX_TOKENS: u64 = 8;
@@ -42,7 +45,7 @@ impl Drop for Devnet {
     }
 }
 
-fn start(dir: &Path, ledger: &str) -> Devnet {
+fn start(dir: &Path, ledger: &str, contract: &str) -> Devnet {
     let child = Command::new(env!("CARGO_BIN_EXE_atoma"))
         .args([
             "--home",
@@ -59,8 +62,14 @@ fn start(dir: &Path, ledger: &str) -> Devnet {
             "1000",
             "--stack-units",
             "1000",
+            // Room for an attestor re-executing 40 requests on one thread while the other
+            // devnets of this file share the machine's two cores.
+            "--dispute-window-epochs",
+            "12",
             "--ledger",
             ledger,
+            "--contract",
+            contract,
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -166,17 +175,24 @@ fn buy(dir: &Path, net: &Value, ledger: &SqliteLedger, user: Address, req: &Stac
 
 #[test]
 fn three_nodes_settle_attest_and_claim_to_the_unit() {
-    settle_attest_and_claim("local");
+    settle_attest_and_claim("local", "extended");
 }
 
 #[test]
 fn the_same_over_the_sui_wire_with_the_test_double() {
-    settle_attest_and_claim("sui-fake");
+    settle_attest_and_claim("sui-fake", "extended");
 }
 
-fn settle_attest_and_claim(ledger_kind: &str) {
+/// The nodes call only the published package's functions: a settlement records its root alone,
+/// and the attestor finds the log through the seller's signed commitment (`[settlement] peers`).
+#[test]
+fn the_same_with_the_deployed_contracts_calls() {
+    settle_attest_and_claim("sui-fake", "deployed");
+}
+
+fn settle_attest_and_claim(ledger_kind: &str, contract: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path(), ledger_kind);
+    let d = start(dir.path(), ledger_kind, contract);
     let net = &d.net;
     let ledger = Arc::new(SqliteLedger::open(Path::new(net["ledger"].as_str().unwrap())).unwrap());
     let user = read_keystore(Path::new(net["user"]["keystore"].as_str().unwrap()))
@@ -288,7 +304,22 @@ fn settle_attest_and_claim(ledger_kind: &str) {
     for (st, charged) in stacks.iter().zip(&charged) {
         let t = ledger.ticket(st.small_id).unwrap().unwrap();
         assert_eq!(t.num_claimed_compute_units, ComputeUnits(*charged));
-        assert_eq!(t.commitment.leaf_count, 40);
+        let seller_url = url_of(net, st.selected_node_id);
+        let published: Value = ureq::get(&format!("{seller_url}/v1/settlements/{}", st.small_id.0))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        let (p, signer) = PublishedCommitment::from_signed_json(&published).unwrap();
+        assert_eq!(signer, ledger.node(st.selected_node_id).unwrap().owner.0);
+        assert_eq!(p.commitment.merkle_root, t.commitment.merkle_root);
+        assert_eq!(p.commitment.leaf_count, 40);
+        assert_eq!(p.claimed_units, *charged);
+        if contract == "deployed" {
+            assert!(t.commitment.is_root_only(), "{:?}", t.commitment);
+        } else {
+            assert_eq!(t.commitment, p.commitment);
+        }
         let level = ledger.task(st.task_small_id).unwrap().security_level;
         let price = st.price_per_one_million_compute_units;
         let fee = level.node_fee(price, ComputeUnits(*charged)).unwrap().0;
@@ -311,22 +342,30 @@ fn settle_attest_and_claim(ledger_kind: &str) {
             assert!(t.requested_attestation_nodes.is_empty());
         }
         expect[user_i] += i128::from(st.escrowed.0 - fee - shares);
-        // Each node's own view agrees.
-        let status: Value = ureq::get(&format!(
-            "{}/operator/status",
-            url_of(net, st.selected_node_id)
-        ))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
-        let row = status["stacks"]
-            .as_array()
+        // Each node's own view agrees (once it has recorded the claim the ledger shows: over
+        // the Sui wire the ledger's books can be read a moment before the node's call returns).
+        let waited = Instant::now();
+        let row = loop {
+            let status: Value = ureq::get(&format!(
+                "{}/operator/status",
+                url_of(net, st.selected_node_id)
+            ))
+            .call()
             .unwrap()
-            .iter()
-            .find(|r| r["stack"] == st.small_id.0)
-            .unwrap()
-            .clone();
+            .into_json()
+            .unwrap();
+            let row = status["stacks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["stack"] == st.small_id.0)
+                .unwrap()
+                .clone();
+            if row["state"] == "claimed" || waited.elapsed() > Duration::from_secs(20) {
+                break row;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         assert_eq!(row["state"], "claimed", "{row}");
         assert_eq!(row["node_fee"], fee);
         // The attestor re-executed every record on its own engine before attesting.

@@ -250,6 +250,15 @@ pub trait Ledger: Send + Sync {
     fn subscriptions(&self, task: TaskSmallId) -> Result<Vec<Subscription>>;
     /// Up to `limit` events after `cursor`, oldest first.
     fn events_after(&self, cursor: EventCursor, limit: usize) -> Result<Vec<EventRecord>>;
+    /// The stack the transaction `digest` created, read from that transaction itself, for a
+    /// node whose event reads lag behind a purchase the user just made (the `X-Tx-Digest`
+    /// request header). `None`: the transaction created no stack. A ledger without
+    /// transaction digests (the embedded one, where every event is read at once) finds none.
+    /// `escrowed` reads 0 when the backend has not yet seen the stack's task.
+    fn stack_in_transaction(&self, digest: &str) -> Result<Option<Stack>> {
+        let _ = digest;
+        Ok(None)
+    }
 
     // --- epochs and parameters ---
 

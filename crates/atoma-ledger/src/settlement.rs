@@ -75,6 +75,28 @@ pub struct StackCommitment {
     pub blob_size: u64,
 }
 
+impl StackCommitment {
+    /// A commitment to the Merkle root alone, which is all the deployed Sui contract's
+    /// `try_settle_stack` records: no leaf count, no log location. Attestors then find the log
+    /// off-chain (the seller publishes a signed commitment at its API, `GET
+    /// /v1/settlements/{stack}`) and check it against this root.
+    pub fn root_only(merkle_root: Hash32) -> Self {
+        Self {
+            merkle_root,
+            leaf_count: 0,
+            blob_id: String::new(),
+            blob_hash: Hash32::default(),
+            blob_size: 0,
+        }
+    }
+
+    /// Whether the ledger recorded only the root (`root_only`): the log's location must be
+    /// found off-chain.
+    pub fn is_root_only(&self) -> bool {
+        *self == Self::root_only(self.merkle_root)
+    }
+}
+
 /// Longest blob id a commitment may carry (Walrus ids are 43 characters).
 pub const MAX_BLOB_ID_LEN: usize = 256;
 
@@ -268,6 +290,32 @@ impl MoneyTotals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_root_only_commitment_is_the_root_and_nothing_else() {
+        let c = StackCommitment::root_only(Hash32([3; 32]));
+        assert!(c.is_root_only());
+        for other in [
+            StackCommitment {
+                leaf_count: 1,
+                ..c.clone()
+            },
+            StackCommitment {
+                blob_id: "b".into(),
+                ..c.clone()
+            },
+            StackCommitment {
+                blob_hash: Hash32([1; 32]),
+                ..c.clone()
+            },
+            StackCommitment {
+                blob_size: 1,
+                ..c.clone()
+            },
+        ] {
+            assert!(!other.is_root_only(), "{other:?}");
+        }
+    }
 
     #[test]
     fn digests_round_trip_as_hex() {

@@ -127,7 +127,26 @@ impl BoundNode {
             )
         });
         let (ledger, state) = (p.ledger.clone(), p.state.clone());
-        let refresh: atoma_api::Refresh = Arc::new(move || {
+        let refresh: atoma_api::Refresh = Arc::new(move |digest: Option<&str>| {
+            if let Some(d) = digest {
+                // The transaction itself, in case the ledger's event list lags behind it.
+                match ledger.stack_in_transaction(d) {
+                    Ok(Some(s)) => match state.admit_stack(&s) {
+                        Ok(ours) => {
+                            tracing::debug!(stack = %s.small_id, tx = d, ours,
+                                            "stack read from its purchase");
+                            if ours {
+                                // The follower brings the rest in its own time.
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot record a stack"),
+                    },
+                    Ok(None) => tracing::debug!(tx = d, "the transaction bought no stack"),
+                    Err(e) => tracing::warn!(tx = d, error = %e,
+                                             "cannot read the purchase transaction"),
+                }
+            }
             if let Err(e) = sync_blocking(ledger.as_ref(), &state) {
                 tracing::warn!(error = %e, "cannot sync with the ledger");
             }

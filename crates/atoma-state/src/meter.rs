@@ -325,6 +325,32 @@ impl Meter {
         })
     }
 
+    /// Records a stack sold to one of this node's ids that the ledger showed directly (the
+    /// transaction that bought it) before its event reached the follower. Idempotent, and the
+    /// same row the `StackCreatedEvent` would write (which is then ignored). Returns whether
+    /// the stack is this node's.
+    pub fn admit_stack(&self, s: &atoma_ledger::Stack) -> Result<bool, MeterError> {
+        if !self.nodes.contains(&s.selected_node_id) {
+            return Ok(false);
+        }
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO stacks (small_id, owner, task_small_id, \
+                 selected_node_id, num_compute_units, price) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    s.small_id.0 as i64,
+                    s.owner.to_string(),
+                    s.task_small_id.0 as i64,
+                    s.selected_node_id.0 as i64,
+                    s.num_compute_units.0 as i64,
+                    s.price_per_one_million_compute_units.0 as i64
+                ],
+            )
+            .map_err(db)?;
+            Ok(true)
+        })
+    }
+
     /// Records a ChatCompletion task's model learnt from the ledger (idempotent).
     pub fn upsert_task(
         &self,

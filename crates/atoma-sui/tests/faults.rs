@@ -201,20 +201,59 @@ fn a_stack_is_found_by_its_purchase_transaction_digest() {
     // Another client (a node that has not followed the chain yet) looks the purchase up.
     let node_side = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
     let digest = f.last_transaction_digest().unwrap();
-    let found = node_side.ledger.stack_in_transaction(&digest).unwrap();
+    let found = node_side.ledger.stack_bought_in(&digest).unwrap();
     assert_eq!(found, Some(bought));
     // A transaction that bought nothing, and one that does not exist.
     l.register_node(actor(2)).unwrap();
     let digest = f.last_transaction_digest().unwrap();
-    assert_eq!(
-        node_side.ledger.stack_in_transaction(&digest).unwrap(),
-        None
-    );
+    assert_eq!(node_side.ledger.stack_bought_in(&digest).unwrap(), None);
     assert!(
         node_side
             .ledger
-            .stack_in_transaction("11111111111111111111111111111111")
+            .stack_bought_in("11111111111111111111111111111111")
             .is_err()
+    );
+    // Through the trait (what a node's `X-Tx-Digest` lookup calls), while the chain's event
+    // list is down: the purchase transaction alone shows the stack.
+    f.faults()
+        .list_events_unavailable
+        .store(true, Ordering::SeqCst);
+    let second = l
+        .acquire_stack(
+            actor(5),
+            &atoma_ledger::StackRequest {
+                task_small_id: task,
+                num_compute_units: atoma_ledger::ComputeUnits(1_000),
+                price_per_one_million_compute_units: atoma_ledger::Amount(1_000),
+            },
+        )
+        .unwrap();
+    let digest = f.last_transaction_digest().unwrap();
+    let late = FakeBacked::connect(f.clone(), Flavor::Extended, None).unwrap();
+    let via_trait: &dyn Ledger = &late;
+    let t0 = Instant::now();
+    let found = via_trait.stack_in_transaction(&digest).unwrap().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // This client never saw the task, so it cannot price the escrow; everything a node needs
+    // to serve the stack is there.
+    assert_eq!(
+        (
+            found.small_id,
+            found.owner,
+            found.selected_node_id,
+            found.task_small_id
+        ),
+        (
+            second.small_id,
+            second.owner,
+            second.selected_node_id,
+            second.task_small_id
+        )
+    );
+    assert_eq!(found.num_compute_units, second.num_compute_units);
+    assert_eq!(
+        found.price_per_one_million_compute_units,
+        second.price_per_one_million_compute_units
     );
 }
 

@@ -6,6 +6,7 @@
 //! can be overridden by an environment variable `ATOMA__<SECTION>__<KEY>` (for example
 //! `ATOMA__API__BIND=0.0.0.0:3000`). Unknown keys are errors, so typos do not pass silently.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,6 +69,11 @@ pub struct SettlementSection {
     pub step_pause_ms: u64,
     /// Records an attestor re-executes per log (0: all).
     pub verify_sample: usize,
+    /// Other nodes' API URLs by node small id (`"3" = "http://10.0.0.3:8080"`), where an
+    /// attestor fetches a seller's signed commitment when the ledger records only a
+    /// settlement's root (the deployed Sui contract). A node missing here is looked up by its
+    /// public URL on the ledger.
+    pub peers: BTreeMap<String, String>,
 }
 
 impl Default for SettlementSection {
@@ -81,6 +87,7 @@ impl Default for SettlementSection {
             tick_ms: 500,
             step_pause_ms: 0,
             verify_sample: 0,
+            peers: BTreeMap::new(),
         }
     }
 }
@@ -91,12 +98,24 @@ impl SettlementSection {
         &self,
         home: &Home,
     ) -> anyhow::Result<(Option<Arc<dyn atoma_da::BlobStore>>, SettlementPolicy)> {
+        let mut peers = BTreeMap::new();
+        for (id, url) in &self.peers {
+            let n: u64 = id.parse().map_err(|_| {
+                anyhow::anyhow!("[settlement] peers: `{id}` is not a node small id (a number)")
+            })?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                anyhow::bail!("[settlement] peers: node {n}'s URL `{url}` is not an http(s) URL");
+            }
+            peers.insert(n, url.clone());
+        }
         let policy = SettlementPolicy {
             threshold_permille: self.threshold_percent * 10,
             idle: Duration::from_secs(self.idle_secs),
             tick: Duration::from_millis(self.tick_ms.max(10)),
             step_pause: Duration::from_millis(self.step_pause_ms),
             verify_sample: self.verify_sample,
+            peers,
+            ..SettlementPolicy::default()
         };
         if !self.enabled {
             return Ok((None, policy));
@@ -444,9 +463,18 @@ pub fn serve(home: &Home, store: &ModelStore, cfg: &Config) -> anyhow::Result<()
     if let Some(url) = &cfg.api.public_url {
         for id in &ids {
             if ledger.node(*id)?.public_url.as_deref() != Some(url) {
-                ledger
-                    .set_node_public_url(address_of(&key), *id, url)
-                    .with_context(|| format!("announcing node {id}'s URL {url}"))?;
+                match ledger.set_node_public_url(address_of(&key), *id, url) {
+                    Ok(_) => {}
+                    Err(e @ atoma_ledger::LedgerError::NotSupported(_)) => tracing::warn!(
+                        node = %id, error = %e,
+                        "the ledger cannot record the node's public URL; attestors need it in \
+                         their `[settlement] peers`"
+                    ),
+                    Err(e) => {
+                        return Err(anyhow::Error::from(e)
+                            .context(format!("announcing node {id}'s URL {url}")));
+                    }
+                }
             }
         }
     }

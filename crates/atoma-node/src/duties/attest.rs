@@ -5,7 +5,8 @@
 //! record's user signature against the stack's owner and the node's signature on every answer
 //! or chunk, that each record's usage matches its token ids and that the units claimed are the
 //! sum of the records' usage; then each record of the sample is re-executed on this node's
-//! engine (`crate::reexec`). The oracle uses the same checks (`fetch_and_check`).
+//! engine (`crate::reexec`). The oracle uses the same checks (`fetch_and_check`). A ticket that
+//! holds only the root gets the rest of its commitment from the seller first (`super::locate`).
 
 use atoma_crypto::merkle;
 use atoma_da::BlobRef;
@@ -13,6 +14,7 @@ use atoma_ledger::{DisputeClaim, Hash32, LedgerError, NodeSmallId, StackCommitme
 use atoma_state::log::StackLog;
 use atoma_state::settlement::AttestationJob;
 
+use super::locate::Located;
 use super::{Duties, DutyError};
 use crate::reexec::RecordVerdict;
 
@@ -122,11 +124,25 @@ impl Duties {
         claimed: &Claimed<'_>,
         pick: impl Fn(usize) -> Vec<usize>,
     ) -> Result<Verdict, DutyError> {
+        let located;
+        let full;
+        let claimed = if claimed.commitment.is_root_only() {
+            // The ledger holds the root alone: the seller says where the log is.
+            match self.locate(claimed)? {
+                Located::Found(c) => {
+                    located = c;
+                    full = Claimed {
+                        commitment: &located,
+                        ..claimed.clone()
+                    };
+                    &full
+                }
+                Located::Contradicts(reason) => return Ok(log_fault(Hash32::default(), reason)),
+            }
+        } else {
+            claimed
+        };
         let c = claimed.commitment;
-        if c.blob_id.is_empty() {
-            // Never dispute an honest seller for what the ledger could not record.
-            return Err(DutyError::NoLogLocation(claimed.stack));
-        }
         let fetched = self.da.get(&BlobRef {
             blob_id: c.blob_id.clone(),
             content_hash: c.blob_hash.0,

@@ -14,14 +14,20 @@
 //! the ticket's ledger seed) on its own engine (`crate::reexec`), then attests or opens a
 //! dispute naming the record and token before the window ends.
 //!
+//! When the ledger records only a settlement's Merkle root (the deployed Sui contract), the log's
+//! location comes from the seller's signed commitment at its API (`locate`), checked against
+//! that root before anything is fetched.
+//!
 //! Oracle (`oracle`): when the ledger hands this node a dispute, it checks the log the same way,
 //! re-executes the disputed record (or all of them), and resolves the dispute before its
 //! deadline. Parties to a dispute whose oracle stays silent past the deadline have it replaced.
 
 mod attest;
+mod locate;
 mod oracle;
 mod settle;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +35,9 @@ use atoma_crypto::Keypair;
 use atoma_da::BlobStore;
 use atoma_ledger::{Address, Ledger};
 use atoma_state::meter::Meter;
+
+pub use attest::Claimed;
+pub use locate::Located;
 
 use crate::reexec::Reexecutor;
 
@@ -46,6 +55,12 @@ pub struct SettlementPolicy {
     pub step_pause: Duration,
     /// Records an attestor re-executes per log (0: all of them).
     pub verify_sample: usize,
+    /// Sellers' API URLs by node small id, for ledgers that record only a settlement's root
+    /// (the deployed Sui contract): an attestor fetches the seller's signed commitment there
+    /// (`locate`). A node missing here is looked up by its public URL on the ledger.
+    pub peers: BTreeMap<u64, String>,
+    /// Time limit of one request to a seller.
+    pub peer_timeout: Duration,
 }
 
 impl Default for SettlementPolicy {
@@ -56,6 +71,8 @@ impl Default for SettlementPolicy {
             tick: Duration::from_millis(500),
             step_pause: Duration::ZERO,
             verify_sample: 0,
+            peers: BTreeMap::new(),
+            peer_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -92,12 +109,14 @@ pub enum DutyError {
     State(#[from] atoma_state::meter::MeterError),
     #[error("re-execution could not run: {0}")]
     Reexec(String),
-    /// The ledger's ticket does not say where the log is (the deployed Sui contract records
-    /// only its root): the log cannot be fetched, and that is not the seller's fault.
-    #[error(
-        "stack {0}'s ticket names no log location (deployed contract); finding it off-chain is not built yet"
-    )]
-    NoLogLocation(atoma_ledger::StackSmallId),
+    /// The ledger's ticket records only the root (the deployed Sui contract) and the seller's
+    /// signed commitment cannot be had yet: no URL for it, unreachable, not answering, or
+    /// signed by someone else. Not the seller's provable fault, so never a dispute.
+    #[error("stack {stack}: the ledger records only the log's root and {reason}")]
+    NoLogLocation {
+        stack: atoma_ledger::StackSmallId,
+        reason: String,
+    },
 }
 
 impl Duties {

@@ -153,6 +153,9 @@ impl Ledger for FakeBacked {
     fn events_after(&self, c: EventCursor, limit: usize) -> Result<Vec<EventRecord>> {
         self.ledger.events_after(c, limit)
     }
+    fn stack_in_transaction(&self, digest: &str) -> Result<Option<Stack>> {
+        self.ledger.stack_in_transaction(digest)
+    }
     fn epoch(&self) -> Result<u64> {
         self.ledger.epoch()
     }

@@ -199,7 +199,7 @@ impl SuiLedger {
     /// reference does with `X-Tx-Digest` when its event subscriber lags); `None` if that
     /// transaction created none. The event index is brought up to date too, so the stack is
     /// then known to every read.
-    pub fn stack_in_transaction(&self, digest: &str) -> Result<Option<Stack>> {
+    pub fn stack_bought_in(&self, digest: &str) -> Result<Option<Stack>> {
         let mut client = self.client.clone();
         let mut req = proto::GetTransactionRequest::default();
         req.digest = Some(digest.to_string());
@@ -226,7 +226,11 @@ impl SuiLedger {
         }) else {
             return Ok(None);
         };
-        self.sync()?;
+        // The index catching up is a bonus (one try, no backoff: a request waits on this):
+        // when the event list is down or behind, the transaction's own events still show it.
+        if let Err(e) = self.sync_with(1) {
+            tracing::debug!(error = %e, "the event index cannot catch up; reading the transaction");
+        }
         if let Some(s) = lock(&self.view).stacks.get(&id) {
             return Ok(Some(s.clone()));
         }
@@ -255,6 +259,11 @@ impl SuiLedger {
     /// with the cursor after it in one transaction; a stream that breaks mid-page keeps the
     /// events before the break (with their cursor) and resumes after backing off.
     pub fn sync(&self) -> Result<u64> {
+        self.sync_with(MAX_ATTEMPTS)
+    }
+
+    /// `sync`, giving up after `attempts` failed pages in a row.
+    fn sync_with(&self, attempts: u32) -> Result<u64> {
         let mut index = lock(&self.index);
         let mut added = 0u64;
         let mut failures = 0u32;
@@ -273,7 +282,7 @@ impl SuiLedger {
                 None => failures = 0,
                 Some(e) => {
                     failures += 1;
-                    if failures >= MAX_ATTEMPTS {
+                    if failures >= attempts {
                         return Err(e);
                     }
                     tracing::warn!("sui event ingestion: {e}; retrying");

@@ -22,6 +22,10 @@ fn stack_cx(stack: StackSmallId) -> AbortContext {
 }
 
 impl Ledger for SuiLedger {
+    fn stack_in_transaction(&self, digest: &str) -> Result<Option<Stack>> {
+        self.stack_bought_in(digest)
+    }
+
     fn register_node(&self, sender: Address) -> Result<Node> {
         let ev = self.submit(
             sender,

@@ -77,6 +77,13 @@ pub struct UpArgs {
     /// this process, over the same books: nodes, gateway and scripts talk Sui's gRPC wire).
     #[arg(long, default_value = "local", value_parser = ["local", "sui-fake"])]
     pub ledger: String,
+    /// With `--ledger sui-fake`: the contract the nodes call. `deployed` sends only the
+    /// published package's calls (a settlement records its root alone; attestors fetch the
+    /// seller's signed commitment from the `[settlement] peers` each node is given); `extended`
+    /// adds ours (collateral, dispute resolution, the log's location on the ticket). The
+    /// devnet's own setup (funds, collateral, URLs) uses the test double's extended calls.
+    #[arg(long, default_value = "extended", value_parser = ["extended", "deployed"])]
+    pub contract: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -190,6 +197,9 @@ pub fn run(
     let dir = devnet_dir(home);
     match cmd {
         DevnetCommand::Up(a) => {
+            if a.contract != "extended" && a.ledger != "sui-fake" {
+                anyhow::bail!("--contract {} needs --ledger sui-fake", a.contract);
+            }
             if a.no_run && a.ledger == "sui-fake" {
                 anyhow::bail!(
                     "--ledger sui-fake runs the Sui test double inside `devnet up`; drop --no-run"

@@ -128,7 +128,7 @@ pub fn set_up(
             package_id: ids.package.to_string(),
             atoma_db: ids.db.to_string(),
             usdc_type: ids.usdc_type.clone(),
-            contract: "extended".into(),
+            contract: a.contract.clone(),
             admin: Some(admin.to_string()),
             poll_interval_ms: 200,
             ..LedgerSection::default()
@@ -180,8 +180,12 @@ pub fn set_up(
         sampling_consensus: task(SecurityLevel::SamplingConsensus)?,
     };
     let da_port = port(a, 0)?;
+    let urls = (1..=a.nodes)
+        .map(|i| Ok(format!("http://127.0.0.1:{}", port(a, i as u16)?)))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    let deployed = sui.as_ref().is_some_and(|s| s.contract == "deployed");
     let mut nodes = Vec::with_capacity(a.nodes);
-    for (i, node_home) in (1..=a.nodes).zip(&node_homes) {
+    for ((i, node_home), url) in (1..=a.nodes).zip(&node_homes).zip(&urls) {
         let key = node_home.key("node")?;
         let who = address_of(&key);
         let id = l.register_node(who)?.small_id;
@@ -192,8 +196,13 @@ pub fn set_up(
         for t in [tasks.no_security, tasks.sampling_consensus] {
             l.subscribe_node_to_task(who, id, atoma_ledger::TaskSmallId(t), Amount(price))?;
         }
-        let url = format!("http://127.0.0.1:{}", port(a, i as u16)?);
+        let url = url.clone();
         let mut cfg = with_index(node_home.root.join("sui-index.db")).unwrap_or_default();
+        if deployed {
+            // The deployed contract keeps no URLs: the setup records them through the test
+            // double's extended call (for the gateway); the peers tables come below.
+            l.set_node_public_url(who, id, &url)?;
+        }
         cfg.node.small_ids = vec![id.0];
         cfg.ledger.path = Some(ledger_path.clone());
         cfg.ledger.poll_interval_ms = 200;
@@ -224,6 +233,19 @@ pub fn set_up(
             address: hex_of(&key),
             price,
         });
+    }
+    if deployed {
+        // Every node gets the others as `[settlement] peers`, where its attestations look
+        // for a seller's signed commitment first.
+        for n in &nodes {
+            let mut cfg: Config = toml::from_str(&std::fs::read_to_string(&n.config)?)?;
+            for m in nodes.iter().filter(|m| m.small_id != n.small_id) {
+                cfg.settlement
+                    .peers
+                    .insert(m.small_id.to_string(), m.url.clone());
+            }
+            std::fs::write(&n.config, toml::to_string_pretty(&cfg)?)?;
+        }
     }
     // The gateway: a ledger key with USDC to buy stacks, and one API key for the user.
     l.faucet(address_of(&gw_key), Amount(USER_FUNDS))?;
