@@ -34,7 +34,7 @@ pub use grammar::{GrammarCompiler, GrammarSpec};
 pub use loaded::{LoadedModel, ModelInfo};
 pub use model::{
     Architecture, BatchSeq, KernelChoice, KvCache, KvDtype, LoadOptions, Model, ModelConfig,
-    PagedKv, cpu_matmul_kernel, select_kernel,
+    PagedKv, WeightBytes, cpu_matmul_kernel, select_kernel,
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{DecodeStream, TokenId, Tokenizer};

@@ -1,8 +1,9 @@
 //! `atoma bench`: prompt-processing (pp) and token-generation (tg) speed of the engine on a
 //! model, measured like llama-bench (random prompt tokens in one batch; single-token decodes from
 //! an empty cache) on the serving path (batched forward over the paged KV cache), plus aggregate
-//! decode speed with several sequences per pass, and llama-bench itself on the same file and
-//! thread count when it is found.
+//! decode speed with several sequences per pass; the weight bytes a decoded token reads and the
+//! share of the machine's memory bandwidth (measured here) that decode reaches; and llama.cpp's
+//! and ik_llama.cpp's llama-bench on the same file and thread count when they are found.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -36,9 +37,17 @@ pub struct Args {
     /// llama-bench binary (default: $LLAMA_BENCH, ~/.cache/llama-baseline/bin, then PATH).
     #[arg(long)]
     pub llama_bench: Option<PathBuf>,
-    /// Do not run llama-bench even if it is found.
+    /// ik_llama.cpp's llama-bench (default: $IK_LLAMA_BENCH, then
+    /// ~/.cache/ik-llama-baseline/bin; build it with ../shared/tools/build-ik-llama.sh).
+    #[arg(long)]
+    pub ik_llama_bench: Option<PathBuf>,
+    /// Do not run the baselines even if they are found.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Skip measuring the memory bandwidth (1 GiB read; the decode's share of it is then not
+    /// printed).
+    #[arg(long)]
+    pub no_bandwidth: bool,
     /// Instead: the cost of verifying N logged requests by re-execution next to generating
     /// them (`-p` prompt and `-n` generated tokens each), one at a time and all at once.
     #[arg(long, value_name = "N")]
@@ -177,6 +186,8 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
         }
     }
     let (pp, tg, btg) = (stat(&pp), stat(&tg), stat(&btg));
+    let bytes = model.decode_weight_bytes();
+    let bandwidth = (!a.no_bandwidth).then(|| crate::cmd::bench_mem::read_bandwidth(threads, 5));
     println!("| engine | test | tokens/s |");
     println!("| --- | --- | --- |");
     println!(
@@ -196,37 +207,91 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
             btg.mean / tg.mean
         );
     }
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "weights read per decoded token: {:.1} MB in our layout ({:.1} MB in the GGUF's blocks)",
+        mb(bytes.streamed),
+        mb(bytes.file)
+    );
+    if let Some(bw) = bandwidth {
+        let ceiling = bw / bytes.streamed as f64;
+        println!(
+            "memory read bandwidth ({threads} threads, median of 5 reads of 1 GiB): {:.1} GB/s; tg{} streams {:.1} \
+             GB/s = {:.0}% of it (ceiling {:.0} tokens/s in our layout, {:.0} in the file's)",
+            bw / 1e9,
+            a.gen_tokens,
+            tg.mean * bytes.streamed as f64 / 1e9,
+            100.0 * tg.mean / ceiling,
+            ceiling,
+            bw / bytes.file as f64
+        );
+    }
     if a.no_baseline {
         return Ok(());
     }
-    let Some(bin) = find_llama_bench(a.llama_bench.as_ref()) else {
-        eprintln!(
-            "llama-bench not found (build it with ../shared/tools/build-llama-server.sh or pass \
-             --llama-bench); no baseline"
+    let baselines = [
+        (
+            "llama.cpp",
+            find_bench(
+                a.llama_bench.as_ref(),
+                "LLAMA_BENCH",
+                ".cache/llama-baseline/bin",
+                true,
+            ),
+            "../shared/tools/build-llama-server.sh",
+        ),
+        (
+            "ik_llama.cpp",
+            find_bench(
+                a.ik_llama_bench.as_ref(),
+                "IK_LLAMA_BENCH",
+                ".cache/ik-llama-baseline/bin",
+                false,
+            ),
+            "../shared/tools/build-ik-llama.sh",
+        ),
+    ];
+    for (name, bin, build) in baselines {
+        let Some(bin) = bin else {
+            eprintln!("{name}'s llama-bench not found (build it with {build}); no {name} baseline");
+            continue;
+        };
+        let (lpp, ltg) = llama_bench(&bin, &path, a, threads)
+            .with_context(|| format!("{name} ({})", bin.display()))?;
+        println!("| {name} | pp{} | {lpp:.1} |", a.prompt_tokens);
+        print!("| {name} | tg{} | {ltg:.1} |", a.gen_tokens);
+        match bandwidth {
+            Some(bw) => println!(
+                " {:.0}% of the bandwidth (reading the file's {:.1} MB per token)",
+                100.0 * ltg * bytes.file as f64 / bw,
+                mb(bytes.file)
+            ),
+            None => println!(),
+        }
+        println!(
+            "ratio atoma/{name}: pp {:.2}x, tg {:.2}x",
+            pp.mean / lpp,
+            tg.mean / ltg
         );
-        return Ok(());
-    };
-    let (lpp, ltg) = llama_bench(&bin, &path, a, threads)?;
-    println!("| llama.cpp | pp{} | {lpp:.1} |", a.prompt_tokens);
-    println!("| llama.cpp | tg{} | {ltg:.1} |", a.gen_tokens);
-    println!(
-        "ratio atoma/llama.cpp: pp {:.2}x, tg {:.2}x",
-        pp.mean / lpp,
-        tg.mean / ltg
-    );
+    }
     Ok(())
 }
 
-fn find_llama_bench(explicit: Option<&PathBuf>) -> Option<PathBuf> {
+/// A llama-bench binary: the flag, then `$env`, then `~/<cache>/llama-bench`, then (for
+/// mainline llama.cpp only) PATH.
+fn find_bench(explicit: Option<&PathBuf>, env: &str, cache: &str, path: bool) -> Option<PathBuf> {
     if let Some(p) = explicit {
         return Some(p.clone());
     }
-    if let Some(p) = std::env::var_os("LLAMA_BENCH") {
+    if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
     }
-    let home = dirs_home().join(".cache/llama-baseline/bin/llama-bench");
+    let home = dirs_home().join(cache).join("llama-bench");
     if home.is_file() {
         return Some(home);
+    }
+    if !path {
+        return None;
     }
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -246,7 +311,13 @@ fn llama_bench(
     a: &Args,
     threads: usize,
 ) -> anyhow::Result<(f64, f64)> {
+    // The build scripts leave the shared libraries beside the binary.
+    let libs = bin
+        .parent()
+        .map(|d| d.as_os_str().to_owned())
+        .unwrap_or_default();
     let out = Command::new(bin)
+        .env("LD_LIBRARY_PATH", libs)
         .arg("-m")
         .arg(model)
         .args(["-p", &a.prompt_tokens.to_string()])

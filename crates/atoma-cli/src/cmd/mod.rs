@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_grammar;
+pub mod bench_mem;
 pub mod bench_verify;
 pub mod client;
 pub mod da;

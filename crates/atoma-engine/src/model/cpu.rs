@@ -89,7 +89,11 @@ impl Level {
         match self {
             Level::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Level::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             #[cfg(target_arch = "x86_64")]
             Level::Vnni => {
                 Level::Avx2.available()
@@ -104,8 +108,8 @@ impl Level {
     /// What this level needs, for the error when the CPU lacks it.
     fn needs(self) -> &'static str {
         match self {
-            Level::Vnni => "AVX-512 VNNI, AVX-512VL, AVX2 and FMA",
-            Level::Avx2 => "AVX2 and FMA",
+            Level::Vnni => "AVX-512 VNNI, AVX-512VL, AVX2, FMA and F16C",
+            Level::Avx2 => "AVX2, FMA and F16C",
             Level::Scalar => "nothing",
         }
     }

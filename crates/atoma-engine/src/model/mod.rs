@@ -27,6 +27,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 pub use config::{Activation, Architecture, ModelConfig};
 pub use cpu::{KernelChoice, cpu_matmul_kernel, select_kernel};
 pub use paged::{BatchSeq, KvDtype, PagedKv};
+pub use weights::WeightBytes;
 use weights::{Linear, WeightLoader};
 
 use crate::error::{EngineError, Result};
@@ -245,6 +246,28 @@ impl Model {
         &self.cfg
     }
 
+    /// The matrix weights one decode step reads (every layer's projections and the output
+    /// head; the norms and the one embedding row are left out, under 0.1% here).
+    pub fn decode_weight_bytes(&self) -> WeightBytes {
+        let mut total = self.output.weight_bytes();
+        for l in &self.layers {
+            total = total
+                + match &l.attn.qkv {
+                    Projection::Separate(q, k, v) => {
+                        q.weight_bytes() + k.weight_bytes() + v.weight_bytes()
+                    }
+                    Projection::Fused(qkv) => qkv.weight_bytes(),
+                }
+                + l.attn.o.weight_bytes()
+                + match &l.mlp {
+                    Mlp::Separate { gate, up } => gate.weight_bytes() + up.weight_bytes(),
+                    Mlp::FusedGateUp(gu) => gu.weight_bytes(),
+                }
+                + l.down.weight_bytes();
+        }
+        total
+    }
+
     /// Number of rows of the output head.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
@@ -314,7 +337,11 @@ impl Model {
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
         let (gate, up) = match &layer.mlp {
-            Mlp::Separate { gate, up } => (gate.forward(&h)?, up.forward(&h)?),
+            Mlp::Separate { gate, up } => {
+                let [g, u] = <[Tensor; 2]>::try_from(Linear::forward_many(&[gate, up], &h)?)
+                    .map_err(|_| candle_core::Error::Msg("gate and up: two products".into()))?;
+                (g, u)
+            }
             Mlp::FusedGateUp(w) => {
                 let gu = w.forward(&h)?;
                 let half = gu.dim(D::Minus1)? / 2;
@@ -350,7 +377,11 @@ impl Model {
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let (mut q, mut k, mut v) = match &layer.attn.qkv {
-            Projection::Separate(wq, wk, wv) => (wq.forward(x)?, wk.forward(x)?, wv.forward(x)?),
+            Projection::Separate(wq, wk, wv) => {
+                let [q, k, v] = <[Tensor; 3]>::try_from(Linear::forward_many(&[wq, wk, wv], x)?)
+                    .map_err(|_| candle_core::Error::Msg("Q, K, V: three products".into()))?;
+                (q, k, v)
+            }
             Projection::Fused(w) => {
                 let qkv = w.forward(x)?;
                 (

@@ -123,6 +123,80 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x @ W^T` for each of `ws` (Q, K, V; gate, up): packed matrices share one quantization
+    /// of `x` and one wake-up of the threads (`PackedMatrix::matmul_many`), with the same bits
+    /// as one `forward` each.
+    pub(crate) fn forward_many(ws: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let packed: Option<Vec<&PackedMatrix>> = ws
+            .iter()
+            .map(|w| match w {
+                Self::Packed(p) => Some(p.as_ref()),
+                Self::Candle { .. } => None,
+            })
+            .collect();
+        let Some(packed) = packed else {
+            return ws.iter().map(|w| w.forward(x)).collect();
+        };
+        let (m, kx) = x.dims2()?;
+        if let Some(w) = packed.iter().find(|w| w.k() != kx) {
+            candle_core::bail!("matmul: input has {kx} columns, the weight {}", w.k());
+        }
+        let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let outs = {
+            let (storage, layout) = x.storage_and_layout();
+            PackedMatrix::matmul_many(
+                &packed,
+                &cpu_f32(&storage, layout, "packed matmul")?[..m * kx],
+            )
+        };
+        outs.into_iter()
+            .zip(&packed)
+            .map(|(o, w)| Tensor::from_vec(o, (m, w.n()), x.device()))
+            .collect()
+    }
+
+    /// Bytes one product reads from memory, and the same weights' bytes in the file's blocks.
+    pub(crate) fn weight_bytes(&self) -> WeightBytes {
+        match self {
+            Self::Packed(w) => WeightBytes {
+                streamed: w.bytes() as u64,
+                file: w.file_bytes() as u64,
+            },
+            Self::Candle { inner, .. } => {
+                let b = match inner {
+                    QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                        t.elem_count() * t.dtype().size_in_bytes()
+                    }
+                } as u64;
+                WeightBytes {
+                    streamed: b,
+                    file: b,
+                }
+            }
+        }
+    }
+}
+
+/// Weight bytes of a model or a matrix: what a decode step streams in our layout, and what the
+/// same weights take in the GGUF file (what an engine reading the file's blocks streams).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeightBytes {
+    pub streamed: u64,
+    pub file: u64,
+}
+
+impl std::ops::Add for WeightBytes {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self {
+            streamed: self.streamed + o.streamed,
+            file: self.file + o.file,
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {

@@ -33,6 +33,7 @@
 //! threads; `pack` repacks each GGUF type exactly into that layout; `quant` quantizes the
 //! activation rows; `tiles` holds the register tiles of each level (VNNI, AVX2, scalar).
 
+mod huge;
 mod pack;
 mod quant;
 mod tiles;
@@ -40,6 +41,7 @@ mod tiles;
 use candle_core::quantized::GgmlDType;
 
 use super::cpu::{Level, OutPtr, level, threads};
+use huge::{Scales, Streamed};
 use quant::{QuantRows, quantize_rows};
 use tiles::tile_scalar;
 #[cfg(target_arch = "x86_64")]
@@ -54,6 +56,12 @@ const RM: usize = 4;
 /// Panels per register tile.
 const RP: usize = 2;
 
+/// Chunks of a product for the threads: `chunks` of `per` tiles (the last one shorter).
+struct Plan {
+    chunks: usize,
+    per: usize,
+}
+
 /// A weight matrix `[n, k]` repacked into 8-column panels of bytes (see the module doc).
 pub(crate) struct PackedMatrix {
     n: usize,
@@ -65,13 +73,13 @@ pub(crate) struct PackedMatrix {
     /// `[panel][sub-block][group of 4][column][4]` bytes, or for 4-bit types (`nib`)
     /// `[panel][sub-block][pair of groups][column][4]` bytes holding group `2h` in the low
     /// nibble and group `2h + 1` in the high one.
-    q: Vec<u8>,
+    q: Streamed<u8>,
     /// Codes are 4-bit (Q4_0, Q4_1, Q4_K): two per byte, half the memory traffic.
     nib: bool,
     /// `[panel][sub-block][column]` scales.
-    scale: Vec<f32>,
+    scale: Scales,
     /// `[panel][sub-block][column]` offsets; empty for types without one.
-    min: Vec<f32>,
+    min: Scales,
     dtype: GgmlDType,
 }
 
@@ -106,6 +114,16 @@ impl PackedMatrix {
         self.k
     }
 
+    /// Bytes a product streams from memory: the packed codes, scales and offsets.
+    pub(crate) fn bytes(&self) -> usize {
+        self.q.len() + self.scale.bytes() + self.min.bytes()
+    }
+
+    /// Bytes of the same weights in the GGUF file's own blocks.
+    pub(crate) fn file_bytes(&self) -> usize {
+        self.n * self.k / self.dtype.block_size() * self.dtype.type_size()
+    }
+
     /// Row `col` of the weight matrix, dequantized (exact).
     #[cfg(test)]
     pub(crate) fn dequantize_row(&self, col: usize) -> Vec<f32> {
@@ -123,9 +141,9 @@ impl PackedMatrix {
                     &self.q[blk..]
                 };
                 let byte = code_at(qb, self.nib, g, c, l);
-                let mut v = self.scale[o] * (i32::from(byte) - self.zero) as f32;
+                let mut v = self.scale.get(o) * (i32::from(byte) - self.zero) as f32;
                 if !self.min.is_empty() {
-                    v += self.min[o];
+                    v += self.min.get(o);
                 }
                 out[t * self.sb + e] = v;
             }
@@ -164,10 +182,121 @@ impl PackedMatrix {
         out
     }
 
+    /// Several products of the same input `x` (`[m, k]`): Q, K and V, or gate and up. The input
+    /// is quantized once per weight format (sub-block size and zero point), and the threads are
+    /// woken once for all the products' tiles instead of once per product: at batch 1 a
+    /// dispatch costs about as much as a small product's arithmetic. Every output is the same
+    /// bits as `matmul_vec` gives (each tile's arithmetic does not depend on who runs it).
+    pub(crate) fn matmul_many(ws: &[&PackedMatrix], x: &[f32]) -> Vec<Vec<f32>> {
+        let Some(first) = ws.first() else {
+            return Vec::new();
+        };
+        let k = first.k;
+        assert!(ws.iter().all(|w| w.k == k), "one input for every product");
+        assert!(x.len().is_multiple_of(k), "activation size");
+        let m = x.len() / k;
+        let lvl = level();
+        let mut quantized: Vec<(usize, i32, QuantRows)> = Vec::new();
+        let which: Vec<usize> = ws
+            .iter()
+            .map(|w| {
+                match quantized
+                    .iter()
+                    .position(|(sb, z, _)| (*sb, *z) == (w.sb, w.zero))
+                {
+                    Some(i) => i,
+                    None => {
+                        quantized.push((w.sb, w.zero, quantize_rows(lvl, x, k, w.sb, w.zero)));
+                        quantized.len() - 1
+                    }
+                }
+            })
+            .collect();
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
+        let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+        let plans: Vec<Plan> = ws.iter().map(|w| w.plan()).collect();
+        let mut starts = Vec::with_capacity(ws.len());
+        let mut total = 0;
+        for p in &plans {
+            starts.push(total);
+            total += p.chunks;
+        }
+        if m > 0 {
+            let run = |c: usize| {
+                let j = starts.partition_point(|s| *s <= c) - 1;
+                // SAFETY: each output buffer holds m x n values (capacity above); chunk
+                // `c - starts[j]` writes a disjoint set of them.
+                unsafe {
+                    ws[j].run_chunk(
+                        lvl,
+                        &quantized[which[j]].2,
+                        m,
+                        &plans[j],
+                        c - starts[j],
+                        ptrs[j].get(),
+                    )
+                };
+            };
+            if total == 1 {
+                run(0);
+            } else {
+                candle_core::utils::barrier_pool()
+                    .execute_chunked(total, |range| range.for_each(run));
+            }
+        }
+        for (o, w) in outs.iter_mut().zip(ws) {
+            // SAFETY: every chunk of every plan ran, and together they store all m x n outputs
+            // of their product (see `matmul_raw`).
+            unsafe { o.set_len(m * w.n) };
+        }
+        outs
+    }
+
+    /// How a product is cut into chunks of tiles for the threads.
+    fn plan(&self) -> Plan {
+        let tiles = self.n.div_ceil(PANEL * RP);
+        // Enough chunks to balance the threads, few enough to amortize waking them.
+        let chunks = (threads() * 4).min(tiles).max(1);
+        Plan {
+            chunks,
+            per: tiles.div_ceil(chunks),
+        }
+    }
+
+    /// Chunk `c` of `plan`: all rows of its panels.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `m * n` values.
+    unsafe fn run_chunk(
+        &self,
+        lvl: Level,
+        a: &QuantRows,
+        m: usize,
+        plan: &Plan,
+        c: usize,
+        out: *mut f32,
+    ) {
+        let p0 = c * plan.per * RP;
+        let p1 = ((c + 1) * plan.per * RP).min(self.n.div_ceil(PANEL));
+        let mut p = p0;
+        while p < p1 {
+            let np = RP.min(p1 - p);
+            let mut i = 0;
+            while i < m {
+                let rm = RM.min(m - i);
+                // SAFETY: outputs (i..i+rm, panels p..p+np) are written by this call only; the
+                // caller gives room for all m x n.
+                unsafe { self.tile(lvl, a, i, rm, p, np, out) };
+                i += rm;
+            }
+            p += np;
+        }
+    }
+
     /// # Safety
     /// `out` must be valid for writes of `x.len() / k * n` values. Every one of them is written.
     unsafe fn matmul_raw(&self, lvl: Level, x: &[f32], out: *mut f32) {
-        let (n, k) = (self.n, self.k);
+        let k = self.k;
         assert!(x.len().is_multiple_of(k), "activation size");
         let m = x.len() / k;
         if m == 0 {
@@ -175,33 +304,16 @@ impl PackedMatrix {
         }
         let a = quantize_rows(lvl, x, k, self.sb, self.zero);
         let ptr = OutPtr(out);
-        let tiles = n.div_ceil(PANEL * RP);
-        // Enough chunks to balance the threads, few enough to amortize waking them.
-        let chunks = (threads() * 4).min(tiles).max(1);
-        let per = tiles.div_ceil(chunks);
-        let run = |c: usize| {
-            let p0 = c * per * RP;
-            let p1 = ((c + 1) * per * RP).min(n.div_ceil(PANEL));
-            let mut p = p0;
-            while p < p1 {
-                let np = RP.min(p1 - p);
-                let mut i = 0;
-                while i < m {
-                    let rm = RM.min(m - i);
-                    // SAFETY: outputs (i..i+rm, panels p..p+np) are written by this call only;
-                    // sizes were checked above.
-                    unsafe { self.tile(lvl, &a, i, rm, p, np, ptr.get()) };
-                    i += rm;
-                }
-                p += np;
-            }
-        };
-        if chunks == 1 {
+        let plan = self.plan();
+        // SAFETY: the caller gives room for m x n outputs; chunks write disjoint panels.
+        let run = |c: usize| unsafe { self.run_chunk(lvl, &a, m, &plan, c, ptr.get()) };
+        if plan.chunks == 1 {
             run(0);
         } else {
             // candle's persistent spinning pool: waking it costs far less than a rayon
             // fork-join, which matters for the many small matmuls of a decode step.
-            candle_core::utils::barrier_pool().execute_chunked(chunks, |range| range.for_each(run));
+            candle_core::utils::barrier_pool()
+                .execute_chunked(plan.chunks, |range| range.for_each(run));
         }
     }
 
@@ -322,7 +434,10 @@ mod tests {
         let mut levels = vec![Level::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 levels.push(Level::Avx2);
             }
             if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
@@ -373,6 +488,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The legacy types' scales (and Q4_1's offsets) are f16 in the file and are kept as f16:
+    /// Q8_0, Q4_0 and Q4_1 stream exactly the file's bytes; byte-per-code Q5_0 streams its codes
+    /// plus the file's scales.
+    #[test]
+    fn legacy_scales_stream_as_f16() {
+        let (n, k) = (16, 512);
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+        ] {
+            let p = PackedMatrix::pack(dtype, &quantized(dtype, n, k).data().unwrap(), n, k);
+            assert!(matches!(p.scale, Scales::F16(_)), "{dtype:?}");
+            let codes = if p.nib { n * k / 2 } else { n * k };
+            assert_eq!(
+                p.bytes(),
+                codes + 2 * (n * k / 32) * (1 + usize::from(p.dtype == GgmlDType::Q4_1))
+            );
+            if dtype != GgmlDType::Q5_0 {
+                assert_eq!(p.bytes(), p.file_bytes(), "{dtype:?}");
+            }
+        }
+    }
+
+    /// Several products of one input in one dispatch (`matmul_many`: Q/K/V, gate/up), with
+    /// mixed formats (so some share the input's quantization and some do not), give each
+    /// product's bits alone.
+    #[test]
+    fn products_sharing_an_input_give_each_ones_bits() {
+        let k = 512;
+        let mats: Vec<PackedMatrix> = [
+            (GgmlDType::Q5_0, 40),
+            (GgmlDType::Q8_0, 16),
+            (GgmlDType::Q5_0, 16),
+            (GgmlDType::Q4K, 3),
+            (GgmlDType::Q4_1, 200),
+        ]
+        .into_iter()
+        .map(|(t, n)| PackedMatrix::pack(t, &quantized(t, n, k).data().unwrap(), n, k))
+        .collect();
+        let refs: Vec<&PackedMatrix> = mats.iter().collect();
+        for m in [1usize, 3, 6] {
+            let x = pattern(m * k, 11 + m, 2.0);
+            let many = PackedMatrix::matmul_many(&refs, &x);
+            assert_eq!(many.len(), mats.len());
+            for (w, got) in mats.iter().zip(&many) {
+                let alone = w.matmul_vec(&x);
+                assert_eq!(
+                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{:?} n={} m={m}",
+                    w.dtype,
+                    w.n
+                );
+            }
+        }
+        assert!(PackedMatrix::matmul_many(&[], &[]).is_empty());
     }
 
     /// The vectorized activation quantization gives the scalar one's bytes and scale.

@@ -6,7 +6,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{PANEL, PackedMatrix};
+use super::{PANEL, PackedMatrix, Scales, Streamed};
 
 /// One row of a matrix unpacked: bytes, and a scale and offset per sub-block.
 struct RowCodes {
@@ -203,10 +203,10 @@ impl PackedMatrix {
             k,
             sb,
             zero,
-            q,
+            q: Streamed::new(&q),
             nib,
-            scale,
-            min,
+            scale: Scales::new(&scale),
+            min: Scales::new(&min),
             dtype,
         }
     }

@@ -3,6 +3,8 @@
 //! three compute the same exact integer dot product per sub-block and the same f32 fused
 //! multiply-adds in the same order, so they give the same bits.
 
+#[cfg(target_arch = "x86_64")]
+use super::huge::load8;
 use super::quant::QuantRows;
 use super::{PANEL, PackedMatrix, QA, code_at};
 
@@ -45,9 +47,9 @@ pub(super) unsafe fn tile_scalar<
                         }
                     }
                     let v = &mut acc[r][pp][c];
-                    *v = (dot as f32).mul_add(w.scale[base + c] * da, *v);
+                    *v = (dot as f32).mul_add(w.scale.get(base + c) * da, *v);
                     if MIN {
-                        *v = a.sum[row * nsb + t].mul_add(w.min[base + c] * da, *v);
+                        *v = a.sum[row * nsb + t].mul_add(w.min.get(base + c) * da, *v);
                     }
                 }
             }
@@ -121,7 +123,7 @@ unsafe fn store_tile<const M: usize, const NP: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub(super) unsafe fn tile_vnni<
     const M: usize,
     const NP: usize,
@@ -141,7 +143,7 @@ pub(super) unsafe fn tile_vnni<
     let nqa = k / QA;
     // Raw pointers: `matmul` checked every size, and slice indexing would cost a bounds check
     // per load in the innermost loop.
-    let (wq, ws, wm) = (w.q.as_ptr(), w.scale.as_ptr(), w.min.as_ptr());
+    let (wq, ws, wm) = (w.q.as_ptr(), w.scale.ptrs(), w.min.ptrs());
     let (aq, ad, ac, asum) = (a.qs.as_ptr(), a.d.as_ptr(), a.corr.as_ptr(), a.sum.as_ptr());
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); NP]; M];
@@ -171,9 +173,9 @@ pub(super) unsafe fn tile_vnni<
             let mut mv = [_mm256_setzero_ps(); NP];
             for pp in 0..NP {
                 let o = ((p + pp) * nsb + t) * PANEL;
-                sv[pp] = _mm256_loadu_ps(ws.add(o));
+                sv[pp] = load8(ws, o);
                 if MIN {
-                    mv[pp] = _mm256_loadu_ps(wm.add(o));
+                    mv[pp] = load8(wm, o);
                 }
             }
             for r in 0..M {
@@ -199,7 +201,7 @@ pub(super) unsafe fn tile_vnni<
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tile_avx2<
     const M: usize,
     const NP: usize,
@@ -217,7 +219,7 @@ pub(super) unsafe fn tile_avx2<
     let k = a.k;
     let nsb = k / SB;
     let nqa = k / QA;
-    let (wq, ws, wm) = (w.q.as_ptr(), w.scale.as_ptr(), w.min.as_ptr());
+    let (wq, ws, wm) = (w.q.as_ptr(), w.scale.ptrs(), w.min.ptrs());
     let (aq, ad, asum) = (a.qs.as_ptr(), a.d.as_ptr(), a.sum.as_ptr());
     unsafe {
         let zero = _mm256_set1_epi8(w.zero as i8);
@@ -251,9 +253,9 @@ pub(super) unsafe fn tile_avx2<
             let mut mv = [_mm256_setzero_ps(); NP];
             for pp in 0..NP {
                 let o = ((p + pp) * nsb + t) * PANEL;
-                sv[pp] = _mm256_loadu_ps(ws.add(o));
+                sv[pp] = load8(ws, o);
                 if MIN {
-                    mv[pp] = _mm256_loadu_ps(wm.add(o));
+                    mv[pp] = load8(wm, o);
                 }
             }
             for r in 0..M {

@@ -1,0 +1,219 @@
+//! Packed weights in memory that the kernel may back with 2 MiB pages.
+//!
+//! A decode step streams every weight once; on 4 KiB pages the Gemma 3 head alone spans some
+//! 46,000 pages, and the TLB misses of that walk cost part of the bandwidth. Transparent huge
+//! pages are usually enabled in `madvise` mode, so the buffer is allocated 2 MiB-aligned and
+//! advised with `MADV_HUGEPAGE` *before* it is first written (the kernel picks the page size
+//! when a page is first touched). Where that is refused or not Linux, it is plain memory. Only
+//! where bytes come from changes, never which bytes: the values are a copy of the packed ones.
+
+use std::alloc::Layout;
+use std::ops::Deref;
+use std::ptr::NonNull;
+
+/// Huge-page size (x86-64 and aarch64 Linux with 4 KiB base pages).
+const HUGE: usize = 2 << 20;
+
+/// An immutable, 2 MiB-aligned copy of a slice of plain values.
+pub(crate) struct Streamed<T: Copy> {
+    ptr: NonNull<T>,
+    len: usize,
+    layout: Option<Layout>,
+}
+
+// SAFETY: the buffer is owned, never mutated after construction, and `T` is plain data.
+unsafe impl<T: Copy + Send> Send for Streamed<T> {}
+// SAFETY: as above; shared references only read.
+unsafe impl<T: Copy + Sync> Sync for Streamed<T> {}
+
+impl<T: Copy> Streamed<T> {
+    pub(crate) fn new(values: &[T]) -> Self {
+        let bytes = std::mem::size_of_val(values);
+        // Small buffers gain nothing (and would waste most of a 2 MiB alignment).
+        if bytes < HUGE {
+            return Self::boxed(values);
+        }
+        let Ok(layout) = Layout::from_size_align(bytes.next_multiple_of(HUGE), HUGE) else {
+            return Self::boxed(values);
+        };
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        advise_huge(raw, layout.size());
+        // SAFETY: the new buffer holds at least `values.len()` Ts (same size, T's alignment
+        // divides 2 MiB) and does not overlap `values`.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), ptr.as_ptr(), values.len()) };
+        Self {
+            ptr,
+            len: values.len(),
+            layout: Some(layout),
+        }
+    }
+
+    fn boxed(values: &[T]) -> Self {
+        let b: Box<[T]> = values.into();
+        let len = b.len();
+        let ptr = NonNull::new(Box::into_raw(b).cast::<T>()).unwrap_or(NonNull::dangling());
+        Self {
+            ptr,
+            len,
+            layout: None,
+        }
+    }
+}
+
+impl<T: Copy> Deref for Streamed<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `ptr` points at `len` initialized values owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Copy> Drop for Streamed<T> {
+    fn drop(&mut self) {
+        match self.layout {
+            // SAFETY: allocated in `new` with this layout.
+            Some(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) },
+            None => {
+                let slice = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+                // SAFETY: made by `Box::into_raw` of a `Box<[T]>` of this length in `boxed`.
+                drop(unsafe { Box::from_raw(slice) });
+            }
+        }
+    }
+}
+
+impl<T: Copy + std::fmt::Debug> std::fmt::Debug for Streamed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Streamed({} values)", self.len)
+    }
+}
+
+/// Per-(panel, sub-block, column) scales or offsets. Stored as f16 bits when every value is an
+/// f16 exactly (the legacy types' `d` and `m` are f16 in the file): half the bytes to stream,
+/// and the kernels widen them back to the very same f32 values, so the arithmetic and its bits
+/// do not change. Otherwise (the K-quants' `d * sc`) f32.
+#[derive(Debug)]
+pub(crate) enum Scales {
+    F32(Streamed<f32>),
+    F16(Streamed<u16>),
+}
+
+impl Scales {
+    pub(crate) fn new(values: &[f32]) -> Self {
+        let exact = |v: &f32| half::f16::from_f32(*v).to_f32().to_bits() == v.to_bits();
+        if !values.is_empty() && values.iter().all(exact) {
+            let bits: Vec<u16> = values
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            Self::F16(Streamed::new(&bits))
+        } else {
+            Self::F32(Streamed::new(values))
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::F32(s) => s.len(),
+            Self::F16(s) => s.len(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Self::F32(s) => 4 * s.len(),
+            Self::F16(s) => 2 * s.len(),
+        }
+    }
+
+    /// Value `o` as f32 (exactly the value packed).
+    #[inline(always)]
+    pub(crate) fn get(&self, o: usize) -> f32 {
+        match self {
+            Self::F32(s) => s[o],
+            Self::F16(s) => half::f16::from_bits(s[o]).to_f32(),
+        }
+    }
+
+    /// Raw pointers for the kernels: (f32 values, or null; f16 bits, or null).
+    pub(crate) fn ptrs(&self) -> (*const f32, *const u16) {
+        match self {
+            Self::F32(s) => (s.as_ptr(), std::ptr::null()),
+            Self::F16(s) => (std::ptr::null(), s.as_ptr()),
+        }
+    }
+}
+
+/// Eight scales from `ptrs` at `o`, as f32 (widening f16 is exact).
+///
+/// # Safety
+/// One of the pointers is non-null and valid for 8 values at `o`; F16C is available.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn load8(
+    (f32s, f16s): (*const f32, *const u16),
+    o: usize,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe {
+        if f16s.is_null() {
+            _mm256_loadu_ps(f32s.add(o))
+        } else {
+            _mm256_cvtph_ps(_mm_loadu_si128(f16s.add(o).cast()))
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge(ptr: *mut u8, len: usize) {
+    // SAFETY: the range is one allocation of ours; madvise only changes how it is backed.
+    let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "no huge pages for weights");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_: *mut u8, _: usize) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scales_are_f16_only_when_every_value_is_one_exactly() {
+        let exact = [0.5f32, -0.0, 3.0, 65504.0, 1.0 / 1024.0];
+        let s = Scales::new(&exact);
+        assert!(matches!(s, Scales::F16(_)));
+        assert_eq!(s.bytes(), 10);
+        for (i, v) in exact.iter().enumerate() {
+            assert_eq!(s.get(i).to_bits(), v.to_bits());
+        }
+        let s = Scales::new(&[0.5, 0.1]);
+        assert!(matches!(s, Scales::F32(_)));
+        assert_eq!(s.get(1), 0.1);
+        assert!(Scales::new(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_copy_holds_the_same_values_small_or_large() {
+        for len in [0usize, 1, 1000, (3 << 20) + 7] {
+            let v: Vec<u32> = (0..len as u32)
+                .map(|i| i.wrapping_mul(2_654_435_761))
+                .collect();
+            let s = Streamed::new(&v);
+            assert_eq!(&s[..], &v[..]);
+            if len * 4 >= HUGE {
+                assert_eq!(s.as_ptr() as usize % HUGE, 0, "2 MiB-aligned");
+            }
+        }
+    }
+}
