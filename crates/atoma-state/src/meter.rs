@@ -125,6 +125,38 @@ pub enum MeterError {
     Storage(String),
 }
 
+/// Writes a stack's row: a new one as given; a known one keeps its row, except that
+/// `claimed_follows` updates its claimed flag from `s`.
+fn write_stack(
+    tx: &rusqlite::Transaction<'_>,
+    s: &Stack,
+    claimed_follows: bool,
+) -> Result<(), MeterError> {
+    let conflict = if claimed_follows {
+        "DO UPDATE SET is_claimed = excluded.is_claimed"
+    } else {
+        "DO NOTHING"
+    };
+    tx.execute(
+        &format!(
+            "INSERT INTO stacks (small_id, owner, task_small_id, selected_node_id, \
+             num_compute_units, price, is_claimed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT(small_id) {conflict}"
+        ),
+        params![
+            s.small_id.0 as i64,
+            s.owner.to_string(),
+            s.task_small_id.0 as i64,
+            s.selected_node_id.0 as i64,
+            s.num_compute_units.0 as i64,
+            s.price_per_one_million_compute_units.0 as i64,
+            s.is_claimed
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
 fn db(e: rusqlite::Error) -> MeterError {
     MeterError::Storage(e.to_string())
 }
@@ -329,26 +361,12 @@ impl Meter {
     /// transaction that bought it) before its event reached the follower. Idempotent, and the
     /// same row the `StackCreatedEvent` would write (which is then ignored). Returns whether
     /// the stack is this node's.
-    pub fn admit_stack(&self, s: &atoma_ledger::Stack) -> Result<bool, MeterError> {
+    pub fn admit_stack(&self, s: &Stack) -> Result<bool, MeterError> {
         if !self.nodes.contains(&s.selected_node_id) {
             return Ok(false);
         }
-        self.with_tx(|tx| {
-            tx.execute(
-                "INSERT OR IGNORE INTO stacks (small_id, owner, task_small_id, \
-                 selected_node_id, num_compute_units, price) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    s.small_id.0 as i64,
-                    s.owner.to_string(),
-                    s.task_small_id.0 as i64,
-                    s.selected_node_id.0 as i64,
-                    s.num_compute_units.0 as i64,
-                    s.price_per_one_million_compute_units.0 as i64
-                ],
-            )
-            .map_err(db)?;
-            Ok(true)
-        })
+        self.with_tx(|tx| write_stack(tx, s, false))?;
+        Ok(true)
     }
 
     /// Records a ChatCompletion task's model learnt from the ledger (idempotent).
@@ -381,24 +399,7 @@ impl Meter {
 
     /// Records a stack learnt from the ledger (idempotent: events may be seen twice).
     pub fn upsert_stack(&self, s: &Stack) -> Result<(), MeterError> {
-        self.with_tx(|tx| {
-            tx.execute(
-                "INSERT INTO stacks (small_id, owner, task_small_id, selected_node_id, \
-                 num_compute_units, price, is_claimed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-                 ON CONFLICT(small_id) DO UPDATE SET is_claimed = excluded.is_claimed",
-                params![
-                    s.small_id.0 as i64,
-                    s.owner.to_string(),
-                    s.task_small_id.0 as i64,
-                    s.selected_node_id.0 as i64,
-                    s.num_compute_units.0 as i64,
-                    s.price_per_one_million_compute_units.0 as i64,
-                    s.is_claimed
-                ],
-            )
-            .map_err(db)?;
-            Ok(())
-        })
+        self.with_tx(|tx| write_stack(tx, s, true))
     }
 
     /// Checks, reading only, that `signer` may spend `stack` on this node: the stack is known,
