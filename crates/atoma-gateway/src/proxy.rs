@@ -23,10 +23,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use atoma_crypto::{Keypair, blake2b256, signed_json};
+use atoma_crypto::{Keypair, blake2b256};
 use atoma_ledger::{Address, TaskRole};
 
 use crate::config::GatewayConfig;
@@ -36,6 +36,10 @@ use crate::ratelimit::RateLimiter;
 use crate::registry::{NodeInfo, Offer, Registry};
 use crate::routing::{Candidate, Policy, RouteOptions, rank};
 use crate::stacks::{Lease, StackBook};
+
+mod relay;
+
+use relay::{Relay, check_signed, sse_events};
 
 /// Largest request body accepted (bytes).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -653,164 +657,4 @@ fn json_response(bytes: Bytes) -> Response {
     r.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/json"));
     r
-}
-
-/// Checks a node's signed JSON: the hash, and that the node's own key signed it.
-fn check_signed(v: &Value, owner: Address) -> Result<(), String> {
-    let c = signed_json::check_json(v)?;
-    if c.signer != owner.0 {
-        return Err("signed by another key than the node's".into());
-    }
-    Ok(())
-}
-
-/// A node's SSE stream as `data:` payloads.
-fn sse_events(
-    bytes: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
-) -> impl Stream<Item = Result<String, String>> + Unpin {
-    Box::pin(futures_util::stream::unfold(
-        (
-            bytes,
-            String::new(),
-            std::collections::VecDeque::<String>::new(),
-        ),
-        |(mut bytes, mut buf, mut ready)| async move {
-            loop {
-                if let Some(d) = ready.pop_front() {
-                    return Some((Ok(d), (bytes, buf, ready)));
-                }
-                match bytes.next().await {
-                    Some(Ok(b)) => {
-                        buf.push_str(&String::from_utf8_lossy(&b));
-                        while let Some(end) = buf.find("\n\n") {
-                            let event: String = buf.drain(..end + 2).collect();
-                            let data: Vec<&str> = event
-                                .lines()
-                                .filter_map(|l| l.strip_prefix("data:").map(str::trim_start))
-                                .collect();
-                            if !data.is_empty() {
-                                ready.push_back(data.join("\n"));
-                            }
-                        }
-                    }
-                    Some(Err(e)) => return Some((Err(e.to_string()), (bytes, buf, ready))),
-                    None => return None,
-                }
-            }
-        },
-    ))
-}
-
-/// Relays one verified stream to the client and settles it when it ends, however it ends.
-struct Relay {
-    gw: Arc<Gateway>,
-    key: KeyInfo,
-    node: u64,
-    owner: Address,
-    price: u64,
-    wants_usage: bool,
-    lease: Option<Lease>,
-    hold: Option<Hold>,
-    request_hash: [u8; 32],
-    kept: Vec<u8>,
-    usage: Option<u64>,
-    chunks: u64,
-    t0: Instant,
-    first_at: Option<Instant>,
-    done: bool,
-}
-
-impl Relay {
-    /// One `data:` payload: `[DONE]`, or a chunk that must check out.
-    fn on_data(&mut self, data: &str) -> Result<Bytes, String> {
-        if data == "[DONE]" {
-            return Ok(self.end());
-        }
-        let v: Value = serde_json::from_str(data).map_err(|e| format!("chunk is not JSON: {e}"))?;
-        if v.get("error").is_some() {
-            return Err(format!(
-                "the node failed mid-stream: {}",
-                v["error"]["message"]
-            ));
-        }
-        check_signed(&v, self.owner)?;
-        self.first_at.get_or_insert_with(Instant::now);
-        self.kept.extend_from_slice(data.as_bytes());
-        self.kept.push(b'\n');
-        if let Some(u) = v["usage"]["total_tokens"].as_u64() {
-            self.usage = Some(u);
-            if !self.wants_usage && v["choices"].as_array().is_some_and(Vec::is_empty) {
-                return Ok(Bytes::new());
-            }
-        }
-        if v["choices"][0]["delta"]["content"].is_string() || v["choices"][0]["text"].is_string() {
-            self.chunks += 1;
-        }
-        Ok(Bytes::from(format!("data: {data}\n\n")))
-    }
-
-    /// The stream ended well.
-    fn end(&mut self) -> Bytes {
-        self.finish(true);
-        Bytes::from_static(b"data: [DONE]\n\n")
-    }
-
-    /// The stream broke after bytes reached the client: tell the client, eject on a bad chunk.
-    fn fail(&mut self, why: &str, severe: bool) -> Bytes {
-        tracing::warn!(node = self.node, reason = why, "a stream broke midway");
-        self.gw.registry.with_stats(self.node, |s| {
-            s.record_failure(severe, Instant::now());
-        });
-        self.finish(false);
-        let e = GatewayError::NoNode(format!("the node's stream broke: {why}"));
-        Bytes::from(format!("data: {}\n\n", e.envelope()))
-    }
-
-    fn finish(&mut self, ok: bool) {
-        if self.done {
-            return;
-        }
-        self.done = true;
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        self.gw
-            .keep_evidence(&lease, &self.request_hash, &self.kept, ok);
-        // Without a usage chunk (a broken stream) the key pays for the chunks it received.
-        let used = lease.settle(self.usage.unwrap_or(self.chunks)).unwrap_or(0);
-        let node_micro = used.saturating_mul(self.price);
-        let margin = margin_of(node_micro, self.gw.cfg.margin_permille);
-        if let Some(h) = self.hold.take()
-            && let Err(e) = h.settle(node_micro, margin)
-        {
-            tracing::error!(error = %e, "cannot charge a key");
-        }
-        self.gw
-            .limits
-            .record_tokens(self.key.id, self.key.limits, used, Instant::now());
-        let (ttft, now) = (
-            self.first_at.map_or(self.t0.elapsed(), |f| f - self.t0),
-            Instant::now(),
-        );
-        self.gw.registry.with_stats(self.node, |s| {
-            s.in_flight_finished();
-            if ok {
-                let tpot = self
-                    .first_at
-                    .filter(|_| used > 1)
-                    .map(|f| now.duration_since(f) / (self.chunks.max(2) - 1) as u32);
-                s.record_success(ttft, tpot, now);
-            }
-        });
-        metrics::counter!("atoma_gateway_key_charged_micro_total", "key" => self.key.name.clone())
-            .increment(node_micro + margin);
-    }
-}
-
-impl Drop for Relay {
-    /// The client went away: dropping the upstream stream cancels the node's generation; the
-    /// key pays what the node produced until then.
-    fn drop(&mut self) {
-        self.finish(false);
-    }
 }

@@ -8,6 +8,7 @@
 //! Use: `atoma_ledger::conformance::run_all(&|| Box::new(MyLedger::new()))`.
 
 pub mod conservation;
+pub mod disputes;
 pub mod settlement;
 
 use std::collections::BTreeSet;
