@@ -412,13 +412,14 @@ fn gateway_routes_fails_over_ejects_forgers_and_charges_exactly() {
             ureq::get(&format!("{u}/health")).call().is_ok()
         });
     }
-    // The gateway knows the three nodes by their announced URLs.
-    wait_for("gateway sees 3 nodes", Duration::from_secs(60), || {
+    // The gateway knows the three nodes by their announced URLs, and has seen each answer (it
+    // started before them: its polls failed until they were up).
+    wait_for("gateway sees 3 nodes up", Duration::from_secs(60), || {
         ureq::get(&format!("{gw_url}/health"))
             .call()
             .ok()
             .and_then(|r| r.into_json::<Value>().ok())
-            .is_some_and(|v| v["nodes"] == 3)
+            .is_some_and(|v| v["nodes"] == 3 && v["available"] == 3)
     });
     std::thread::sleep(Duration::from_millis(1500)); // a round of status polls
 

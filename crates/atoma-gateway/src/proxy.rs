@@ -177,7 +177,8 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let nodes = gw.registry.snapshot().nodes.len();
-    axum::Json(json!({"status": "ok", "nodes": nodes})).into_response()
+    let available = gw.registry.available();
+    axum::Json(json!({"status": "ok", "nodes": nodes, "available": available})).into_response()
 }
 
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {

@@ -169,23 +169,31 @@ impl Registry {
         f(all.entry(node).or_default())
     }
 
+    /// How many nodes of the snapshot may be tried now (not ejected, or on probation).
+    pub fn available(&self) -> usize {
+        let snap = self.snapshot();
+        let stats = self.stats();
+        let now = Instant::now();
+        snap.nodes
+            .keys()
+            .filter(|id| stats.get(id).is_none_or(|s| s.available(now)))
+            .count()
+    }
+
     /// A copy of every node's statistics.
     pub fn stats(&self) -> HashMap<u64, NodeStats> {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Polls every node's `/v1/node/status` once, concurrently, except nodes ejected now: a
-    /// node that stops answering is polled again only when its backoff (1 s, 2 s, … 60 s) ends.
+    /// Polls every node's `/v1/node/status` once, concurrently, except nodes resting
+    /// ([`NodeStats::poll_due`]): a node under an ordinary ejection is polled every
+    /// [`crate::routing::RESTING_POLL_EVERY`] whatever its backoff, one ejected for a bad
+    /// signature not until its backoff ends.
     pub async fn poll_nodes(&self, timeout: Duration) {
         let snap = self.snapshot();
         let now = Instant::now();
         let stats = self.stats();
-        let resting = |id: u64| {
-            stats
-                .get(&id)
-                .and_then(NodeStats::ejected_until)
-                .is_some_and(|until| now < until)
-        };
+        let resting = |id: u64| stats.get(&id).is_some_and(|s| !s.poll_due(now));
         let polls = snap
             .nodes
             .values()

@@ -101,6 +101,9 @@ pub const EJECT_AFTER: u32 = 3;
 pub const BASE_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest ejection, and the length of a severe one (a bad signature).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often a node under an ordinary ejection is still health-polled: a node that comes up (or
+/// back) is found within this, however long its backoff has grown while it was down.
+pub const RESTING_POLL_EVERY: Duration = Duration::from_secs(5);
 /// TTFT assumed while nothing is known (seconds).
 pub const PRIOR_TTFT_S: f64 = 0.5;
 /// TPOT assumed while nothing is known (seconds per output token).
@@ -152,6 +155,8 @@ pub struct NodeStats {
     /// The current ejection is for a bad signature: health polls do not lift it.
     severe: bool,
     last_success: Option<Instant>,
+    /// When the gateway last polled the node's health (answered or not).
+    polled_at: Option<Instant>,
 }
 
 impl Default for NodeStats {
@@ -187,6 +192,7 @@ impl NodeStats {
             ejected_until: None,
             severe: false,
             last_success: None,
+            polled_at: None,
         }
     }
 
@@ -290,6 +296,7 @@ impl NodeStats {
     /// severe ejection is not lifted by a health poll: a node that answers `/health` may still
     /// sign wrongly, so it serves its full [`MAX_BACKOFF`].
     pub fn record_health(&mut self, ok: bool, now: Instant) {
+        self.polled_at = Some(now);
         if !ok {
             self.record_failure(false, now);
         } else if !(self.severe && self.ejected_at(now)) {
@@ -297,6 +304,20 @@ impl NodeStats {
             self.severe = false;
             self.consecutive_failures = 0;
         }
+    }
+
+    /// Whether the node's health should be polled now: always while it is not ejected; under an
+    /// ordinary ejection every [`RESTING_POLL_EVERY`] (a success lifts the ejection, so a node
+    /// that was down while its backoff grew to a minute is back within seconds of coming up);
+    /// never during a severe one (a node that forged a signature serves its full backoff).
+    pub fn poll_due(&self, now: Instant) -> bool {
+        if !self.ejected_at(now) {
+            return true;
+        }
+        !self.severe
+            && self
+                .polled_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= RESTING_POLL_EVERY)
     }
 
     /// The gateway sent a request to the node.

@@ -554,22 +554,61 @@ async fn property_key_charges_equal_stack_spend_plus_margin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ejected_nodes_are_not_polled_until_their_backoff_ends() {
+async fn ejected_nodes_are_polled_sparingly_and_forgers_not_until_their_backoff_ends() {
+    use atoma_gateway::routing::{EJECT_AFTER, RESTING_POLL_EVERY};
+    use std::time::Instant;
     let w = world(Policy::Cheapest).await;
     let timeout = std::time::Duration::from_secs(2);
+    let polls = |i: usize| w.nodes[i].polls.load(Ordering::Relaxed);
     w.gw.registry.poll_nodes(timeout).await;
     assert!(w.nodes.iter().all(|n| n.polls.load(Ordering::Relaxed) == 1));
+    assert_eq!(w.gw.registry.available(), w.nodes.len());
     // A bad signature ejects node 1 for a minute: no polls meanwhile.
     w.gw.registry
-        .with_stats(1, |s| s.record_failure(true, std::time::Instant::now()));
+        .with_stats(1, |s| s.record_failure(true, Instant::now()));
+    assert_eq!(w.gw.registry.available(), w.nodes.len() - 1);
     w.gw.registry.poll_nodes(timeout).await;
-    assert_eq!(w.nodes[0].polls.load(Ordering::Relaxed), 1, "resting");
-    assert_eq!(w.nodes[1].polls.load(Ordering::Relaxed), 2);
+    assert_eq!(polls(0), 1, "resting");
+    assert_eq!(polls(1), 2);
     // Its backoff over (statistics forgotten here), it is polled again.
     w.gw.registry
         .with_stats(1, |s| *s = atoma_gateway::routing::NodeStats::default());
     w.gw.registry.poll_nodes(timeout).await;
-    assert_eq!(w.nodes[0].polls.load(Ordering::Relaxed), 2);
+    assert_eq!(polls(0), 2);
+
+    // Node 2 fails ordinarily until its backoff has grown to a minute (as a node that comes up
+    // long after the gateway sees it): it is still polled, sparingly, and its first good
+    // answer makes it available again at once.
+    let long_ago = Instant::now() - 2 * RESTING_POLL_EVERY;
+    w.gw.registry.with_stats(2, |s| {
+        *s = atoma_gateway::routing::NodeStats::default();
+        // Each failure after the last ejection ended: 3 to eject, then doubling to a minute.
+        let mut t = Instant::now() - std::time::Duration::from_secs(900);
+        for _ in 0..EJECT_AFTER + 11 {
+            s.record_failure(false, t);
+            t += std::time::Duration::from_secs(61);
+        }
+        s.record_failure(false, Instant::now());
+        assert!(s.ejected_until().unwrap() > Instant::now() + RESTING_POLL_EVERY);
+        s.record_health(false, Instant::now());
+    });
+    assert_eq!(w.gw.registry.available(), w.nodes.len() - 1);
+    let before = polls(1);
+    w.gw.registry.poll_nodes(timeout).await;
+    assert_eq!(polls(1), before, "polled moments ago: resting");
+    w.gw.registry
+        .with_stats(2, |s| s.record_health(false, long_ago));
+    w.gw.registry.poll_nodes(timeout).await;
+    assert_eq!(
+        polls(1),
+        before + 1,
+        "an ordinary ejection is polled every few seconds"
+    );
+    assert_eq!(
+        w.gw.registry.available(),
+        w.nodes.len(),
+        "the good answer lifts it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
