@@ -92,14 +92,43 @@ impl<T: Copy + std::fmt::Debug> std::fmt::Debug for Streamed<T> {
     }
 }
 
-/// Per-(panel, sub-block, column) scales or offsets. Stored as f16 bits when every value is an
-/// f16 exactly (the legacy types' `d` and `m` are f16 in the file): half the bytes to stream,
-/// and the kernels widen them back to the very same f32 values, so the arithmetic and its bits
-/// do not change. Otherwise (the K-quants' `d * sc`) f32.
+/// Per-(panel, sub-block, column) scales or offsets, stored in the fewest bytes that give back
+/// the very same f32 values (the kernels widen them; the arithmetic and its bits do not change):
+/// - `F16` when every value is an f16 exactly (the legacy types' `d` and `m` are f16 in the
+///   file): half the bytes of f32;
+/// - `Factored` for the K-quants, whose values are `d * sc` (or `-(dmin * m)`) with an f16 `d`
+///   per super-block of 256 weights and a small integer `sc` per sub-block, as the file keeps
+///   them: one signed byte per sub-block and an f16 per super-block, against four bytes per
+///   sub-block in f32. The product of an f16 and an 8-bit integer has at most 19 significant
+///   bits, so it is exact in f32 and the kernel's `sup * sub` is bit for bit the packer's value;
+/// - `F32` otherwise.
 #[derive(Debug)]
 pub(crate) enum Scales {
     F32(Streamed<f32>),
     F16(Streamed<u16>),
+    Factored {
+        /// `[panel][super-block][column]` f16 bits.
+        sup: Streamed<u16>,
+        /// `[panel][sub-block][column]`.
+        sub: Streamed<i8>,
+        /// log2 of the sub-blocks per super-block.
+        shift: u32,
+        /// The values are `-(sup * sub)` (the K-quants' offsets).
+        neg: bool,
+    },
+}
+
+/// Raw pointers to one `Scales` for the kernels (which branch on them once per sub-block; the
+/// branch never changes within a product).
+#[derive(Clone, Copy)]
+pub(crate) struct ScalePtrs {
+    f32s: *const f32,
+    /// f16 values, or for `Factored` the super-block factors.
+    f16s: *const u16,
+    /// `Factored`: the sub-block factors; else null.
+    sub: *const i8,
+    shift: u32,
+    neg: bool,
 }
 
 impl Scales {
@@ -116,10 +145,42 @@ impl Scales {
         }
     }
 
+    /// `values` (`[panel][sub-block][column]`, 8 columns a panel) given as the product of
+    /// `sup` (`[panel][super-block][column]`, each super-block `1 << shift` sub-blocks) and
+    /// `sub`, negated when `neg`. Kept factored only if every value comes back bit for bit
+    /// (sign of zero included) and every `sup` is an f16; else as `new` keeps it.
+    pub(crate) fn factored(values: &[f32], sup: &[f32], sub: &[i8], shift: u32, neg: bool) -> Self {
+        let sup16: Vec<u16> = sup
+            .iter()
+            .map(|v| half::f16::from_f32(*v).to_bits())
+            .collect();
+        let fits = sub.len() == values.len()
+            && values.len().is_multiple_of(super::PANEL)
+            && sup.len() == values.len() >> shift
+            && sup16
+                .iter()
+                .zip(sup)
+                .all(|(h, v)| half::f16::from_bits(*h).to_f32().to_bits() == v.to_bits())
+            && values
+                .iter()
+                .enumerate()
+                .all(|(o, v)| factored_value(&sup16, sub, shift, neg, o).to_bits() == v.to_bits());
+        if !fits || values.is_empty() {
+            return Self::new(values);
+        }
+        Self::Factored {
+            sup: Streamed::new(&sup16),
+            sub: Streamed::new(sub),
+            shift,
+            neg,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         match self {
             Self::F32(s) => s.len(),
             Self::F16(s) => s.len(),
+            Self::Factored { sub, .. } => sub.len(),
         }
     }
 
@@ -131,6 +192,7 @@ impl Scales {
         match self {
             Self::F32(s) => 4 * s.len(),
             Self::F16(s) => 2 * s.len(),
+            Self::Factored { sup, sub, .. } => 2 * sup.len() + sub.len(),
         }
     }
 
@@ -140,34 +202,87 @@ impl Scales {
         match self {
             Self::F32(s) => s[o],
             Self::F16(s) => half::f16::from_bits(s[o]).to_f32(),
+            Self::Factored {
+                sup,
+                sub,
+                shift,
+                neg,
+            } => factored_value(sup, sub, *shift, *neg, o),
         }
     }
 
-    /// Raw pointers for the kernels: (f32 values, or null; f16 bits, or null).
-    pub(crate) fn ptrs(&self) -> (*const f32, *const u16) {
+    /// Raw pointers for the kernels.
+    pub(crate) fn ptrs(&self) -> ScalePtrs {
+        let none = ScalePtrs {
+            f32s: std::ptr::null(),
+            f16s: std::ptr::null(),
+            sub: std::ptr::null(),
+            shift: 0,
+            neg: false,
+        };
         match self {
-            Self::F32(s) => (s.as_ptr(), std::ptr::null()),
-            Self::F16(s) => (std::ptr::null(), s.as_ptr()),
+            Self::F32(s) => ScalePtrs {
+                f32s: s.as_ptr(),
+                ..none
+            },
+            Self::F16(s) => ScalePtrs {
+                f16s: s.as_ptr(),
+                ..none
+            },
+            Self::Factored {
+                sup,
+                sub,
+                shift,
+                neg,
+            } => ScalePtrs {
+                f16s: sup.as_ptr(),
+                sub: sub.as_ptr(),
+                shift: *shift,
+                neg: *neg,
+                ..none
+            },
         }
     }
 }
 
-/// Eight scales from `ptrs` at `o`, as f32 (widening f16 is exact).
+/// The super-block factor's index for value `o` (`[panel][sub-block][column]`).
+#[inline(always)]
+fn super_index(o: usize, shift: u32) -> usize {
+    let (row, c) = (o / super::PANEL, o % super::PANEL);
+    (row >> shift) * super::PANEL + c
+}
+
+/// `sup * sub` (negated when `neg`) for value `o`: what `load8` computes, one lane.
+#[inline(always)]
+fn factored_value(sup: &[u16], sub: &[i8], shift: u32, neg: bool, o: usize) -> f32 {
+    let v = half::f16::from_bits(sup[super_index(o, shift)]).to_f32() * f32::from(sub[o]);
+    if neg { -v } else { v }
+}
+
+/// Eight scales at `o` (a multiple of 8: one panel's columns), as f32: loaded, widened from
+/// f16 (exact), or multiplied out of their factors (exact, see `Scales`).
 ///
 /// # Safety
-/// One of the pointers is non-null and valid for 8 values at `o`; F16C is available.
+/// `p` comes from a live `Scales` holding 8 values at `o`; F16C is available.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn load8(
-    (f32s, f16s): (*const f32, *const u16),
-    o: usize,
-) -> std::arch::x86_64::__m256 {
+pub(crate) unsafe fn load8(p: ScalePtrs, o: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     unsafe {
-        if f16s.is_null() {
-            _mm256_loadu_ps(f32s.add(o))
+        if !p.sub.is_null() {
+            let sup = _mm256_cvtph_ps(_mm_loadu_si128(p.f16s.add(super_index(o, p.shift)).cast()));
+            let sub =
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.sub.add(o).cast())));
+            let v = _mm256_mul_ps(sup, sub);
+            if p.neg {
+                _mm256_xor_ps(v, _mm256_set1_ps(-0.0))
+            } else {
+                v
+            }
+        } else if p.f16s.is_null() {
+            _mm256_loadu_ps(p.f32s.add(o))
         } else {
-            _mm256_cvtph_ps(_mm_loadu_si128(f16s.add(o).cast()))
+            _mm256_cvtph_ps(_mm_loadu_si128(p.f16s.add(o).cast()))
         }
     }
 }

@@ -515,6 +515,50 @@ mod tests {
         }
     }
 
+    /// The K-quants' scales and offsets stream as the file keeps them (a byte per sub-block and
+    /// an f16 per super-block), and give back exactly the f32 values of `d * sc` and
+    /// `-(dmin * m)`.
+    #[test]
+    fn k_quant_scales_stream_factored() {
+        let (n, k) = (19, 512);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let raw = quantized(dtype, n, k).data().unwrap().to_vec();
+            let p = PackedMatrix::pack(dtype, &raw, n, k);
+            assert!(
+                matches!(p.scale, Scales::Factored { neg: false, .. }),
+                "{dtype:?}"
+            );
+            let cols = n.div_ceil(PANEL) * PANEL;
+            let (subs, supers) = (cols * k / p.sb, cols * k / 256);
+            assert_eq!(p.scale.bytes(), subs + 2 * supers, "{dtype:?}");
+            if dtype == GgmlDType::Q6K {
+                assert!(p.min.is_empty());
+            } else {
+                assert!(
+                    matches!(p.min, Scales::Factored { neg: true, .. }),
+                    "{dtype:?}"
+                );
+                assert_eq!(p.min.bytes(), subs + 2 * supers);
+            }
+        }
+        // Kept factored only where every value comes back bit for bit: an inexact product, or a
+        // +0.0 where `-(sup * 0)` gives -0.0, keeps the plain values.
+        let s = Scales::factored(&[0.1; 8], &[1.0; 8], &[1; 8], 0, false);
+        assert!(matches!(s, Scales::F32(_)));
+        let neg = [-0.0, -1.5, -0.0, -0.0, -3.0, -0.0, -0.0, -0.0];
+        let sub = [0, 1, 0, 0, 2, 0, 0, 0];
+        let s = Scales::factored(&neg, &[1.5; 8], &sub, 0, true);
+        assert!(matches!(s, Scales::Factored { .. }));
+        for (o, v) in neg.iter().enumerate() {
+            assert_eq!(s.get(o).to_bits(), v.to_bits());
+        }
+        let mut plus = neg;
+        plus[2] = 0.0;
+        let s = Scales::factored(&plus, &[1.5; 8], &sub, 0, true);
+        assert!(matches!(s, Scales::F16(_)));
+        assert_eq!(s.get(2).to_bits(), 0f32.to_bits());
+    }
+
     /// Several products of one input in one dispatch (`matmul_many`: Q/K/V, gate/up), with
     /// mixed formats (so some share the input's quantization and some do not), give each
     /// product's bits alone.
@@ -572,6 +616,61 @@ mod tests {
                 assert_eq!(a, b, "seed {seed}");
                 assert_eq!(sa.to_bits(), sb.to_bits());
             }
+        }
+    }
+
+    /// Single-row products streamed from memory, as a decode step runs them: enough copies of
+    /// each shape of SmolLM2 and Gemma 3 to overflow the last-level cache, taken in turn, so
+    /// every product reads its weights from DRAM. Prints µs per product and GB/s of our bytes
+    /// and of the file's (`cargo test --release -p atoma-engine qmm::tests::streaming -- --ignored
+    /// --nocapture`); asserts nothing.
+    #[test]
+    #[ignore = "benchmark: prints figures"]
+    #[allow(clippy::print_stderr)]
+    fn streaming() {
+        let shapes = [
+            (GgmlDType::Q4_1, 576usize, 576usize),
+            (GgmlDType::Q4_1, 1536, 576),
+            (GgmlDType::Q4_1, 576, 1536),
+            (GgmlDType::Q8_0, 49152, 576),
+            (GgmlDType::Q5_0, 1024, 640),
+            (GgmlDType::Q5_0, 2048, 640),
+            (GgmlDType::Q8_0, 256, 640),
+            (GgmlDType::Q4K, 640, 1024),
+            (GgmlDType::Q4K, 640, 2048),
+            (GgmlDType::Q6K, 640, 2048),
+            (GgmlDType::Q8_0, 262144, 640),
+        ];
+        const SPAN: usize = 160 << 20;
+        for (dtype, n, k) in shapes {
+            let qt = quantized(dtype, n, k);
+            let data = qt.data().unwrap();
+            let one = PackedMatrix::pack(dtype, &data, n, k);
+            let copies = SPAN.div_ceil(one.bytes()).max(1);
+            let mats: Vec<PackedMatrix> = (0..copies)
+                .map(|_| PackedMatrix::pack(dtype, &data, n, k))
+                .collect();
+            let x = pattern(k, 3, 2.0);
+            let mut out = vec![0f32; n];
+            for w in &mats {
+                w.matmul(&x, &mut out);
+            }
+            let rounds = (2 * SPAN / (copies * one.bytes())).max(2);
+            let t = std::time::Instant::now();
+            for _ in 0..rounds {
+                for w in &mats {
+                    w.matmul(&x, &mut out);
+                }
+            }
+            let dt = t.elapsed().as_secs_f64() / (rounds * copies) as f64;
+            eprintln!(
+                "{dtype:?} {n:>6}x{k:<4} {:>8.1} us  ours {:>7.3} MB {:>5.1} GB/s  file {:>7.3} MB {:>5.1} GB/s",
+                dt * 1e6,
+                one.bytes() as f64 / 1e6,
+                one.bytes() as f64 / dt / 1e9,
+                one.file_bytes() as f64 / 1e6,
+                one.file_bytes() as f64 / dt / 1e9,
+            );
         }
     }
 

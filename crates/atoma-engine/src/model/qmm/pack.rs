@@ -13,6 +13,22 @@ struct RowCodes {
     q: Vec<u8>,
     scale: Vec<f32>,
     min: Vec<f32>,
+    /// K-quants: the factors of `scale` and `min` as the file keeps them.
+    factors: Option<Factors>,
+}
+
+/// A K-quant row's `scale[t] = d[t / per] * sc[t]` and `min[t] = -(dmin[t / per] * m[t])`.
+#[derive(Default)]
+struct Factors {
+    d: Vec<f32>,
+    sc: Vec<i8>,
+    dmin: Vec<f32>,
+    m: Vec<i8>,
+}
+
+/// Sub-blocks per K-quant super-block of 256 weights.
+fn per_super(sb: usize) -> usize {
+    256 / sb
 }
 
 /// Layout of a GGML type in the packed format: `(sub-block, zero point, has offset)`.
@@ -61,6 +77,7 @@ fn unpack_row(dtype: GgmlDType, raw: &[u8], k: usize) -> RowCodes {
     };
     let bs = dtype.block_size();
     let ts = dtype.type_size();
+    let mut f = Factors::default();
     for (bi, b) in raw.chunks_exact(ts).enumerate() {
         let q = &mut q[bi * bs..(bi + 1) * bs];
         let s0 = bi * bs / sb;
@@ -100,6 +117,8 @@ fn unpack_row(dtype: GgmlDType, raw: &[u8], k: usize) -> RowCodes {
             }
             GgmlDType::Q4K | GgmlDType::Q5K => {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                f.d.push(d);
+                f.dmin.push(dmin);
                 let scales = &b[4..16];
                 let (qh, qs) = if dtype == GgmlDType::Q5K {
                     (Some(&b[16..48]), &b[48..176])
@@ -111,6 +130,9 @@ fn unpack_row(dtype: GgmlDType, raw: &[u8], k: usize) -> RowCodes {
                         let (sc, m) = scale_min_k4(2 * c + h, scales);
                         scale[s0 + 2 * c + h] = d * f32::from(sc);
                         min[s0 + 2 * c + h] = -(dmin * f32::from(m));
+                        // 6-bit factors: they fit a signed byte.
+                        f.sc.push(sc as i8);
+                        f.m.push(m as i8);
                         for l in 0..32 {
                             let nib = if h == 0 {
                                 qs[32 * c + l] & 0xF
@@ -126,8 +148,10 @@ fn unpack_row(dtype: GgmlDType, raw: &[u8], k: usize) -> RowCodes {
             GgmlDType::Q6K => {
                 let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
                 let d = f16_at(b, 208);
+                f.d.push(d);
                 for (i, &s) in sc.iter().enumerate() {
                     scale[s0 + i] = d * f32::from(s as i8);
+                    f.sc.push(s as i8);
                 }
                 for half in 0..2 {
                     let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
@@ -143,7 +167,13 @@ fn unpack_row(dtype: GgmlDType, raw: &[u8], k: usize) -> RowCodes {
             _ => unreachable!("checked by format_of"),
         }
     }
-    RowCodes { q, scale, min }
+    let factors = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K).then_some(f);
+    RowCodes {
+        q,
+        scale,
+        min,
+        factors,
+    }
 }
 
 impl PackedMatrix {
@@ -163,11 +193,25 @@ impl PackedMatrix {
         // Padding columns: byte `zero` with scale 0 (their outputs are never stored).
         let mut q = vec![zero as u8; panels * k * PANEL];
         let mut scale = vec![0f32; panels * nsb * PANEL];
+        let kquant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        // Padding offsets as their factors give them (`-(0 * 0)`), so a K-quant's offsets stay
+        // factored; the padding outputs are never stored, so their sign is invisible.
         let mut min = if has_min {
-            vec![0f32; panels * nsb * PANEL]
+            vec![if kquant { -0.0 } else { 0f32 }; panels * nsb * PANEL]
         } else {
             Vec::new()
         };
+        // K-quants: the factors of the scales and offsets, in the same `[panel][..][column]`
+        // order (padding columns: factor 0, like their scales).
+        let per = per_super(sb);
+        let (sup_len, sub_len) = if kquant {
+            (panels * (nsb / per) * PANEL, panels * nsb * PANEL)
+        } else {
+            (0, 0)
+        };
+        let (min_sup, min_sub) = if has_min { (sup_len, sub_len) } else { (0, 0) };
+        let (mut fd, mut fsc) = (vec![0f32; sup_len], vec![0i8; sub_len]);
+        let (mut fdmin, mut fm) = (vec![0f32; min_sup], vec![0i8; min_sub]);
         for col in 0..n {
             let codes = unpack_row(dtype, &raw[col * row_bytes..(col + 1) * row_bytes], k);
             debug_assert!(!nibbles(dtype) || codes.q.iter().all(|&b| b < 16));
@@ -177,6 +221,19 @@ impl PackedMatrix {
                 scale[o] = codes.scale[t];
                 if has_min {
                     min[o] = codes.min[t];
+                }
+                if let Some(f) = &codes.factors {
+                    let so = (p * (nsb / per) + t / per) * PANEL + c;
+                    fsc[o] = f.sc[t];
+                    if t % per == 0 {
+                        fd[so] = f.d[t / per];
+                    }
+                    if has_min {
+                        fm[o] = f.m[t];
+                        if t % per == 0 {
+                            fdmin[so] = f.dmin[t / per];
+                        }
+                    }
                 }
                 for g in 0..sb / 4 {
                     let dst = (p * nsb + t) * sb * PANEL + g * 4 * PANEL + c * 4;
@@ -205,8 +262,16 @@ impl PackedMatrix {
             zero,
             q: Streamed::new(&q),
             nib,
-            scale: Scales::new(&scale),
-            min: Scales::new(&min),
+            scale: if kquant {
+                Scales::factored(&scale, &fd, &fsc, per.trailing_zeros(), false)
+            } else {
+                Scales::new(&scale)
+            },
+            min: if kquant && has_min {
+                Scales::factored(&min, &fdmin, &fm, per.trailing_zeros(), true)
+            } else {
+                Scales::new(&min)
+            },
             dtype,
         }
     }
