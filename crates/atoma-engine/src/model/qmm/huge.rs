@@ -259,17 +259,36 @@ fn factored_value(sup: &[u16], sub: &[i8], shift: u32, neg: bool, o: usize) -> f
     if neg { -v } else { v }
 }
 
+/// `Scales` kinds for the kernels' `SC` parameter, so that a product's inner loop has no branch
+/// on its scales' storage: every value f16, every value factored, or either (`ANY`, branching
+/// per load: f32 fallbacks, and a matrix whose scales and offsets are kept differently).
+pub(crate) const SC_F16: u8 = 0;
+pub(crate) const SC_FACTORED: u8 = 1;
+pub(crate) const SC_ANY: u8 = 2;
+
+impl Scales {
+    /// The kernels' `SC` for these values alone.
+    pub(crate) fn kind(&self) -> u8 {
+        match self {
+            Self::F16(_) => SC_F16,
+            Self::Factored { .. } => SC_FACTORED,
+            Self::F32(_) => SC_ANY,
+        }
+    }
+}
+
 /// Eight scales at `o` (a multiple of 8: one panel's columns), as f32: loaded, widened from
 /// f16 (exact), or multiplied out of their factors (exact, see `Scales`).
 ///
 /// # Safety
-/// `p` comes from a live `Scales` holding 8 values at `o`; F16C is available.
+/// `p` comes from a live `Scales` of kind `SC` (or any, for `SC_ANY`) holding 8 values at `o`;
+/// F16C is available.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) unsafe fn load8(p: ScalePtrs, o: usize) -> std::arch::x86_64::__m256 {
+pub(crate) unsafe fn load8<const SC: u8>(p: ScalePtrs, o: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     unsafe {
-        if !p.sub.is_null() {
+        let factored = || {
             let sup = _mm256_cvtph_ps(_mm_loadu_si128(p.f16s.add(super_index(o, p.shift)).cast()));
             let sub =
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.sub.add(o).cast())));
@@ -279,10 +298,20 @@ pub(crate) unsafe fn load8(p: ScalePtrs, o: usize) -> std::arch::x86_64::__m256 
             } else {
                 v
             }
-        } else if p.f16s.is_null() {
-            _mm256_loadu_ps(p.f32s.add(o))
-        } else {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.f16s.add(o).cast()))
+        };
+        let f16 = || _mm256_cvtph_ps(_mm_loadu_si128(p.f16s.add(o).cast()));
+        match SC {
+            SC_F16 => f16(),
+            SC_FACTORED => factored(),
+            _ => {
+                if !p.sub.is_null() {
+                    factored()
+                } else if p.f16s.is_null() {
+                    _mm256_loadu_ps(p.f32s.add(o))
+                } else {
+                    f16()
+                }
+            }
         }
     }
 }

@@ -16,10 +16,14 @@
 //! consecutive output columns are interleaved in groups of 4 (`[group][column][4]`), so one
 //! 32-byte load holds 4 consecutive weights of 8 columns and a VNNI `vpdpbusd` with 4 broadcast
 //! activation bytes adds one 4-term dot product into each of 8 column lanes. Types whose codes
-//! have 4 bits (Q4_0, Q4_1, Q4_K) store two groups per 32-byte load, one in each nibble: a
-//! single decode streams every weight from memory once, so bytes per weight set its speed. The
-//! price is memory for the others: one byte per weight, and for all 4 (or 8) bytes of f32
-//! scales per sub-block.
+//! have 4 bits (Q4_0, Q4_1, Q4_K) store two groups per 32-byte load, one in each nibble; 5-bit
+//! types (Q5_0, Q5_1, Q5_K) the same nibbles plus a 32-byte plane of fifth bits per sub-block: a
+//! single decode streams every weight from memory once, so bytes per weight set its speed.
+//! Scales stream as the file keeps them (f16; the K-quants' as a byte per sub-block and an f16
+//! per super-block, `huge::Scales`), so every type but Q6_K (a byte per code) streams exactly
+//! the file's bytes. Prefill expands 5-bit codes to bytes once per panel (`expand_panels`);
+//! decode expands them in registers and reads each thread's chunk as one sequential stream
+//! (one-panel tiles, the next tile prefetched: `plan`, `tiles::prefetch_ahead`).
 //!
 //! Activations are quantized per row to 8 bits per 32 values (`scale = amax / 127`, rounded
 //! through f16 as in ggml's Q8_0). For each output the kernel computes, per weight sub-block, the
@@ -41,7 +45,7 @@ mod tiles;
 use candle_core::quantized::GgmlDType;
 
 use super::cpu::{Level, OutPtr, level, threads};
-use huge::{Scales, Streamed};
+use huge::{SC_ANY, SC_F16, SC_FACTORED, Scales, Streamed};
 use quant::{QuantRows, quantize_rows};
 use tiles::tile_scalar;
 #[cfg(target_arch = "x86_64")]
@@ -56,10 +60,41 @@ const RM: usize = 4;
 /// Panels per register tile.
 const RP: usize = 2;
 
-/// Chunks of a product for the threads: `chunks` of `per` tiles (the last one shorter).
+/// How a matrix stores its codes (`PackedMatrix::codes`, the tiles' `CODES` parameter).
+/// One byte per code.
+const BYTES: u8 = 0;
+/// 4-bit codes, two per byte: group `2h` in the low nibbles, `2h + 1` in the high ones.
+const NIB: u8 = 1;
+/// 5-bit codes: the low 4 bits as `NIB`, then per sub-block a 32-byte plane of the fifth bits
+/// (bit `g` of plane byte `j` is the fifth bit of byte `j` of group `g`): the file's 5.5 bits
+/// per weight instead of 8.5.
+const NIB5: u8 = 2;
+
+/// Bytes of one packed sub-block of one panel, given its unpacked size `bytes` (`sb * PANEL`).
+#[inline(always)]
+const fn packed_len(codes: u8, bytes: usize) -> usize {
+    match codes {
+        NIB => bytes / 2,
+        NIB5 => bytes / 8 * 5,
+        _ => bytes,
+    }
+}
+
+/// Where a tile reads its codes: the matrix's own storage (`p0` = 0), or panels expanded for a
+/// chunk (`p0` = the first panel held).
+#[derive(Clone, Copy)]
+pub(super) struct Codes {
+    pub(super) q: *const u8,
+    pub(super) p0: usize,
+    pub(super) codes: u8,
+}
+
+/// Chunks of a product for the threads: `chunks` of `per` tiles of `rp` panels (the last one
+/// shorter).
 struct Plan {
     chunks: usize,
     per: usize,
+    rp: usize,
 }
 
 /// A weight matrix `[n, k]` repacked into 8-column panels of bytes (see the module doc).
@@ -70,12 +105,13 @@ pub(crate) struct PackedMatrix {
     sb: usize,
     /// Zero point subtracted from every stored byte.
     zero: i32,
-    /// `[panel][sub-block][group of 4][column][4]` bytes, or for 4-bit types (`nib`)
+    /// `[panel][sub-block][group of 4][column][4]` bytes (`BYTES`); for 4-bit types (`NIB`)
     /// `[panel][sub-block][pair of groups][column][4]` bytes holding group `2h` in the low
-    /// nibble and group `2h + 1` in the high one.
+    /// nibble and group `2h + 1` in the high one; for 5-bit types (`NIB5`) each sub-block's
+    /// nibbles followed by its plane of fifth bits.
     q: Streamed<u8>,
-    /// Codes are 4-bit (Q4_0, Q4_1, Q4_K): two per byte, half the memory traffic.
-    nib: bool,
+    /// `BYTES`, `NIB` (Q4_0, Q4_1, Q4_K) or `NIB5` (Q5_0, Q5_1, Q5_K).
+    codes: u8,
     /// `[panel][sub-block][column]` scales.
     scale: Scales,
     /// `[panel][sub-block][column]` offsets; empty for types without one.
@@ -93,15 +129,20 @@ impl std::fmt::Debug for PackedMatrix {
     }
 }
 
-/// Code `l` of column `c` in group `g` of one packed sub-block `qb` (its bytes, halved for
-/// nibbles): the layout of `PackedMatrix::q`, read one value at a time.
+/// Code `l` of column `c` in group `g` of one packed sub-block `qb` (its bytes, as `codes`
+/// stores them): the layout of `PackedMatrix::q`, read one value at a time.
 #[inline(always)]
-fn code_at(qb: &[u8], nib: bool, g: usize, c: usize, l: usize) -> u8 {
-    if nib {
-        let b = qb[g / 2 * 4 * PANEL + c * 4 + l];
-        if g.is_multiple_of(2) { b & 0xF } else { b >> 4 }
+fn code_at(qb: &[u8], codes: u8, sb: usize, g: usize, c: usize, l: usize) -> u8 {
+    let j = c * 4 + l;
+    if codes == BYTES {
+        return qb[g * 4 * PANEL + j];
+    }
+    let b = qb[g / 2 * 4 * PANEL + j];
+    let low = if g.is_multiple_of(2) { b & 0xF } else { b >> 4 };
+    if codes == NIB5 {
+        low | (((qb[sb * PANEL / 2 + j] >> g) & 1) << 4)
     } else {
-        qb[g * 4 * PANEL + c * 4 + l]
+        low
     }
 }
 
@@ -135,12 +176,8 @@ impl PackedMatrix {
             for e in 0..self.sb {
                 let (g, l) = (e / 4, e % 4);
                 let blk = (p * nsb + t) * self.sb * PANEL;
-                let qb = if self.nib {
-                    &self.q[blk / 2..]
-                } else {
-                    &self.q[blk..]
-                };
-                let byte = code_at(qb, self.nib, g, c, l);
+                let qb = &self.q[packed_len(self.codes, blk)..];
+                let byte = code_at(qb, self.codes, self.sb, g, c, l);
                 let mut v = self.scale.get(o) * (i32::from(byte) - self.zero) as f32;
                 if !self.min.is_empty() {
                     v += self.min.get(o);
@@ -214,7 +251,7 @@ impl PackedMatrix {
             .collect();
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
         let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-        let plans: Vec<Plan> = ws.iter().map(|w| w.plan()).collect();
+        let plans: Vec<Plan> = ws.iter().map(|w| w.plan(m)).collect();
         let mut starts = Vec::with_capacity(ws.len());
         let mut total = 0;
         for p in &plans {
@@ -252,14 +289,23 @@ impl PackedMatrix {
         outs
     }
 
-    /// How a product is cut into chunks of tiles for the threads.
-    fn plan(&self) -> Plan {
-        let tiles = self.n.div_ceil(PANEL * RP);
+    /// How a product of `m` rows is cut into chunks of tiles for the threads.
+    ///
+    /// One or two rows (decode) take tiles of one panel: a panel's bytes are contiguous, so a
+    /// thread then reads its whole chunk as one sequential stream, which the prefetchers follow
+    /// at close to the memory's speed (the Gemma 3 head went from ~22 to ~30 GB/s on 2 threads
+    /// here); two-panel tiles read two streams 2 panels apart and restart both every tile.
+    /// More rows take two panels, so each activation load serves twice the columns. A column's
+    /// arithmetic is the same in either tile, so the bits are too.
+    fn plan(&self, m: usize) -> Plan {
+        let rp = if m <= 2 { 1 } else { RP };
+        let tiles = self.n.div_ceil(PANEL * rp);
         // Enough chunks to balance the threads, few enough to amortize waking them.
         let chunks = (threads() * 4).min(tiles).max(1);
         Plan {
             chunks,
             per: tiles.div_ceil(chunks),
+            rp,
         }
     }
 
@@ -276,20 +322,67 @@ impl PackedMatrix {
         c: usize,
         out: *mut f32,
     ) {
-        let p0 = c * plan.per * RP;
-        let p1 = ((c + 1) * plan.per * RP).min(self.n.div_ceil(PANEL));
+        let p0 = c * plan.per * plan.rp;
+        let p1 = ((c + 1) * plan.per * plan.rp).min(self.n.div_ceil(PANEL));
+        // 5-bit codes for several row tiles: each pair of panels is first expanded to a byte
+        // per code (in L1), so the expansion is paid once per panel instead of once per row
+        // tile; one row tile expands in registers. Same codes either way, so the same bits.
+        let expand = self.codes == NIB5 && m > RM;
+        let mut scratch = Vec::new();
         let mut p = p0;
         while p < p1 {
-            let np = RP.min(p1 - p);
+            let np = plan.rp.min(p1 - p);
+            let src = if expand {
+                self.expand_panels(p, np, &mut scratch);
+                Codes {
+                    q: scratch.as_ptr(),
+                    p0: p,
+                    codes: BYTES,
+                }
+            } else {
+                Codes {
+                    q: self.q.as_ptr(),
+                    p0: 0,
+                    codes: self.codes,
+                }
+            };
             let mut i = 0;
             while i < m {
                 let rm = RM.min(m - i);
                 // SAFETY: outputs (i..i+rm, panels p..p+np) are written by this call only; the
-                // caller gives room for all m x n.
-                unsafe { self.tile(lvl, a, i, rm, p, np, out) };
+                // caller gives room for all m x n; `src` holds panels p..p+np.
+                unsafe { self.tile(lvl, a, i, rm, p, np, src, out) };
                 i += rm;
             }
             p += np;
+        }
+    }
+
+    /// Panels `p..p + np` with a byte per code (`BYTES` layout, panel `p` first) into `buf`.
+    fn expand_panels(&self, p: usize, np: usize, buf: &mut Vec<u8>) {
+        let nsb = self.k / self.sb;
+        let blk = self.sb * PANEL;
+        buf.clear();
+        buf.resize(np * nsb * blk, 0);
+        #[cfg(target_arch = "x86_64")]
+        if self.codes == NIB5 && self.sb == 32 && level() != Level::Scalar {
+            // SAFETY: AVX2 is available on every level but scalar; `buf` holds the np * nsb
+            // expanded sub-blocks and the matrix the packed ones from panel p on.
+            unsafe {
+                tiles::expand_nib5_avx2(
+                    self.q.as_ptr().add(packed_len(NIB5, p * nsb * blk)),
+                    np * nsb,
+                    buf.as_mut_ptr(),
+                )
+            };
+            return;
+        }
+        for (b, dst) in buf.chunks_exact_mut(blk).enumerate() {
+            let src = &self.q[packed_len(self.codes, (p * nsb + b) * blk)..];
+            for (j, d) in dst.iter_mut().enumerate() {
+                let (g, cl) = (j / (4 * PANEL), j % (4 * PANEL));
+                *d = code_at(src, self.codes, self.sb, g, cl / 4, cl % 4);
+            }
         }
     }
 
@@ -304,7 +397,7 @@ impl PackedMatrix {
         }
         let a = quantize_rows(lvl, x, k, self.sb, self.zero);
         let ptr = OutPtr(out);
-        let plan = self.plan();
+        let plan = self.plan(m);
         // SAFETY: the caller gives room for m x n outputs; chunks write disjoint panels.
         let run = |c: usize| unsafe { self.run_chunk(lvl, &a, m, &plan, c, ptr.get()) };
         if plan.chunks == 1 {
@@ -317,7 +410,7 @@ impl PackedMatrix {
         }
     }
 
-    /// One tile: rows `i..i+rm`, panels `p..p+np`.
+    /// One tile: rows `i..i+rm`, panels `p..p+np`, codes read from `src`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
         &self,
@@ -327,31 +420,48 @@ impl PackedMatrix {
         rm: usize,
         p: usize,
         np: usize,
+        src: Codes,
         out: *mut f32,
     ) {
         macro_rules! go {
-            ($f:ident, $sb:literal, $min:literal, $nib:literal) => {
+            ($f:ident, $sb:literal, $min:literal, $codes:expr, $sc:expr) => {
                 match (rm, np) {
-                    (4, 2) => $f::<4, 2, $sb, $min, $nib>(self, a, i, p, out),
-                    (3, 2) => $f::<3, 2, $sb, $min, $nib>(self, a, i, p, out),
-                    (2, 2) => $f::<2, 2, $sb, $min, $nib>(self, a, i, p, out),
-                    (1, 2) => $f::<1, 2, $sb, $min, $nib>(self, a, i, p, out),
-                    (4, _) => $f::<4, 1, $sb, $min, $nib>(self, a, i, p, out),
-                    (3, _) => $f::<3, 1, $sb, $min, $nib>(self, a, i, p, out),
-                    (2, _) => $f::<2, 1, $sb, $min, $nib>(self, a, i, p, out),
-                    _ => $f::<1, 1, $sb, $min, $nib>(self, a, i, p, out),
+                    (4, 2) => $f::<4, 2, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (3, 2) => $f::<3, 2, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (2, 2) => $f::<2, 2, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (1, 2) => $f::<1, 2, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (4, _) => $f::<4, 1, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (3, _) => $f::<3, 1, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (2, _) => $f::<2, 1, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    _ => $f::<1, 1, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
                 }
             };
         }
+        macro_rules! by_codes {
+            ($f:ident, $sc:expr) => {
+                match (self.sb, self.min.is_empty(), src.codes) {
+                    (32, true, NIB) => go!($f, 32, false, { NIB }, $sc),
+                    (32, false, NIB) => go!($f, 32, true, { NIB }, $sc),
+                    (32, true, NIB5) => go!($f, 32, false, { NIB5 }, $sc),
+                    (32, false, NIB5) => go!($f, 32, true, { NIB5 }, $sc),
+                    (32, true, _) => go!($f, 32, false, { BYTES }, $sc),
+                    (32, false, _) => go!($f, 32, true, { BYTES }, $sc),
+                    (16, true, _) => go!($f, 16, false, { BYTES }, $sc),
+                    _ => go!($f, 16, true, { BYTES }, $sc),
+                }
+            };
+        }
+        // One kind for the scales and offsets, or the kernel that branches per load.
+        let sc = match self.scale.kind() {
+            k if self.min.is_empty() || self.min.kind() == k => k,
+            _ => SC_ANY,
+        };
         macro_rules! by_format {
             ($f:ident) => {
-                match (self.sb, self.min.is_empty(), self.nib) {
-                    (32, true, true) => go!($f, 32, false, true),
-                    (32, false, true) => go!($f, 32, true, true),
-                    (32, true, false) => go!($f, 32, false, false),
-                    (32, false, false) => go!($f, 32, true, false),
-                    (16, true, _) => go!($f, 16, false, false),
-                    _ => go!($f, 16, true, false),
+                match sc {
+                    SC_F16 => by_codes!($f, { SC_F16 }),
+                    SC_FACTORED => by_codes!($f, { SC_FACTORED }),
+                    _ => by_codes!($f, { SC_ANY }),
                 }
             };
         }
@@ -491,8 +601,8 @@ mod tests {
     }
 
     /// The legacy types' scales (and Q4_1's offsets) are f16 in the file and are kept as f16:
-    /// Q8_0, Q4_0 and Q4_1 stream exactly the file's bytes; byte-per-code Q5_0 streams its codes
-    /// plus the file's scales.
+    /// Q8_0, Q4_0, Q4_1 and (nibbles plus a plane of fifth bits) Q5_0 stream exactly the file's
+    /// bytes.
     #[test]
     fn legacy_scales_stream_as_f16() {
         let (n, k) = (16, 512);
@@ -504,14 +614,12 @@ mod tests {
         ] {
             let p = PackedMatrix::pack(dtype, &quantized(dtype, n, k).data().unwrap(), n, k);
             assert!(matches!(p.scale, Scales::F16(_)), "{dtype:?}");
-            let codes = if p.nib { n * k / 2 } else { n * k };
+            let codes = packed_len(p.codes, n * k);
             assert_eq!(
                 p.bytes(),
                 codes + 2 * (n * k / 32) * (1 + usize::from(p.dtype == GgmlDType::Q4_1))
             );
-            if dtype != GgmlDType::Q5_0 {
-                assert_eq!(p.bytes(), p.file_bytes(), "{dtype:?}");
-            }
+            assert_eq!(p.bytes(), p.file_bytes(), "{dtype:?}");
         }
     }
 

@@ -6,7 +6,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{PANEL, PackedMatrix, Scales, Streamed};
+use super::{BYTES, NIB, NIB5, PANEL, PackedMatrix, Scales, Streamed};
 
 /// One row of a matrix unpacked: bytes, and a scale and offset per sub-block.
 struct RowCodes {
@@ -60,9 +60,14 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Whether `dtype`'s codes fit in 4 bits (stored two per byte).
-fn nibbles(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
+/// How `dtype`'s codes are stored: 4-bit codes two per byte, 5-bit ones as nibbles plus a
+/// plane of fifth bits, the others a byte each.
+fn codes_of(dtype: GgmlDType) -> u8 {
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => NIB,
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => NIB5,
+        _ => BYTES,
+    }
 }
 
 /// Decodes one row of raw GGML blocks into bytes and per-sub-block scales and offsets.
@@ -214,7 +219,11 @@ impl PackedMatrix {
         let (mut fdmin, mut fm) = (vec![0f32; min_sup], vec![0i8; min_sub]);
         for col in 0..n {
             let codes = unpack_row(dtype, &raw[col * row_bytes..(col + 1) * row_bytes], k);
-            debug_assert!(!nibbles(dtype) || codes.q.iter().all(|&b| b < 16));
+            debug_assert!(codes.q.iter().all(|&b| match codes_of(dtype) {
+                NIB => b < 16,
+                NIB5 => b < 32,
+                _ => true,
+            }));
             let (p, c) = (col / PANEL, col % PANEL);
             for t in 0..nsb {
                 let o = (p * nsb + t) * PANEL + c;
@@ -242,16 +251,27 @@ impl PackedMatrix {
                 }
             }
         }
-        let nib = nibbles(dtype);
-        if nib {
+        let codes = codes_of(dtype);
+        if codes != BYTES {
             // Each sub-block's 8 groups of 32 bytes become 4 pairs: low nibble = group 2h,
-            // high nibble = group 2h + 1.
+            // high nibble = group 2h + 1; for 5-bit codes then 32 bytes whose bit g is the
+            // fifth bit of the same byte of group g.
             let half = 4 * PANEL;
             q = q
                 .chunks_exact(sb * PANEL)
                 .flat_map(|blk| {
-                    blk.chunks_exact(2 * half)
-                        .flat_map(|pair| (0..half).map(move |j| pair[j] | (pair[half + j] << 4)))
+                    let pairs = blk.chunks_exact(2 * half).flat_map(|pair| {
+                        (0..half).map(move |j| (pair[j] & 0xF) | ((pair[half + j] & 0xF) << 4))
+                    });
+                    let plane = (0..half).map(move |j| {
+                        (0..sb / 4).fold(0u8, |acc, g| acc | (((blk[g * half + j] >> 4) & 1) << g))
+                    });
+                    let plane: Vec<u8> = if codes == NIB5 {
+                        plane.collect()
+                    } else {
+                        Vec::new()
+                    };
+                    pairs.chain(plane).collect::<Vec<u8>>()
                 })
                 .collect();
         }
@@ -261,7 +281,7 @@ impl PackedMatrix {
             sb,
             zero,
             q: Streamed::new(&q),
-            nib,
+            codes,
             scale: if kquant {
                 Scales::factored(&scale, &fd, &fsc, per.trailing_zeros(), false)
             } else {
