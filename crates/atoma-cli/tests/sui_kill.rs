@@ -36,32 +36,6 @@ fn config(home: &Path, fake: &FakeSui) -> PathBuf {
     p
 }
 
-fn indexed(home: &Path) -> (u64, u64, u64) {
-    let Ok(c) = rusqlite::Connection::open(home.join("index.db")) else {
-        return (0, 0, 0);
-    };
-    c.query_row(
-        "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events",
-        [],
-        |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-            ))
-        },
-    )
-    .unwrap_or((0, 0, 0))
-}
-
-fn kill(child: &mut std::process::Child) {
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
-    }
-    let _ = child.wait();
-}
-
 #[test]
 fn killed_mid_ingestion_the_index_resumes_with_every_event_once() {
     const EVENTS: u64 = 40_000;
@@ -82,12 +56,12 @@ fn killed_mid_ingestion_the_index_resumes_with_every_event_once() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-        let before = indexed(home.path()).0;
+        let before = common::indexed(&home.path().join("index.db")).0;
         let t = Instant::now();
         loop {
-            let n = indexed(home.path()).0;
+            let n = common::indexed(&home.path().join("index.db")).0;
             if n > before && n < EVENTS {
-                kill(&mut child);
+                common::kill(&mut child);
                 kills += 1;
                 break;
             }
@@ -118,7 +92,7 @@ fn killed_mid_ingestion_the_index_resumes_with_every_event_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        indexed(home.path()),
+        common::indexed(&home.path().join("index.db")),
         (EVENTS, 1, EVENTS),
         "every event once, dense"
     );
@@ -217,7 +191,7 @@ fn killed_mid_transaction_nothing_runs_twice_and_the_books_are_exact() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    kill(&mut child);
+    common::kill(&mut child);
     std::thread::sleep(Duration::from_millis(2_000));
     f.faults().execute_delay_ms.store(0, Ordering::SeqCst);
     let after_kill = books_exact(&f);

@@ -89,30 +89,6 @@ fn wait_healthy(home: &Path, url: &str, child: &mut Child) {
     }
 }
 
-fn kill(child: &mut Child) {
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-}
-
-/// (events, lowest seq, highest seq) in the node's event index.
-fn indexed(home: &Path) -> (u64, u64, u64) {
-    let Ok(c) = rusqlite::Connection::open(home.join("sui-index.db")) else {
-        return (0, 0, 0);
-    };
-    c.query_row(
-        "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events",
-        [],
-        |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-            ))
-        },
-    )
-    .unwrap_or((0, 0, 0))
-}
-
 /// Events named `name` on the books (read page by page: a read returns at most 10,000).
 fn count(l: &SqliteLedger, name: &str) -> usize {
     let (mut n, mut after) = (0, EventCursor(0));
@@ -187,12 +163,12 @@ fn a_node_killed_mid_ingestion_and_mid_settlement_resumes_exactly_once() {
     let mut kills = 0;
     for n in 1..=3 {
         let mut child = spawn_node(home, n);
-        let before = indexed(home).0;
+        let before = common::indexed(&home.join("sui-index.db")).0;
         let t = Instant::now();
         loop {
-            let i = indexed(home).0;
+            let i = common::indexed(&home.join("sui-index.db")).0;
             if i > before && i < on_chain {
-                kill(&mut child);
+                common::kill(&mut child);
                 kills += 1;
                 break;
             }
@@ -202,18 +178,18 @@ fn a_node_killed_mid_ingestion_and_mid_settlement_resumes_exactly_once() {
             std::thread::sleep(Duration::from_millis(2));
         }
         if child.try_wait().unwrap().is_none() {
-            kill(&mut child);
+            common::kill(&mut child);
         }
     }
     assert!(kills >= 1, "no kill landed mid-ingestion");
     let mut child = spawn_node(home, 9);
     wait_healthy(home, &url, &mut child);
     let t = Instant::now();
-    while indexed(home) != (on_chain, 1, on_chain) {
+    while common::indexed(&home.join("sui-index.db")) != (on_chain, 1, on_chain) {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "index {:?} of {on_chain}",
-            indexed(home)
+            common::indexed(&home.join("sui-index.db"))
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -253,7 +229,7 @@ fn a_node_killed_mid_ingestion_and_mid_settlement_resumes_exactly_once() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    kill(&mut child);
+    common::kill(&mut child);
     std::thread::sleep(Duration::from_millis(2_000));
     fake.faults().execute_delay_ms.store(0, Ordering::SeqCst);
     let tickets = fake.with_ledger(|l| count(l, "StackTrySettleEvent"));
@@ -282,7 +258,7 @@ fn a_node_killed_mid_ingestion_and_mid_settlement_resumes_exactly_once() {
         fake.advance_epoch().unwrap();
         std::thread::sleep(Duration::from_millis(200));
     }
-    kill(&mut child);
+    common::kill(&mut child);
     fake.with_ledger(|l| {
         assert_eq!(count(l, "StackTrySettleEvent"), 1, "one ticket");
         let t = l.ticket(StackSmallId(stack.small_id.0)).unwrap().unwrap();

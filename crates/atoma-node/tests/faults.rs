@@ -10,23 +10,26 @@
 //! (e) another seed than the one logged; (f) more units claimed on the ledger than its log
 //! accounts for; and a log with a request the user never signed.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atoma_api::{
     BackendError, BackendEvent, ChatTurn, InferenceBackend, InferenceRequest, Prepared, Prompt,
 };
-use atoma_crypto::{Keypair, address_hex, blake2b256, merkle};
+use atoma_crypto::{Keypair, blake2b256, merkle};
 use atoma_da::{BlobStore, DirStore};
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
 use atoma_ledger::{
-    Address, Amount, ComputeUnits, DisputeOutcome, Hash32, Ledger, LedgerParams, NewTask,
-    NodeSmallId, SecurityLevel, SqliteLedger, StackCommitment, StackRequest, TaskRole,
+    Amount, ComputeUnits, DisputeOutcome, Hash32, Ledger, LedgerParams, NodeSmallId,
+    StackCommitment, StackRequest,
 };
 use atoma_node::{Duties, EngineBackend, NodeParts, SettlementPolicy, bind, sync_blocking};
 use atoma_state::log::StackLog;
 use atoma_state::meter::Meter;
+use common::{NodeSpec, addr};
 use serde_json::json;
 
 const DIGEST: [u8; 32] = [7; 32];
@@ -117,10 +120,6 @@ impl InferenceBackend for Faulty {
     }
 }
 
-fn addr(k: &Keypair) -> Address {
-    address_hex(&k.address()).parse().unwrap()
-}
-
 fn engine(path: &std::path::Path) -> EngineBackend {
     let lm = LoadedModel::load(path, &LoadOptions::default(), &mut |_, _| {}).unwrap();
     EngineBackend::new(
@@ -146,50 +145,23 @@ struct Party {
 /// Runs one fault; returns the dispute's outcome (`None`: no dispute, the stack was attested).
 async fn run(fault: Fault) -> Option<DisputeOutcome> {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).unwrap());
-    let admin: Address = "0x99".parse().unwrap();
-    ledger
-        .set_params(
-            admin,
-            &LedgerParams {
-                attestation_probability_permille: 1000,
-                attestation_nodes: 1,
-                dispute_window_epochs: 5,
-                ..LedgerParams::default()
-            },
-        )
-        .unwrap();
-    let task = ledger
-        .create_task(
-            admin,
-            &NewTask {
-                role: TaskRole::ChatCompletion,
-                model_name: Some("tiny".into()),
-                security_level: SecurityLevel::SamplingConsensus,
-                minimum_reputation_score: 0,
-                is_public: true,
-                minimum_collateral: Amount(0),
-            },
-        )
-        .unwrap()
-        .small_id;
-    let parties: Vec<Party> = [(1u8, 1_000_000u64), (3, 5_000_000), (4, 5_000_000)]
+    let (ledger, task, parties) = common::market(
+        dir.path(),
+        LedgerParams {
+            attestation_probability_permille: 1000,
+            attestation_nodes: 1,
+            dispute_window_epochs: 5,
+            ..LedgerParams::default()
+        },
+        &[(1, 1_000_000), (3, 5_000_000), (4, 5_000_000)].map(|(secret, price)| NodeSpec {
+            secret,
+            price,
+            collateral: COLLATERAL,
+        }),
+    );
+    let parties: Vec<Party> = parties
         .into_iter()
-        .map(|(secret, price)| {
-            let key = Keypair::from_secret([secret; 32]);
-            let node = ledger.register_node(addr(&key)).unwrap().small_id;
-            ledger
-                .add_node_to_model(addr(&key), node, "tiny", 1)
-                .unwrap();
-            ledger.faucet(addr(&key), Amount(COLLATERAL)).unwrap();
-            ledger
-                .deposit_collateral(addr(&key), node, Amount(COLLATERAL))
-                .unwrap();
-            ledger
-                .subscribe_node_to_task(addr(&key), node, task, Amount(price))
-                .unwrap();
-            Party { key, node }
-        })
+        .map(|(key, node)| Party { key, node })
         .collect();
     let user = Keypair::from_secret([2; 32]);
     ledger.faucet(addr(&user), Amount(10_000_000)).unwrap();

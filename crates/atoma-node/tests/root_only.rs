@@ -9,27 +9,26 @@
 //! reason named and never disputed; a body the seller signed with another root is disputed;
 //! an honest seller is attested.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoma_crypto::{Keypair, address_hex, blake2b256, merkle};
+use atoma_crypto::{Keypair, blake2b256, merkle};
 use atoma_da::{BlobStore, DirStore};
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
 use atoma_ledger::{
-    Address, Amount, ComputeUnits, Hash32, Ledger, LedgerParams, NewTask, NodeSmallId,
-    SecurityLevel, SqliteLedger, StackCommitment, StackRequest, StackSmallId, TaskRole,
+    Amount, ComputeUnits, Hash32, Ledger, LedgerParams, NodeSmallId, SqliteLedger, StackCommitment,
+    StackRequest, StackSmallId,
 };
 use atoma_node::duties::{Claimed, DutyError, Located};
 use atoma_node::{Duties, EngineBackend, NodeParts, SettlementPolicy, bind, sync_blocking};
 use atoma_state::log::StackLog;
 use atoma_state::meter::Meter;
 use atoma_state::published::PublishedCommitment;
+use common::{NodeSpec, addr};
 use serde_json::{Value, json};
-
-fn addr(k: &Keypair) -> Address {
-    address_hex(&k.address()).parse().unwrap()
-}
 
 struct World {
     _dir: tempfile::TempDir,
@@ -78,47 +77,27 @@ impl World {
 
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).unwrap());
-    let admin: Address = "0x99".parse().unwrap();
-    ledger
-        .set_params(
-            admin,
-            &LedgerParams {
-                attestation_probability_permille: 1000,
-                attestation_nodes: 1,
-                dispute_window_epochs: 5,
-                ..LedgerParams::default()
+    let (ledger, task, nodes) = common::market(
+        dir.path(),
+        LedgerParams {
+            attestation_probability_permille: 1000,
+            attestation_nodes: 1,
+            dispute_window_epochs: 5,
+            ..LedgerParams::default()
+        },
+        &[
+            NodeSpec {
+                secret: 1,
+                price: 1_000_000,
+                collateral: 0,
             },
-        )
-        .unwrap();
-    let task = ledger
-        .create_task(
-            admin,
-            &NewTask {
-                role: TaskRole::ChatCompletion,
-                model_name: Some("tiny".into()),
-                security_level: SecurityLevel::SamplingConsensus,
-                minimum_reputation_score: 0,
-                is_public: true,
-                minimum_collateral: Amount(0),
+            NodeSpec {
+                secret: 3,
+                price: 5_000_000,
+                collateral: 0,
             },
-        )
-        .unwrap()
-        .small_id;
-    let nodes: Vec<(Keypair, NodeSmallId)> = [(1u8, 1_000_000u64), (3, 5_000_000)]
-        .into_iter()
-        .map(|(secret, price)| {
-            let key = Keypair::from_secret([secret; 32]);
-            let node = ledger.register_node(addr(&key)).unwrap().small_id;
-            ledger
-                .add_node_to_model(addr(&key), node, "tiny", 1)
-                .unwrap();
-            ledger
-                .subscribe_node_to_task(addr(&key), node, task, Amount(price))
-                .unwrap();
-            (key, node)
-        })
-        .collect();
+        ],
+    );
     let user = Keypair::from_secret([2; 32]);
     ledger.faucet(addr(&user), Amount(10_000_000)).unwrap();
     let stack = ledger

@@ -5,25 +5,24 @@
 //! that hands the attestor other bytes gets the settlement disputed, not attested. The
 //! attestor re-executes every record on its own engine.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoma_crypto::{Keypair, address_hex, blake2b256};
+use atoma_crypto::{Keypair, blake2b256};
 use atoma_da::{BlobStore, DirStore};
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
 use atoma_ledger::{
-    Address, Amount, ComputeUnits, Ledger, LedgerParams, NewTask, NodeSmallId, SecurityLevel,
-    SqliteLedger, StackRequest, StackSmallId, TaskRole,
+    Amount, ComputeUnits, Ledger, LedgerParams, NodeSmallId, SqliteLedger, StackRequest,
+    StackSmallId,
 };
 use atoma_node::{Duties, EngineBackend, NodeParts, SettlementPolicy, bind, sync_blocking};
 use atoma_state::meter::Meter;
 use atoma_state::settlement::SettleState;
+use common::{NodeSpec, addr};
 use serde_json::{Value, json};
-
-fn addr(k: &Keypair) -> Address {
-    address_hex(&k.address()).parse().unwrap()
-}
 
 struct World {
     dir: tempfile::TempDir,
@@ -38,47 +37,20 @@ struct World {
 /// by one node, and a stack sold to the seller (the attestor asks a higher price).
 fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Arc::new(SqliteLedger::open(&dir.path().join("ledger.db")).unwrap());
-    let admin: Address = "0x99".parse().unwrap();
-    ledger
-        .set_params(
-            admin,
-            &LedgerParams {
-                attestation_probability_permille: 1000,
-                attestation_nodes: 1,
-                min_collateral: Amount(100),
-                ..LedgerParams::default()
-            },
-        )
-        .unwrap();
-    let task = ledger
-        .create_task(
-            admin,
-            &NewTask {
-                role: TaskRole::ChatCompletion,
-                model_name: Some("tiny".into()),
-                security_level: SecurityLevel::SamplingConsensus,
-                minimum_reputation_score: 0,
-                is_public: true,
-                minimum_collateral: Amount(0),
-            },
-        )
-        .unwrap()
-        .small_id;
-    let mut nodes = Vec::new();
-    for (secret, price) in [(1u8, 1_000), (3, 5_000)] {
-        let k = Keypair::from_secret([secret; 32]);
-        let n = ledger.register_node(addr(&k)).unwrap().small_id;
-        ledger.add_node_to_model(addr(&k), n, "tiny", 1).unwrap();
-        ledger.faucet(addr(&k), Amount(1_000)).unwrap();
-        ledger
-            .deposit_collateral(addr(&k), n, Amount(1_000))
-            .unwrap();
-        ledger
-            .subscribe_node_to_task(addr(&k), n, task, Amount(price))
-            .unwrap();
-        nodes.push((k, n));
-    }
+    let (ledger, task, mut nodes) = common::market(
+        dir.path(),
+        LedgerParams {
+            attestation_probability_permille: 1000,
+            attestation_nodes: 1,
+            min_collateral: Amount(100),
+            ..LedgerParams::default()
+        },
+        &[(1, 1_000), (3, 5_000)].map(|(secret, price)| NodeSpec {
+            secret,
+            price,
+            collateral: 1_000,
+        }),
+    );
     let user = Keypair::from_secret([2; 32]);
     ledger.faucet(addr(&user), Amount(1_000_000)).unwrap();
     let stack = ledger

@@ -123,3 +123,28 @@ pub fn run_client(script: &str, args: &[&OsStr]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// SIGKILL a child process and reap it.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill(); // SIGKILL on Unix; Ok or "already exited"
+    let _ = child.wait();
+}
+
+/// (events, lowest seq, highest seq) in a Sui event index file; zeros while it does not exist.
+pub fn indexed(index: &Path) -> (u64, u64, u64) {
+    let Ok(c) = rusqlite::Connection::open(index) else {
+        return (0, 0, 0);
+    };
+    c.query_row(
+        "SELECT COUNT(*), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+            ))
+        },
+    )
+    .unwrap_or((0, 0, 0))
+}
