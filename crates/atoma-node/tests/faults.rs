@@ -23,8 +23,8 @@ use atoma_da::{BlobStore, DirStore};
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
 use atoma_ledger::{
-    Amount, ComputeUnits, DisputeOutcome, Hash32, Ledger, LedgerParams, NodeSmallId,
-    StackCommitment, StackRequest,
+    Amount, ComputeUnits, DisputeOutcome, Hash32, Ledger, NodeSmallId, StackCommitment,
+    StackRequest,
 };
 use atoma_node::{Duties, EngineBackend, NodeParts, SettlementPolicy, bind, sync_blocking};
 use atoma_state::log::StackLog;
@@ -147,12 +147,7 @@ async fn run(fault: Fault) -> Option<DisputeOutcome> {
     let dir = tempfile::tempdir().unwrap();
     let (ledger, task, parties) = common::market(
         dir.path(),
-        LedgerParams {
-            attestation_probability_permille: 1000,
-            attestation_nodes: 1,
-            dispute_window_epochs: 5,
-            ..LedgerParams::default()
-        },
+        common::attest_all(5),
         &[(1, 1_000_000), (3, 5_000_000), (4, 5_000_000)].map(|(secret, price)| NodeSpec {
             secret,
             price,

@@ -19,8 +19,8 @@ use atoma_da::{BlobStore, DirStore};
 use atoma_engine::testing::{TinySpec, write_tiny_gguf};
 use atoma_engine::{Architecture, Engine, EngineConfig, LoadOptions, LoadedModel};
 use atoma_ledger::{
-    Amount, ComputeUnits, Hash32, Ledger, LedgerParams, NodeSmallId, SqliteLedger, StackCommitment,
-    StackRequest, StackSmallId,
+    Amount, ComputeUnits, Hash32, Ledger, NodeSmallId, SqliteLedger, StackCommitment, StackRequest,
+    StackSmallId,
 };
 use atoma_node::duties::{Claimed, DutyError, Located};
 use atoma_node::{Duties, EngineBackend, NodeParts, SettlementPolicy, bind, sync_blocking};
@@ -79,12 +79,7 @@ async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let (ledger, task, nodes) = common::market(
         dir.path(),
-        LedgerParams {
-            attestation_probability_permille: 1000,
-            attestation_nodes: 1,
-            dispute_window_epochs: 5,
-            ..LedgerParams::default()
-        },
+        common::attest_all(5),
         &[
             NodeSpec {
                 secret: 1,

@@ -16,6 +16,17 @@ pub fn addr(k: &Keypair) -> Address {
     address_hex(&k.address()).parse().unwrap()
 }
 
+/// Ledger parameters under which every stack is attested by one node and a dispute may be
+/// raised for `dispute_window_epochs` epochs.
+pub fn attest_all(dispute_window_epochs: u64) -> LedgerParams {
+    LedgerParams {
+        attestation_probability_permille: 1000,
+        attestation_nodes: 1,
+        dispute_window_epochs,
+        ..LedgerParams::default()
+    }
+}
+
 /// One node of a `market`: its key's secret byte, its price per million compute units and the
 /// collateral it deposits (0: none).
 pub struct NodeSpec {
