@@ -84,8 +84,9 @@ fn start(dir: &Path, ledger: &str, contract: &str) -> Devnet {
     loop {
         assert!(
             d.child.try_wait().unwrap().is_none(),
-            "devnet exited: {}",
-            std::fs::read_to_string(dir.join("devnet.out")).unwrap_or_default()
+            "devnet exited: {}\n{}",
+            std::fs::read_to_string(dir.join("devnet.out")).unwrap_or_default(),
+            node_log_tails(dir)
         );
         if let Ok(text) = std::fs::read_to_string(dir.join("devnet.json")) {
             let net: Value = serde_json::from_str(&text).unwrap();
@@ -419,4 +420,20 @@ fn settle_attest_and_claim(ledger_kind: &str, contract: &str) {
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["conserved"], true);
     drop(d);
+}
+
+/// The last lines of every node's log under a devnet home, for a failure message (a node that
+/// exits at start-up says why only there).
+fn node_log_tails(dir: &Path) -> String {
+    let mut out = String::new();
+    for i in 1..=8 {
+        let log = dir.join(format!("nodes/node-{i}/node.log"));
+        let Ok(text) = std::fs::read_to_string(&log) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        out.push_str(&format!("--- {} (last 20 lines)\n{tail}\n", log.display()));
+    }
+    out
 }
