@@ -274,3 +274,108 @@ fn smollm2_batched_requests_do_not_depend_on_their_company() {
 fn gemma3_batched_requests_do_not_depend_on_their_company() {
     check_batch_invariance("gemma3");
 }
+
+/// A digest of every logit bit the batched paged forward gives on a real model: a 37-token
+/// prompt in chunks of 16, 5 and 16, then 40 greedy decodes, with a second sequence's decodes
+/// in the same passes. A tool for refactors of the forward that must not move a bit: run it
+/// before and after (`cargo test --release -p atoma-engine --test real_models
+/// paged_logits_digest -- --ignored --nocapture`, with `ATOMA_KERNEL=avx2` or `scalar` for
+/// the other levels) and compare the printed digests.
+#[test]
+#[ignore = "prints digests to compare across builds"]
+#[allow(clippy::print_stdout)] // the digests, compared by hand across builds
+fn paged_logits_digest() {
+    use atoma_engine::{BatchSeq, KvDtype, PagedKv};
+    use std::hash::Hasher;
+    // The kernel level from ATOMA_KERNEL (auto, avx512-vnni, avx2, scalar): every level must
+    // print the same digests.
+    if let Ok(k) = std::env::var("ATOMA_KERNEL") {
+        let choice: atoma_engine::KernelChoice =
+            serde_json::from_value(Value::String(k)).expect("a kernel name");
+        println!("kernel {}", atoma_engine::select_kernel(choice).unwrap());
+    }
+    for name in ["smollm2", "gemma3"] {
+        let lm = load(name);
+        let model = &lm.model;
+        let bs = 16;
+        let mut kv = PagedKv::with_dtype(model.config(), 64, bs, KvDtype::F16);
+        let prompt = lm.tokenize_prompt(
+            "The history of the bicycle begins in the early nineteenth century, when inventors \
+             in Germany and France built two-wheeled machines pushed along by the rider's feet",
+        );
+        let prompt = &prompt[..37.min(prompt.len())];
+        let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..16).collect(), (16..32).collect());
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut eat = |logits: &candle_core::Tensor| {
+            for row in logits.to_vec2::<f32>().unwrap() {
+                for x in row {
+                    h.write_u32(x.to_bits());
+                }
+            }
+        };
+        let mut seq: Vec<u32> = prompt.to_vec();
+        let mut done = 0;
+        for len in [16, 5, 16] {
+            let len = len.min(seq.len() - done);
+            let out = model
+                .forward_paged(
+                    &[BatchSeq {
+                        tokens: &seq[done..done + len],
+                        start: done,
+                        block_table: &ta,
+                        logits: len,
+                    }],
+                    &mut kv,
+                )
+                .unwrap();
+            eat(&out);
+            done += len;
+        }
+        let mut other: Vec<u32> = prompt[..5].to_vec();
+        let out = model
+            .forward_paged(
+                &[BatchSeq {
+                    tokens: &other,
+                    start: 0,
+                    block_table: &tb,
+                    logits: 1,
+                }],
+                &mut kv,
+            )
+            .unwrap();
+        eat(&out);
+        for step in 0..40 {
+            let mut batch = vec![BatchSeq {
+                tokens: std::slice::from_ref(&seq[seq.len() - 1]),
+                start: seq.len() - 1,
+                block_table: &ta,
+                logits: 1,
+            }];
+            if step % 2 == 0 {
+                batch.push(BatchSeq {
+                    tokens: std::slice::from_ref(&other[other.len() - 1]),
+                    start: other.len() - 1,
+                    block_table: &tb,
+                    logits: 1,
+                });
+            }
+            let out = model.forward_paged(&batch, &mut kv).unwrap();
+            eat(&out);
+            let rows = out.to_vec2::<f32>().unwrap();
+            let best = |r: &[f32]| {
+                r.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+                    )
+                    .0 as u32
+            };
+            seq.push(best(&rows[0]));
+            if step % 2 == 0 {
+                other.push(best(&rows[1]));
+            }
+        }
+        println!("{name}: paged logits digest {:016x}", h.finish());
+    }
+}
