@@ -209,9 +209,50 @@ impl OutPtr {
     }
 }
 
+/// Runs `f(r, row)` for every `n`-long row `r` of `out`: inline when there is little work (a
+/// decode step's rows: waking the other threads would cost more than the arithmetic), else
+/// spread over the compute threads (candle's persistent pool). Each row is computed the same
+/// way either way, so the bits do not depend on the split.
+pub(crate) fn for_rows(out: &mut [f32], n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if n == 0 {
+        return;
+    }
+    let rows = out.len() / n;
+    /// Below this many values a step's rows run inline.
+    const INLINE: usize = 1 << 14;
+    if rows < 2 || out.len() < INLINE {
+        for (r, row) in out.chunks_exact_mut(n).enumerate() {
+            f(r, row);
+        }
+        return;
+    }
+    let base = OutPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for r in range {
+            // SAFETY: row r owns out[r*n..(r+1)*n]; rows are disjoint and inside `out`.
+            let row = unsafe { std::slice::from_raw_parts_mut(base.get().add(r * n), n) };
+            f(r, row);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_row_runs_once_inline_or_spread() {
+        for rows in [1usize, 3, 40, 300] {
+            let n = 64;
+            let mut out = vec![0f32; rows * n];
+            for_rows(&mut out, n, |r, row| {
+                for (i, x) in row.iter_mut().enumerate() {
+                    *x += (r * n + i) as f32;
+                }
+            });
+            assert!(out.iter().enumerate().all(|(i, &x)| x == i as f32));
+        }
+    }
 
     #[test]
     fn kernel_choice_names_round_trip() {

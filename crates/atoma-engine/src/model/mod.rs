@@ -81,6 +81,45 @@ struct Layer {
     post_ffn_norm: Option<Tensor>,
     rope: usize,
     window: Option<usize>,
+    /// The vectors above as plain values, for the batched step.
+    host: LayerVectors,
+}
+
+/// A layer's norm weights and biases as host values: the batched step (`forward_paged`) works
+/// on plain buffers, without a tensor per operation.
+struct LayerVectors {
+    attn_norm: Vec<f32>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    post_ffn_norm: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    bias: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+}
+
+impl LayerVectors {
+    fn of(
+        attn_norm: &Tensor,
+        post_attn_norm: Option<&Tensor>,
+        ffn_norm: &Tensor,
+        post_ffn_norm: Option<&Tensor>,
+        attn: &Attention,
+    ) -> Result<Self> {
+        let v = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
+        let opt = |t: Option<&Tensor>| t.map(v).transpose();
+        Ok(Self {
+            attn_norm: v(attn_norm)?,
+            post_attn_norm: opt(post_attn_norm)?,
+            ffn_norm: v(ffn_norm)?,
+            post_ffn_norm: opt(post_ffn_norm)?,
+            q_norm: opt(attn.q_norm.as_ref())?,
+            k_norm: opt(attn.k_norm.as_ref())?,
+            bias: match &attn.bias {
+                Some((q, k, vv)) => Some((v(q)?, v(k)?, v(vv)?)),
+                None => None,
+            },
+        })
+    }
 }
 
 struct Rope {
@@ -94,6 +133,8 @@ pub struct Model {
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
+    /// `norm` as plain values, for the batched step.
+    norm_host: Vec<f32>,
     output: Linear,
     ropes: Vec<Rope>,
     device: Device,
@@ -217,22 +258,35 @@ impl Model {
                     ropes.len() - 1
                 }
             };
+            let attn_norm = w.vector(&p("attn_norm.weight"), h)?;
+            let post_attn_norm = w.opt_vector(&p("post_attention_norm.weight"), h)?;
+            let ffn_norm = w.vector(&p("ffn_norm.weight"), h)?;
+            let post_ffn_norm = w.opt_vector(&p("post_ffw_norm.weight"), h)?;
+            let host = LayerVectors::of(
+                &attn_norm,
+                post_attn_norm.as_ref(),
+                &ffn_norm,
+                post_ffn_norm.as_ref(),
+                &attn,
+            )?;
             layers.push(Layer {
-                attn_norm: w.vector(&p("attn_norm.weight"), h)?,
+                attn_norm,
                 attn,
-                post_attn_norm: w.opt_vector(&p("post_attention_norm.weight"), h)?,
-                ffn_norm: w.vector(&p("ffn_norm.weight"), h)?,
+                post_attn_norm,
+                ffn_norm,
                 mlp,
                 down: Linear::new(Arc::new(ffn_down))?,
-                post_ffn_norm: w.opt_vector(&p("post_ffw_norm.weight"), h)?,
+                post_ffn_norm,
                 rope,
                 window: cfg.layer_window(i),
+                host,
             });
         }
         Ok(Self {
             cfg,
             embed,
             layers,
+            norm_host: norm.to_dtype(DType::F32)?.to_vec1()?,
             norm,
             output,
             ropes: ropes.into_iter().map(|(_, r)| r).collect(),

@@ -4,9 +4,16 @@
 //! The batch is flattened to `[T, hidden]`; RoPE takes per-token positions (rows gathered from
 //! the tables); each token's K/V row is written to its slot (`block * block_size + pos %
 //! block_size`) of the per-layer pools; each sequence then attends over the rows its block table
-//! points to. Only the rows that sample go through the output head. Projections, norms, RoPE and
-//! the attention math are the reference model's own, so a differential test against
-//! `Model::forward` checks exactly the paging.
+//! points to. Only the rows that sample go through the output head.
+//!
+//! The step runs on plain host buffers, not a tensor per operation: at one or two rows the
+//! tensor glue (allocations, shape checks, copies to make views contiguous) took longer than the
+//! norms and RoPE themselves, serially, while the other compute thread waited for the next
+//! product. The arithmetic is the reference model's to the operation (the products are the same
+//! kernels; norms, RoPE and the gated activation the same expressions, in the same order), so a
+//! differential test against `Model::forward` checks exactly the paging, and the logits are the
+//! same bits as when this step was built from candle's operations
+//! (`tests/real_models.rs::paged_logits_digest`).
 //!
 //! The pools live in host memory as `f16` rows by default (as llama.cpp's KV cache; half the
 //! memory, and half the bytes every decode step streams from memory, which is what attention
@@ -16,11 +23,15 @@
 //! rest of the batch; a row is rounded to f16 once, when it is written, so every reader sees
 //! the same values.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use half::f16;
 
+use super::config::Activation;
+use super::cpu::{cpu_f32, for_rows};
 use super::paged_attn::{AttnShape, KvElem, QueryRow, paged_attention};
-use super::{Model, ModelConfig};
+use super::vmath::{Gate, gated_rows, rms_row, rms_row_in_place, rope_head};
+use super::weights::Linear;
+use super::{Mlp, Model, ModelConfig, Projection};
 use crate::error::{EngineError, Result};
 
 /// Element type of the KV pools.
@@ -225,22 +236,30 @@ impl Model {
         if ids.is_empty() {
             return Err(EngineError::InvalidRequest("empty batch".into()));
         }
-        let dev = &self.device;
-        let pos = Tensor::new(positions.as_slice(), dev)?;
-        let tables: Vec<(Tensor, Tensor)> = self
+        let t = ids.len();
+        let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_eps as f32;
+        // The embedding rows (and Gemma's scaling) through candle once per step, then every
+        // layer on plain buffers: at one or two rows a tensor per operation (allocation, shape
+        // checks, a copy to make it contiguous) cost more than the arithmetic, and it was
+        // serial time while the other compute thread waited for the next product.
+        let mut x = self
+            .embed
+            .embedding(&Tensor::new(ids.as_slice(), &self.device)?)?;
+        if cfg.scale_embeddings {
+            x = (x * (h as f64).sqrt())?;
+        }
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        // The RoPE tables, read in place.
+        let guards: Vec<_> = self
             .ropes
             .iter()
-            .map(|r| {
-                Ok((
-                    r.cos.index_select(&pos, 0)?.contiguous()?,
-                    r.sin.index_select(&pos, 0)?.contiguous()?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let mut x = self.embed.embedding(&Tensor::new(ids.as_slice(), dev)?)?;
-        if cfg.scale_embeddings {
-            x = (x * (cfg.hidden_size as f64).sqrt())?;
-        }
+            .map(|r| (r.cos.storage_and_layout(), r.sin.storage_and_layout()))
+            .collect();
+        let tables: Vec<(&[f32], &[f32])> = guards
+            .iter()
+            .map(|((cs, cl), (ss, sl))| Ok((cpu_f32(cs, cl, "rope")?, cpu_f32(ss, sl, "rope")?)))
+            .collect::<candle_core::Result<_>>()?;
         let rows: Vec<QueryRow<'_>> = batch
             .iter()
             .flat_map(|s| {
@@ -250,107 +269,189 @@ impl Model {
                 })
             })
             .collect();
-        let t = ids.len();
-        let (nh, hd) = (cfg.n_heads, cfg.head_dim);
+        let interleaved = !cfg.arch.rope_neox();
+        let half = hd / 2;
         let scale = 1.0 / (cfg.attn_scale_dim as f32).sqrt();
+        let gate_kind = match cfg.arch.activation() {
+            Activation::Silu => Gate::Silu,
+            Activation::GeluTanh => Gate::GeluTanh,
+        };
+        let mut hn = vec![0f32; t * h];
         for (li, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, &x, &mut |l, h| {
-                let (cos, sin) = &tables[l.rope];
-                let (q, k, v) = self.project_qkv(l, h, cos, sin)?;
-                let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let shape = AttnShape {
-                    n_heads: nh,
-                    n_kv_heads: cfg.n_kv_heads,
-                    head_dim: hd,
-                    block_size: kv.block_size,
-                    scale,
-                    window: l.window,
-                };
-                let mut out = vec![0f32; t * nh * hd];
-                let row = kv.row;
-                match &mut kv.pools {
-                    Pools::F16 { k: kp, v: vp } => store_and_attend(
-                        &mut kp[li],
-                        &mut vp[li],
-                        row,
-                        &k,
-                        &v,
-                        &slots,
-                        &shape,
-                        &q,
-                        &rows,
-                        &mut out,
-                    )?,
-                    Pools::F32 { k: kp, v: vp } => store_and_attend(
-                        &mut kp[li],
-                        &mut vp[li],
-                        row,
-                        &k,
-                        &v,
-                        &slots,
-                        &shape,
-                        &q,
-                        &rows,
-                        &mut out,
-                    )?,
+            let v = &layer.host;
+            for_rows(&mut hn, h, |r, o| {
+                rms_row(&x[r * h..(r + 1) * h], &v.attn_norm, eps, o)
+            });
+            let (mut q, mut k, vv) = match &layer.attn.qkv {
+                Projection::Separate(wq, wk, wv) => {
+                    let [q, k, v] =
+                        <[Vec<f32>; 3]>::try_from(Linear::apply_many(&[wq, wk, wv], &hn, t)?)
+                            .map_err(|_| {
+                                candle_core::Error::Msg("Q, K, V: three products".into())
+                            })?;
+                    (q, k, v)
                 }
-                let out = Tensor::from_vec(out, (t, nh * hd), dev)?;
-                Ok(l.attn.o.forward(&out)?)
-            })?;
+                Projection::Fused(w) => {
+                    let qkv = w.apply(&hn, t)?;
+                    let w = (nh + 2 * nkv) * hd;
+                    let part = |from: usize, len: usize| -> Vec<f32> {
+                        qkv.chunks_exact(w)
+                            .flat_map(|r| &r[from..from + len])
+                            .copied()
+                            .collect()
+                    };
+                    (
+                        part(0, nh * hd),
+                        part(nh * hd, nkv * hd),
+                        part((nh + nkv) * hd, nkv * hd),
+                    )
+                }
+            };
+            let mut vv = vv;
+            if let Some((bq, bk, bv)) = &v.bias {
+                for (xs, b) in [(&mut q, bq), (&mut k, bk), (&mut vv, bv)] {
+                    for row in xs.chunks_exact_mut(b.len()) {
+                        row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            // Per token and head: the Q/K norm, then RoPE at the token's position.
+            let (cos, sin) = tables[layer.rope];
+            let finish = |xs: &mut Vec<f32>, heads: usize, norm: &Option<Vec<f32>>| {
+                for_rows(xs, heads * hd, |r, row| {
+                    let at = rows[r].pos * half;
+                    let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+                    for head in row.chunks_exact_mut(hd) {
+                        if let Some(n) = norm {
+                            rms_row_in_place(head, n, eps);
+                        }
+                        rope_head(head, c, s, interleaved);
+                    }
+                })
+            };
+            finish(&mut q, nh, &v.q_norm);
+            finish(&mut k, nkv, &v.k_norm);
+            let shape = AttnShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                block_size: kv.block_size,
+                scale,
+                window: layer.window,
+            };
+            let mut att = vec![0f32; t * nh * hd];
+            let row = kv.row;
+            match &mut kv.pools {
+                Pools::F16 { k: kp, v: vp } => store_and_attend(
+                    &mut kp[li],
+                    &mut vp[li],
+                    row,
+                    &k,
+                    &vv,
+                    &slots,
+                    &shape,
+                    &q,
+                    &rows,
+                    &mut att,
+                ),
+                Pools::F32 { k: kp, v: vp } => store_and_attend(
+                    &mut kp[li],
+                    &mut vp[li],
+                    row,
+                    &k,
+                    &vv,
+                    &slots,
+                    &shape,
+                    &q,
+                    &rows,
+                    &mut att,
+                ),
+            }
+            let mut a = layer.attn.o.apply(&att, t)?;
+            // [post-norm], residual, then the MLP's norm.
+            if let Some(n) = &v.post_attn_norm {
+                for_rows(&mut a, h, |_, ar| rms_row_in_place(ar, n, eps));
+            }
+            x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
+            for_rows(&mut hn, h, |r, o| {
+                rms_row(&x[r * h..(r + 1) * h], &v.ffn_norm, eps, o)
+            });
+            let act = match &layer.mlp {
+                Mlp::Separate { gate, up } => {
+                    let [g, u] =
+                        <[Vec<f32>; 2]>::try_from(Linear::apply_many(&[gate, up], &hn, t)?)
+                            .map_err(|_| {
+                                candle_core::Error::Msg("gate and up: two products".into())
+                            })?;
+                    let n = g.len() / t;
+                    gated_rows(gate_kind, &g, n, &u, n, t, n)
+                }
+                Mlp::FusedGateUp(w) => {
+                    let gu = w.apply(&hn, t)?;
+                    let n = gu.len() / t / 2;
+                    gated_rows(gate_kind, &gu, 2 * n, &gu[n..], 2 * n, t, n)
+                }
+            };
+            let mut m = layer.down.apply(&act, t)?;
+            if let Some(n) = &v.post_ffn_norm {
+                for_rows(&mut m, h, |_, mr| rms_row_in_place(mr, n, eps));
+            }
+            x.iter_mut().zip(&m).for_each(|(x, m)| *x += m);
         }
-        let mut rows = Vec::new();
-        let mut end = 0u32;
+        // The rows that sample, through the final norm and the output head.
+        let mut out_rows = Vec::new();
+        let mut end = 0;
         for s in batch {
-            end += s.tokens.len() as u32;
-            rows.extend(end - s.logits as u32..end);
+            end += s.tokens.len();
+            out_rows.extend(end - s.logits..end);
         }
-        if rows.is_empty() {
+        if out_rows.is_empty() {
             return Ok(Tensor::zeros(
                 (0, self.vocab_size),
                 candle_core::DType::F32,
-                dev,
+                &self.device,
             )?);
         }
-        let x = x.index_select(&Tensor::new(rows.as_slice(), dev)?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x.contiguous()?, &self.norm, cfg.rms_eps as f32)?;
-        Ok(self.output.forward(&x)?)
+        let mut xn = vec![0f32; out_rows.len() * h];
+        for_rows(&mut xn, h, |i, o| {
+            let r = out_rows[i];
+            rms_row(&x[r * h..(r + 1) * h], &self.norm_host, eps, o)
+        });
+        let logits = self.output.apply(&xn, out_rows.len())?;
+        Ok(Tensor::from_vec(
+            logits,
+            (out_rows.len(), self.vocab_size),
+            &self.device,
+        )?)
     }
 }
 
-/// One layer's pools of either element type: this step's K/V rows into their slots, then the
-/// attention of every query row.
+/// One layer's pools of either element type: this step's K/V rows (`[T, Hkv * D]`) into their
+/// slots, then the attention of every query row.
 #[allow(clippy::too_many_arguments)]
 fn store_and_attend<T: KvElem>(
     k_pool: &mut [T],
     v_pool: &mut [T],
     row: usize,
-    k: &Tensor,
-    v: &Tensor,
+    k: &[f32],
+    v: &[f32],
     slots: &[usize],
     shape: &AttnShape,
     q: &[f32],
     rows: &[QueryRow<'_>],
     out: &mut [f32],
-) -> Result<()> {
-    write_rows(k_pool, k, slots, row)?;
-    write_rows(v_pool, v, slots, row)?;
+) {
+    write_rows(k_pool, k, slots, row);
+    write_rows(v_pool, v, slots, row);
     paged_attention(shape, q, rows, k_pool, v_pool, out);
-    Ok(())
 }
 
-/// Writes `t`'s rows (`[1, Hkv, T, D]` → one `Hkv*D` row per token) into `pool` at `slots`.
-fn write_rows<T: KvElem>(pool: &mut [T], t: &Tensor, slots: &[usize], row: usize) -> Result<()> {
-    let rows = t
-        .squeeze(0)?
-        .transpose(0, 1)?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    for (i, &slot) in slots.iter().enumerate() {
-        let src = &rows[i * row..(i + 1) * row];
-        for (d, &x) in pool[slot * row..(slot + 1) * row].iter_mut().zip(src) {
+/// Writes the token rows of `src` (`row` values each) into `pool` at `slots`, rounded to the
+/// pool's element type once.
+fn write_rows<T: KvElem>(pool: &mut [T], src: &[f32], slots: &[usize], row: usize) {
+    for (s, &slot) in src.chunks_exact(row).zip(slots) {
+        for (d, &x) in pool[slot * row..(slot + 1) * row].iter_mut().zip(s) {
             *d = T::from_f32(x);
         }
     }
-    Ok(())
 }

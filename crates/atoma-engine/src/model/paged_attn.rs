@@ -305,7 +305,7 @@ unsafe fn weighted_sum8<T: KvElem>(
 
 /// Attention for `rows.len()` query tokens.
 ///
-/// - `q`: `[H, T, D]` (head-major, as the projection produces it), already scaled by nothing;
+/// - `q`: `[T, H * D]` (token-major, as the projection produces it), not yet scaled;
 /// - `k_pool`, `v_pool`: one layer's pools, `[slots, Hkv * D]`;
 /// - `out`: `[T, H * D]`.
 ///
@@ -369,7 +369,7 @@ pub(crate) fn paged_attention<T: KvElem>(
         scores.clear();
         scores.resize(hpt * nk, 0.0);
         let qs: Vec<&[f32]> = (h0..h0 + hpt)
-            .map(|h| &q[(h * t + ti) * d..(h * t + ti + 1) * d])
+            .map(|h| &q[(ti * n_heads + h) * d..(ti * n_heads + h + 1) * d])
             .collect();
         #[cfg(target_arch = "x86_64")]
         let simd = d.is_multiple_of(8) && vector_ok();
@@ -533,9 +533,7 @@ mod tests {
                 paged_attention(&shape, &q, &rows, &k_pool, &v_pool, &mut out);
                 // Alone, each row gives the same bits (nothing depends on the other rows).
                 for (ti, row) in rows.iter().enumerate() {
-                    let q1: Vec<f32> = (0..h)
-                        .flat_map(|hh| q[(hh * t + ti) * d..(hh * t + ti + 1) * d].to_vec())
-                        .collect();
+                    let q1 = q[ti * h * d..(ti + 1) * h * d].to_vec();
                     let mut o1 = vec![0.0; h * d];
                     paged_attention(
                         &shape,
@@ -561,7 +559,7 @@ mod tests {
                         };
                         let ks: Vec<Vec<f32>> = (first..=pos).map(|p| at(&k_pool, p)).collect();
                         let vs: Vec<Vec<f32>> = (first..=pos).map(|p| at(&v_pool, p)).collect();
-                        let qh = &q[(hh * t + ti) * d..(hh * t + ti + 1) * d];
+                        let qh = &q[(ti * h + hh) * d..(ti * h + hh + 1) * d];
                         let want = naive(qh, &ks, &vs, 0.3);
                         let got = &out[(ti * h + hh) * d..(ti * h + hh + 1) * d];
                         for (a, b) in want.iter().zip(got) {

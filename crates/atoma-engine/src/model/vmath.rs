@@ -338,6 +338,66 @@ pub(crate) fn gated_activation(
     Tensor::from_vec(out, (rows, n), gate.device())
 }
 
+/// RMS norm of one row into `dst`: candle's `rms_norm` arithmetic to the operation (a
+/// sequential f32 sum of squares, `sqrt(sum / n + eps)`, then `x / rms * w`), so the batched
+/// step and the reference model, which runs candle's, give the same bits.
+#[inline]
+pub(crate) fn rms_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
+    let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+    let m = (sum2 / src.len() as f32 + eps).sqrt();
+    for ((d, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+        *d = s / m * a;
+    }
+}
+
+/// `rms_row` in place.
+#[inline]
+pub(crate) fn rms_row_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let sum2 = x.iter().map(|&v| v * v).sum::<f32>();
+    let m = (sum2 / x.len() as f32 + eps).sqrt();
+    for (d, &a) in x.iter_mut().zip(w) {
+        *d = *d / m * a;
+    }
+}
+
+/// Rotates one head's `d` values in place by the angles whose cosines and sines are `c` and
+/// `s` (`d / 2` each): pairs `(2i, 2i+1)` when `interleaved`, else `(i, i + d/2)`. The
+/// expressions of `rope` below (and so of candle's), so the same bits.
+#[inline]
+pub(crate) fn rope_head(x: &mut [f32], c: &[f32], s: &[f32], interleaved: bool) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (i1, i2) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (a, b) = (x[i1], x[i2]);
+        x[i1] = a * c[i] - b * s[i];
+        x[i2] = a * s[i] + b * c[i];
+    }
+}
+
+/// `act(g) * u` for `rows` rows of `n` values read at row strides `gs` and `us` (the gate and
+/// up halves of a fused projection share rows), into a new `[rows, n]` buffer; large inputs run
+/// on the compute threads. The arithmetic of `gated_activation`, so the same bits.
+pub(crate) fn gated_rows(
+    kind: Gate,
+    g: &[f32],
+    gs: usize,
+    u: &[f32],
+    us: usize,
+    rows: usize,
+    n: usize,
+) -> Vec<f32> {
+    assert!(rows == 0 || ((rows - 1) * gs + n <= g.len() && (rows - 1) * us + n <= u.len()));
+    let mut out = vec![0f32; rows * n];
+    super::cpu::for_rows(&mut out, n, |r, o| {
+        gated_slice(kind, &g[r * gs..r * gs + n], &u[r * us..r * us + n], o)
+    });
+    out
+}
+
 /// Rotary position embedding of `x` (`[1, H, T, D]`) by the per-token `cos`/`sin` rows
 /// (`[T, D/2]`): pairs `(2i, 2i+1)` when `interleaved`, else `(i, i + D/2)` (GPT-NeoX). The
 /// same expressions as candle's `rope_i`/`rope`, so the same bits; but candle forks its rayon

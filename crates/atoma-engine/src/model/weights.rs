@@ -156,6 +156,46 @@ impl Linear {
             .collect()
     }
 
+    /// `x @ W^T` for the `m` rows of `x` (`[m, k]`, row-major) on the host: packed matrices
+    /// straight from and into plain buffers (the batched step's path: no tensor is made per
+    /// product), others through candle. The bits of `forward`.
+    pub(crate) fn apply(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Self::Packed(w) => {
+                if x.len() != m * w.k() {
+                    candle_core::bail!("matmul: {} values for {m} rows of {}", x.len(), w.k());
+                }
+                Ok(w.matmul_vec(x))
+            }
+            Self::Candle { .. } => {
+                let t = Tensor::from_slice(x, (m, x.len() / m.max(1)), &candle_core::Device::Cpu)?;
+                self.forward(&t)?.flatten_all()?.to_vec1::<f32>()
+            }
+        }
+    }
+
+    /// `apply` for each of `ws` on one input, packed ones together (`forward_many`'s sharing).
+    pub(crate) fn apply_many(
+        ws: &[&Linear],
+        x: &[f32],
+        m: usize,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let packed: Option<Vec<&PackedMatrix>> = ws
+            .iter()
+            .map(|w| match w {
+                Self::Packed(p) => Some(p.as_ref()),
+                Self::Candle { .. } => None,
+            })
+            .collect();
+        let Some(packed) = packed else {
+            return ws.iter().map(|w| w.apply(x, m)).collect();
+        };
+        if let Some(w) = packed.iter().find(|w| x.len() != m * w.k()) {
+            candle_core::bail!("matmul: {} values for {m} rows of {}", x.len(), w.k());
+        }
+        Ok(PackedMatrix::matmul_many(&packed, x))
+    }
+
     /// Bytes one product reads from memory, and the same weights' bytes in the file's blocks.
     pub(crate) fn weight_bytes(&self) -> WeightBytes {
         match self {
