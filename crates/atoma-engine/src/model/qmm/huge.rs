@@ -1,27 +1,100 @@
 //! Packed weights in memory that the kernel may back with 2 MiB pages.
 //!
 //! A decode step streams every weight once; on 4 KiB pages the Gemma 3 head alone spans some
-//! 46,000 pages, and the TLB misses of that walk cost part of the bandwidth. Transparent huge
-//! pages are usually enabled in `madvise` mode, so the buffer is allocated 2 MiB-aligned and
-//! advised with `MADV_HUGEPAGE` *before* it is first written (the kernel picks the page size
-//! when a page is first touched). Where that is refused or not Linux, it is plain memory. Only
-//! where bytes come from changes, never which bytes: the values are a copy of the packed ones.
+//! 46,000 pages, and the TLB misses of that walk cost part of the bandwidth; the hardware
+//! prefetchers also stop at every 4 KiB page boundary. Transparent huge pages are usually
+//! enabled in `madvise` mode, so memory is allocated 2 MiB-aligned and advised with
+//! `MADV_HUGEPAGE` *before* it is first written (the kernel picks the page size when a page is
+//! first touched). A buffer of a huge page or more gets its own allocation; smaller ones (a
+//! small model's layers: Gemma 3's are about 1 MB each) are placed one after another in shared
+//! 2 MiB blocks, in the order they are packed, which is the order a step reads them. Where the
+//! advice is refused or not Linux, it is plain memory. Only where bytes come from changes,
+//! never which bytes: the values are a copy of the packed ones.
 
 use std::alloc::Layout;
 use std::ops::Deref;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
 /// Huge-page size (x86-64 and aarch64 Linux with 4 KiB base pages).
 const HUGE: usize = 2 << 20;
 
-/// An immutable, 2 MiB-aligned copy of a slice of plain values.
+/// Buffers below this stay on the ordinary heap (tiny test models, per-matrix odds and ends):
+/// too small to gain, and they would only fragment the shared blocks.
+const SHARED_MIN: usize = 16 << 10;
+
+/// A 2 MiB-aligned allocation advised for huge pages: one large buffer's, or a block shared by
+/// small ones (freed when the last of them and the allocator let go of it).
+struct Region {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the region is plain bytes; writers hold it exclusively (see `Streamed::new`), readers
+// only read.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn new(bytes: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(bytes.next_multiple_of(HUGE), HUGE).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        advise_huge(raw, layout.size());
+        Some(Self { ptr, layout })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Shared blocks with room left, and the bytes of each taken. Weak, so a block is freed with
+/// its last buffer; the allocator holds it only while it is being filled.
+static OPEN_BLOCKS: Mutex<Vec<(std::sync::Weak<Region>, usize)>> = Mutex::new(Vec::new());
+
+/// Blocks kept open for later small buffers: the first that fits takes each (so a small scale
+/// array fills the tail a matrix's codes left), a new block when none does.
+const OPEN_MAX: usize = 8;
+
+/// Room for `bytes` (< 2 MiB) at a 64-byte boundary of a shared block: the block and the offset.
+fn shared_place(bytes: usize) -> Option<(Arc<Region>, usize)> {
+    let mut open = OPEN_BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    open.retain(|(b, _)| b.strong_count() > 0);
+    for (b, used) in open.iter_mut() {
+        let Some(block) = b.upgrade() else { continue };
+        let at = used.next_multiple_of(64);
+        if at + bytes <= block.layout.size() {
+            *used = at + bytes;
+            return Some((block, at));
+        }
+    }
+    let block = Arc::new(Region::new(HUGE)?);
+    if open.len() == OPEN_MAX {
+        // Give up on the fullest block.
+        let fullest = (0..open.len()).max_by_key(|&i| open[i].1).unwrap_or(0);
+        open.swap_remove(fullest);
+    }
+    open.push((Arc::downgrade(&block), bytes));
+    Some((block, 0))
+}
+
+/// An immutable, huge-page-backed copy of a slice of plain values.
 pub(crate) struct Streamed<T: Copy> {
     ptr: NonNull<T>,
     len: usize,
-    layout: Option<Layout>,
+    /// The region holding the values, or `None` for an ordinary boxed slice.
+    region: Option<Arc<Region>>,
 }
 
-// SAFETY: the buffer is owned, never mutated after construction, and `T` is plain data.
+// SAFETY: the buffer is owned (or a disjoint part of a shared region), never mutated after
+// construction, and `T` is plain data.
 unsafe impl<T: Copy + Send> Send for Streamed<T> {}
 // SAFETY: as above; shared references only read.
 unsafe impl<T: Copy + Sync> Sync for Streamed<T> {}
@@ -29,26 +102,26 @@ unsafe impl<T: Copy + Sync> Sync for Streamed<T> {}
 impl<T: Copy> Streamed<T> {
     pub(crate) fn new(values: &[T]) -> Self {
         let bytes = std::mem::size_of_val(values);
-        // Small buffers gain nothing (and would waste most of a 2 MiB alignment).
-        if bytes < HUGE {
-            return Self::boxed(values);
-        }
-        let Ok(layout) = Layout::from_size_align(bytes.next_multiple_of(HUGE), HUGE) else {
+        debug_assert!(std::mem::align_of::<T>() <= 64);
+        let placed = if bytes < SHARED_MIN {
+            None
+        } else if bytes < HUGE {
+            shared_place(bytes)
+        } else {
+            Region::new(bytes).map(|r| (Arc::new(r), 0))
+        };
+        let Some((region, at)) = placed else {
             return Self::boxed(values);
         };
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
-            std::alloc::handle_alloc_error(layout)
-        };
-        advise_huge(raw, layout.size());
-        // SAFETY: the new buffer holds at least `values.len()` Ts (same size, T's alignment
-        // divides 2 MiB) and does not overlap `values`.
+        // SAFETY: `at + bytes` lies inside the region (checked where it was placed), no other
+        // buffer is given those bytes, and `at` is 64-byte aligned, enough for any T here.
+        let ptr = unsafe { NonNull::new_unchecked(region.ptr.as_ptr().add(at).cast::<T>()) };
+        // SAFETY: the destination holds `values.len()` Ts and does not overlap `values`.
         unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), ptr.as_ptr(), values.len()) };
         Self {
             ptr,
             len: values.len(),
-            layout: Some(layout),
+            region: Some(region),
         }
     }
 
@@ -59,7 +132,7 @@ impl<T: Copy> Streamed<T> {
         Self {
             ptr,
             len,
-            layout: None,
+            region: None,
         }
     }
 }
@@ -74,14 +147,12 @@ impl<T: Copy> Deref for Streamed<T> {
 
 impl<T: Copy> Drop for Streamed<T> {
     fn drop(&mut self) {
-        match self.layout {
-            // SAFETY: allocated in `new` with this layout.
-            Some(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) },
-            None => {
-                let slice = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
-                // SAFETY: made by `Box::into_raw` of a `Box<[T]>` of this length in `boxed`.
-                drop(unsafe { Box::from_raw(slice) });
-            }
+        // A region is freed with its last holder (the `Arc` field); only a boxed slice is ours
+        // to free here.
+        if self.region.is_none() {
+            let slice = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+            // SAFETY: made by `Box::into_raw` of a `Box<[T]>` of this length in `boxed`.
+            drop(unsafe { Box::from_raw(slice) });
         }
     }
 }
@@ -359,5 +430,49 @@ mod tests {
                 assert_eq!(s.as_ptr() as usize % HUGE, 0, "2 MiB-aligned");
             }
         }
+    }
+
+    /// Buffers under a huge page share blocks without overlapping, each keeps its values after
+    /// its neighbours are dropped, and one that does not fit the open block starts a new one.
+    #[test]
+    fn small_buffers_share_huge_blocks_without_overlap() {
+        let sizes = [
+            20_000usize,
+            300_000,
+            1_000_000,
+            700_000,
+            65_536,
+            1_500_000,
+            17_000,
+        ];
+        let data: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j * 7) as u8).collect())
+            .collect();
+        let mut bufs: Vec<Option<Streamed<u8>>> =
+            data.iter().map(|d| Some(Streamed::new(d))).collect();
+        let spans: Vec<(usize, usize)> = bufs
+            .iter()
+            .flatten()
+            .map(|b| (b.as_ptr() as usize, b.as_ptr() as usize + b.len()))
+            .collect();
+        for (i, a) in spans.iter().enumerate() {
+            assert_eq!(a.0 % 64, 0, "64-byte aligned");
+            for b in &spans[i + 1..] {
+                assert!(a.1 <= b.0 || b.1 <= a.0, "overlap {a:?} {b:?}");
+            }
+        }
+        for i in [1, 3, 5] {
+            bufs[i] = None;
+        }
+        for (b, d) in bufs.iter().zip(&data) {
+            if let Some(b) = b {
+                assert_eq!(&b[..], &d[..]);
+            }
+        }
+        // Tiny buffers stay on the ordinary heap.
+        assert!(Streamed::new(&[1u8; 100]).region.is_none());
+        assert!(bufs[0].as_ref().unwrap().region.is_some());
     }
 }
