@@ -97,6 +97,50 @@ struct Plan {
     rp: usize,
 }
 
+/// Hands the units `bounds[0]..bounds[last]` (segments `bounds[j]..bounds[j + 1]`, one per
+/// product) to the compute threads as ranges `run(start, end)` that never cross a segment end:
+/// each grab takes a `1 / (2 × threads)` share of what is left, at least `min` units (guided
+/// self-scheduling). The first grabs are long, so each thread reads long sequential streams of
+/// weights, as the prefetchers like; the last are short, so the threads finish together. (Fixed
+/// chunks left one thread waiting for up to a whole chunk whenever the two ran at different
+/// speeds: on the Gemma 3 head an eighth of 168 MB, most of a millisecond.) Which thread runs a
+/// tile never changes its arithmetic, so the bits do not depend on the split.
+fn guided(bounds: &[usize], min: usize, run: impl Fn(usize, usize) + Sync) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (Some(&first), Some(&total)) = (bounds.first(), bounds.last()) else {
+        return;
+    };
+    if total <= first {
+        return;
+    }
+    let share = 2 * threads();
+    let grab = |cursor: &AtomicUsize| -> Option<(usize, usize)> {
+        let mut cur = cursor.load(Ordering::Relaxed);
+        loop {
+            if cur >= total {
+                return None;
+            }
+            let seg_end = bounds[bounds.partition_point(|b| *b <= cur)];
+            let size = ((total - cur) / share).max(min);
+            let end = (cur + size).min(seg_end);
+            match cursor.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some((cur, end)),
+                Err(now) => cur = now,
+            }
+        }
+    };
+    let cursor = AtomicUsize::new(first);
+    if total - first <= min {
+        run(first, total);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute(|_| {
+        while let Some((a, b)) = grab(&cursor) {
+            run(a, b);
+        }
+    });
+}
+
 /// A weight matrix `[n, k]` repacked into 8-column panels of bytes (see the module doc).
 pub(crate) struct PackedMatrix {
     n: usize,
@@ -258,7 +302,33 @@ impl PackedMatrix {
             starts.push(total);
             total += p.chunks;
         }
-        if m > 0 {
+        if m > 0 && m <= 2 {
+            // Decode: tiles of all the products handed out largest first (see `guided`).
+            let mut bounds = Vec::with_capacity(ws.len() + 1);
+            let mut tiles = 0;
+            for w in ws {
+                bounds.push(tiles);
+                tiles += w.n.div_ceil(PANEL);
+            }
+            bounds.push(tiles);
+            let min = first.min_grab();
+            guided(&bounds, min, |t0, t1| {
+                let j = bounds.partition_point(|b| *b <= t0) - 1;
+                // SAFETY: each output buffer holds m x n values (capacity above); the grab
+                // covers panels of product j only, and grabs are disjoint.
+                unsafe {
+                    ws[j].run_panels(
+                        lvl,
+                        &quantized[which[j]].2,
+                        m,
+                        1,
+                        t0 - bounds[j],
+                        t1 - bounds[j],
+                        ptrs[j].get(),
+                    )
+                };
+            });
+        } else if m > 0 {
             let run = |c: usize| {
                 let j = starts.partition_point(|s| *s <= c) - 1;
                 // SAFETY: each output buffer holds m x n values (capacity above); chunk
@@ -287,6 +357,13 @@ impl PackedMatrix {
             unsafe { o.set_len(m * w.n) };
         }
         outs
+    }
+
+    /// The fewest panels a decode thread takes at once: about 16 KiB of codes, so even the last
+    /// grabs of a product stream a while between two updates of the shared cursor.
+    fn min_grab(&self) -> usize {
+        let panel = packed_len(self.codes, PANEL * self.k).max(1);
+        (16usize << 10).div_ceil(panel).max(1)
     }
 
     /// How a product of `m` rows is cut into chunks of tiles for the threads.
@@ -324,6 +401,25 @@ impl PackedMatrix {
     ) {
         let p0 = c * plan.per * plan.rp;
         let p1 = ((c + 1) * plan.per * plan.rp).min(self.n.div_ceil(PANEL));
+        // SAFETY: as the caller's.
+        unsafe { self.run_panels(lvl, a, m, plan.rp, p0, p1, out) }
+    }
+
+    /// Panels `p0..p1` (tiles of `rp` panels), all rows.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `m * n` values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_panels(
+        &self,
+        lvl: Level,
+        a: &QuantRows,
+        m: usize,
+        rp: usize,
+        p0: usize,
+        p1: usize,
+        out: *mut f32,
+    ) {
         // 5-bit codes for several row tiles: each pair of panels is first expanded to a byte
         // per code (in L1), so the expansion is paid once per panel instead of once per row
         // tile; one row tile expands in registers. Same codes either way, so the same bits.
@@ -331,7 +427,7 @@ impl PackedMatrix {
         let mut scratch = Vec::new();
         let mut p = p0;
         while p < p1 {
-            let np = plan.rp.min(p1 - p);
+            let np = rp.min(p1 - p);
             let src = if expand {
                 self.expand_panels(p, np, &mut scratch);
                 Codes {
@@ -397,6 +493,14 @@ impl PackedMatrix {
         }
         let a = quantize_rows(lvl, x, k, self.sb, self.zero);
         let ptr = OutPtr(out);
+        if m <= 2 {
+            let panels = self.n.div_ceil(PANEL);
+            // SAFETY: the caller gives room for m x n outputs; grabs write disjoint panels.
+            guided(&[0, panels], self.min_grab(), |p0, p1| unsafe {
+                self.run_panels(lvl, &a, m, 1, p0, p1, ptr.get())
+            });
+            return;
+        }
         let plan = self.plan(m);
         // SAFETY: the caller gives room for m x n outputs; chunks write disjoint panels.
         let run = |c: usize| unsafe { self.run_chunk(lvl, &a, m, &plan, c, ptr.get()) };
