@@ -85,7 +85,7 @@ impl Level {
     }
 
     /// Whether this CPU has the instructions of this level.
-    fn available(self) -> bool {
+    pub(crate) fn available(self) -> bool {
         match self {
             Level::Scalar => true,
             #[cfg(target_arch = "x86_64")]
