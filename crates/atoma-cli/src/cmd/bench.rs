@@ -44,8 +44,8 @@ pub struct Args {
     /// Do not run the baselines even if they are found.
     #[arg(long)]
     pub no_baseline: bool,
-    /// Skip measuring the memory bandwidth (1 GiB read; the decode's share of it is then not
-    /// printed).
+    /// Skip measuring the memory bandwidth (three reads of 1 GiB beside each decode run, five
+    /// after each baseline; the decode's share of it is then not printed).
     #[arg(long)]
     pub no_bandwidth: bool,
     /// Instead: the cost of verifying N logged requests by re-execution next to generating
@@ -63,6 +63,12 @@ pub struct Args {
 struct Stat {
     mean: f64,
     std: f64,
+}
+
+/// The median (sorts `xs`).
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 fn stat(xs: &[f64]) -> Stat {
@@ -131,6 +137,7 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     let mut btg = Vec::new();
+    let mut probes = Vec::new();
     for rep in 0..=a.repetitions {
         let prompt = tokens(a.prompt_tokens);
         let t0 = table(0);
@@ -160,6 +167,11 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
             )?;
         }
         let tg_rate = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        // The bandwidth right beside each measured decode run: on a shared machine it moves
+        // by half within minutes, so a single probe at the end could flatter or wrong the share.
+        if rep > 0 && !a.no_bandwidth {
+            probes.push(crate::cmd::bench_mem::read_bandwidth(threads, 3));
+        }
         // Aggregate decode: `batch` sequences advancing one token each per pass.
         let mut btg_rate = 0.0;
         if batch > 1 {
@@ -187,7 +199,7 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     }
     let (pp, tg, btg) = (stat(&pp), stat(&tg), stat(&btg));
     let bytes = model.decode_weight_bytes();
-    let bandwidth = (!a.no_bandwidth).then(|| crate::cmd::bench_mem::read_bandwidth(threads, 5));
+    let bandwidth = (!probes.is_empty()).then(|| median(&mut probes));
     println!("| engine | test | tokens/s |");
     println!("| --- | --- | --- |");
     println!(
@@ -216,9 +228,12 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
     if let Some(bw) = bandwidth {
         let ceiling = bw / bytes.streamed as f64;
         println!(
-            "memory read bandwidth ({threads} threads, median of 5 reads of 1 GiB): {:.1} GB/s; tg{} streams {:.1} \
-             GB/s = {:.0}% of it (ceiling {:.0} tokens/s in our layout, {:.0} in the file's)",
+            "memory read bandwidth ({threads} threads, reads of 1 GiB beside each decode run, median {:.1} GB/s, \
+             range {:.1}-{:.1}): tg{} streams {:.1} GB/s = {:.0}% of it (ceiling {:.0} tokens/s in our layout, \
+             {:.0} in the file's)",
             bw / 1e9,
+            probes[0] / 1e9,
+            probes[probes.len() - 1] / 1e9,
             a.gen_tokens,
             tg.mean * bytes.streamed as f64 / 1e9,
             100.0 * tg.mean / ceiling,
@@ -260,13 +275,17 @@ pub fn run(store: &ModelStore, a: &Args, threads: usize) -> anyhow::Result<()> {
             .with_context(|| format!("{name} ({})", bin.display()))?;
         println!("| {name} | pp{} | {lpp:.1} |", a.prompt_tokens);
         print!("| {name} | tg{} | {ltg:.1} |", a.gen_tokens);
-        match bandwidth {
-            Some(bw) => println!(
-                " {:.0}% of the bandwidth (reading the file's {:.1} MB per token)",
+        if bandwidth.is_some() {
+            // Probed again right after this engine's runs, for the same reason as ours.
+            let bw = crate::cmd::bench_mem::read_bandwidth(threads, 5);
+            println!(
+                " {:.0}% of the bandwidth ({:.1} GB/s just after; reading the file's {:.1} MB per token)",
                 100.0 * ltg * bytes.file as f64 / bw,
+                bw / 1e9,
                 mb(bytes.file)
-            ),
-            None => println!(),
+            );
+        } else {
+            println!();
         }
         println!(
             "ratio atoma/{name}: pp {:.2}x, tg {:.2}x",
