@@ -131,7 +131,10 @@ fn guided(bounds: &[usize], min: usize, run: impl Fn(usize, usize) + Sync) {
     };
     let cursor = AtomicUsize::new(first);
     if total - first <= min {
-        run(first, total);
+        // Too little to share: inline, one segment at a time.
+        for s in bounds.windows(2).filter(|s| s[0] < s[1]) {
+            run(s[0], s[1]);
+        }
         return;
     }
     candle_core::utils::barrier_pool().execute(|_| {
@@ -777,16 +780,31 @@ mod tests {
     #[test]
     fn products_sharing_an_input_give_each_ones_bits() {
         let k = 512;
-        let mats: Vec<PackedMatrix> = [
+        // Enough panels for the threads to share, and (second) so few that one thread runs
+        // them all inline, product by product.
+        let large = [
             (GgmlDType::Q5_0, 40),
             (GgmlDType::Q8_0, 16),
             (GgmlDType::Q5_0, 16),
             (GgmlDType::Q4K, 3),
             (GgmlDType::Q4_1, 200),
-        ]
-        .into_iter()
-        .map(|(t, n)| PackedMatrix::pack(t, &quantized(t, n, k).data().unwrap(), n, k))
-        .collect();
+        ];
+        let small = [
+            (GgmlDType::Q8_0, 8),
+            (GgmlDType::Q5_0, 5),
+            (GgmlDType::Q4K, 11),
+        ];
+        for set in [&large[..], &small[..]] {
+            products_share_bits(k, set);
+        }
+        assert!(PackedMatrix::matmul_many(&[], &[]).is_empty());
+    }
+
+    fn products_share_bits(k: usize, set: &[(GgmlDType, usize)]) {
+        let mats: Vec<PackedMatrix> = set
+            .iter()
+            .map(|&(t, n)| PackedMatrix::pack(t, &quantized(t, n, k).data().unwrap(), n, k))
+            .collect();
         let refs: Vec<&PackedMatrix> = mats.iter().collect();
         for m in [1usize, 3, 6] {
             let x = pattern(m * k, 11 + m, 2.0);
@@ -803,7 +821,32 @@ mod tests {
                 );
             }
         }
-        assert!(PackedMatrix::matmul_many(&[], &[]).is_empty());
+    }
+
+    /// Guided grabs cover every unit of every segment exactly once and never cross a segment's
+    /// end, whether the work is shared or small enough to run inline.
+    #[test]
+    fn guided_grabs_tile_each_segment() {
+        for (bounds, min) in [
+            (vec![0usize, 40, 40, 56, 59, 3000], 7usize),
+            (vec![0, 3, 3, 5, 6], 16),
+            (vec![10, 10], 1),
+            (vec![0, 100_000], 1),
+        ] {
+            let got = std::sync::Mutex::new(Vec::new());
+            guided(&bounds, min, |a, b| got.lock().unwrap().push((a, b)));
+            let mut got = got.into_inner().unwrap();
+            got.sort();
+            let mut at = bounds[0];
+            for &(a, b) in &got {
+                assert_eq!(a, at, "{bounds:?}: gap or overlap at {a}");
+                assert!(a < b);
+                let seg_end = bounds[bounds.partition_point(|x| *x <= a)];
+                assert!(b <= seg_end, "{bounds:?}: ({a}, {b}) crosses {seg_end}");
+                at = b;
+            }
+            assert_eq!(at, *bounds.last().unwrap());
+        }
     }
 
     /// The vectorized activation quantization gives the scalar one's bytes and scale.
