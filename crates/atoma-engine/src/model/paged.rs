@@ -282,7 +282,7 @@ impl Model {
             for_rows(&mut hn, h, |r, o| {
                 rms_row(&x[r * h..(r + 1) * h], &v.attn_norm, eps, o)
             });
-            let (mut q, mut k, vv) = match &layer.attn.qkv {
+            let (mut q, mut k, mut vv) = match &layer.attn.qkv {
                 Projection::Separate(wq, wk, wv) => {
                     let [q, k, v] =
                         <[Vec<f32>; 3]>::try_from(Linear::apply_many(&[wq, wk, wv], &hn, t)?)
@@ -307,7 +307,6 @@ impl Model {
                     )
                 }
             };
-            let mut vv = vv;
             if let Some((bq, bk, bv)) = &v.bias {
                 for (xs, b) in [(&mut q, bq), (&mut k, bk), (&mut vv, bv)] {
                     for row in xs.chunks_exact_mut(b.len()) {

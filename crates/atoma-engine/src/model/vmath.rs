@@ -361,8 +361,8 @@ pub(crate) fn rms_row_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 }
 
 /// Rotates one head's `d` values in place by the angles whose cosines and sines are `c` and
-/// `s` (`d / 2` each): pairs `(2i, 2i+1)` when `interleaved`, else `(i, i + d/2)`. The
-/// expressions of `rope` below (and so of candle's), so the same bits.
+/// `s` (`d / 2` each): pairs `(2i, 2i+1)` when `interleaved`, else `(i, i + d/2)`. candle's
+/// expressions, so the same bits; `rope` below (the reference path) runs it too.
 #[inline]
 pub(crate) fn rope_head(x: &mut [f32], c: &[f32], s: &[f32], interleaved: bool) {
     let half = x.len() / 2;
@@ -442,17 +442,9 @@ pub(crate) fn rope(
                 &cv[ti * half..(ti + 1) * half],
                 &sv[ti * half..(ti + 1) * half],
             );
-            let xr = &xh[ti * d..(ti + 1) * d];
             let or = &mut o[ti * d..(ti + 1) * d];
-            for i in 0..half {
-                let (i1, i2) = if interleaved {
-                    (2 * i, 2 * i + 1)
-                } else {
-                    (i, i + half)
-                };
-                or[i1] = xr[i1] * c[i] - xr[i2] * s[i];
-                or[i2] = xr[i1] * s[i] + xr[i2] * c[i];
-            }
+            or.copy_from_slice(&xh[ti * d..(ti + 1) * d]);
+            rope_head(or, c, s, interleaved);
         }
     };
     if h * t * d < 1 << 16 {

@@ -124,18 +124,21 @@ impl Linear {
 }
 
 impl Linear {
-    /// `x @ W^T` for each of `ws` (Q, K, V; gate, up): packed matrices share one quantization
-    /// of `x` and one wake-up of the threads (`PackedMatrix::matmul_many`), with the same bits
-    /// as one `forward` each.
-    pub(crate) fn forward_many(ws: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let packed: Option<Vec<&PackedMatrix>> = ws
-            .iter()
+    /// The packed matrices of `ws` if every one is packed (only then can they share a dispatch).
+    fn all_packed<'a>(ws: &[&'a Linear]) -> Option<Vec<&'a PackedMatrix>> {
+        ws.iter()
             .map(|w| match w {
                 Self::Packed(p) => Some(p.as_ref()),
                 Self::Candle { .. } => None,
             })
-            .collect();
-        let Some(packed) = packed else {
+            .collect()
+    }
+
+    /// `x @ W^T` for each of `ws` (Q, K, V; gate, up): packed matrices share one quantization
+    /// of `x` and one wake-up of the threads (`PackedMatrix::matmul_many`), with the same bits
+    /// as one `forward` each.
+    pub(crate) fn forward_many(ws: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let Some(packed) = Self::all_packed(ws) else {
             return ws.iter().map(|w| w.forward(x)).collect();
         };
         let (m, kx) = x.dims2()?;
@@ -180,14 +183,7 @@ impl Linear {
         x: &[f32],
         m: usize,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let packed: Option<Vec<&PackedMatrix>> = ws
-            .iter()
-            .map(|w| match w {
-                Self::Packed(p) => Some(p.as_ref()),
-                Self::Candle { .. } => None,
-            })
-            .collect();
-        let Some(packed) = packed else {
+        let Some(packed) = Self::all_packed(ws) else {
             return ws.iter().map(|w| w.apply(x, m)).collect();
         };
         if let Some(w) = packed.iter().find(|w| x.len() != m * w.k()) {
