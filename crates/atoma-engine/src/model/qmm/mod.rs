@@ -22,8 +22,8 @@
 //! Scales stream as the file keeps them (f16; the K-quants' as a byte per sub-block and an f16
 //! per super-block, `huge::Scales`), so every type but Q6_K (a byte per code) streams exactly
 //! the file's bytes. Prefill expands 5-bit codes to bytes once per panel (`expand_panels`);
-//! decode expands them in registers and reads each thread's chunk as one sequential stream
-//! (one-panel tiles, the next tile prefetched: `plan`, `tiles::prefetch_ahead`).
+//! decode expands them in registers and reads each thread's grabs as sequential streams
+//! (one-panel tiles, the next tile prefetched: `matmul_raw`, `tiles::prefetch_ahead`).
 //!
 //! Activations are quantized per row to 8 bits per 32 values (`scale = amax / 127`, rounded
 //! through f16 as in ggml's Q8_0). For each output the kernel computes, per weight sub-block, the
@@ -57,8 +57,12 @@ const QA: usize = 32;
 const PANEL: usize = 8;
 /// Activation rows per register tile.
 const RM: usize = 4;
-/// Panels per register tile.
-const RP: usize = 2;
+/// Panels per register tile of a prompt product, by level: VNNI has 32 vector registers, room
+/// for 4 x 3 accumulators and as many integer sums (6-10% faster per thread than 4 x 2 on every
+/// type here, `tests::prefill_costs`); AVX2 has 16, enough for 4 x 2.
+fn tile_panels(lvl: Level) -> usize {
+    if lvl == Level::Vnni { 3 } else { 2 }
+}
 
 /// How a matrix stores its codes (`PackedMatrix::codes`, the tiles' `CODES` parameter).
 /// One byte per code.
@@ -89,21 +93,16 @@ pub(super) struct Codes {
     pub(super) codes: u8,
 }
 
-/// Chunks of a product for the threads: `chunks` of `per` tiles of `rp` panels (the last one
-/// shorter).
-struct Plan {
-    chunks: usize,
-    per: usize,
-    rp: usize,
-}
-
 /// Hands the units `bounds[0]..bounds[last]` (segments `bounds[j]..bounds[j + 1]`, one per
 /// product) to the compute threads as ranges `run(start, end)` that never cross a segment end:
 /// each grab takes a `1 / (2 × threads)` share of what is left, at least `min` units (guided
 /// self-scheduling). The first grabs are long, so each thread reads long sequential streams of
 /// weights, as the prefetchers like; the last are short, so the threads finish together. (Fixed
 /// chunks left one thread waiting for up to a whole chunk whenever the two ran at different
-/// speeds: on the Gemma 3 head an eighth of 168 MB, most of a millisecond.) Which thread runs a
+/// speeds: on the Gemma 3 head an eighth of 168 MB, most of a millisecond.) Prompt products too:
+/// their units are tiles of a few panels times all the rows, and fixed chunks (4 per thread)
+/// could leave a thread idle for up to a chunk at the end of every product (`tests::
+/// prefill_costs` compares a product on all threads with its tiles on one). Which thread runs a
 /// tile never changes its arithmetic, so the bits do not depend on the split.
 fn guided(bounds: &[usize], min: usize, run: impl Fn(usize, usize) + Sync) {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -298,25 +297,21 @@ impl PackedMatrix {
             .collect();
         let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
         let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-        let plans: Vec<Plan> = ws.iter().map(|w| w.plan(m)).collect();
-        let mut starts = Vec::with_capacity(ws.len());
-        let mut total = 0;
-        for p in &plans {
-            starts.push(total);
-            total += p.chunks;
-        }
-        if m > 0 && m <= 2 {
-            // Decode: tiles of all the products handed out largest first (see `guided`).
+        if m > 0 {
+            // Units of every product in one sequence (tiles of `rp` panels), handed out largest
+            // first (see `guided`); a grab never crosses from one product into the next.
+            let rp = if m <= 2 { 1 } else { tile_panels(lvl) };
             let mut bounds = Vec::with_capacity(ws.len() + 1);
-            let mut tiles = 0;
+            let mut units = 0;
             for w in ws {
-                bounds.push(tiles);
-                tiles += w.n.div_ceil(PANEL);
+                bounds.push(units);
+                units += w.n.div_ceil(PANEL * rp);
             }
-            bounds.push(tiles);
-            let min = first.min_grab();
-            guided(&bounds, min, |t0, t1| {
-                let j = bounds.partition_point(|b| *b <= t0) - 1;
+            bounds.push(units);
+            let min = if m <= 2 { first.min_grab() } else { 1 };
+            guided(&bounds, min, |u0, u1| {
+                let j = bounds.partition_point(|b| *b <= u0) - 1;
+                let panels = ws[j].n.div_ceil(PANEL);
                 // SAFETY: each output buffer holds m x n values (capacity above); the grab
                 // covers panels of product j only, and grabs are disjoint.
                 unsafe {
@@ -324,39 +319,17 @@ impl PackedMatrix {
                         lvl,
                         &quantized[which[j]].2,
                         m,
-                        1,
-                        t0 - bounds[j],
-                        t1 - bounds[j],
+                        rp,
+                        (u0 - bounds[j]) * rp,
+                        ((u1 - bounds[j]) * rp).min(panels),
                         ptrs[j].get(),
                     )
                 };
             });
-        } else if m > 0 {
-            let run = |c: usize| {
-                let j = starts.partition_point(|s| *s <= c) - 1;
-                // SAFETY: each output buffer holds m x n values (capacity above); chunk
-                // `c - starts[j]` writes a disjoint set of them.
-                unsafe {
-                    ws[j].run_chunk(
-                        lvl,
-                        &quantized[which[j]].2,
-                        m,
-                        &plans[j],
-                        c - starts[j],
-                        ptrs[j].get(),
-                    )
-                };
-            };
-            if total == 1 {
-                run(0);
-            } else {
-                candle_core::utils::barrier_pool()
-                    .execute_chunked(total, |range| range.for_each(run));
-            }
         }
         for (o, w) in outs.iter_mut().zip(ws) {
-            // SAFETY: every chunk of every plan ran, and together they store all m x n outputs
-            // of their product (see `matmul_raw`).
+            // SAFETY: every unit of every product ran, and together they store all m x n
+            // outputs of their product (see `matmul_raw`).
             unsafe { o.set_len(m * w.n) };
         }
         outs
@@ -367,45 +340,6 @@ impl PackedMatrix {
     fn min_grab(&self) -> usize {
         let panel = packed_len(self.codes, PANEL * self.k).max(1);
         (16usize << 10).div_ceil(panel).max(1)
-    }
-
-    /// How a product of `m` rows is cut into chunks of tiles for the threads.
-    ///
-    /// One or two rows (decode) take tiles of one panel: a panel's bytes are contiguous, so a
-    /// thread then reads its whole chunk as one sequential stream, which the prefetchers follow
-    /// at close to the memory's speed (the Gemma 3 head went from ~22 to ~30 GB/s on 2 threads
-    /// here); two-panel tiles read two streams 2 panels apart and restart both every tile.
-    /// More rows take two panels, so each activation load serves twice the columns. A column's
-    /// arithmetic is the same in either tile, so the bits are too.
-    fn plan(&self, m: usize) -> Plan {
-        let rp = if m <= 2 { 1 } else { RP };
-        let tiles = self.n.div_ceil(PANEL * rp);
-        // Enough chunks to balance the threads, few enough to amortize waking them.
-        let chunks = (threads() * 4).min(tiles).max(1);
-        Plan {
-            chunks,
-            per: tiles.div_ceil(chunks),
-            rp,
-        }
-    }
-
-    /// Chunk `c` of `plan`: all rows of its panels.
-    ///
-    /// # Safety
-    /// `out` must be valid for writes of `m * n` values.
-    unsafe fn run_chunk(
-        &self,
-        lvl: Level,
-        a: &QuantRows,
-        m: usize,
-        plan: &Plan,
-        c: usize,
-        out: *mut f32,
-    ) {
-        let p0 = c * plan.per * plan.rp;
-        let p1 = ((c + 1) * plan.per * plan.rp).min(self.n.div_ceil(PANEL));
-        // SAFETY: as the caller's.
-        unsafe { self.run_panels(lvl, a, m, plan.rp, p0, p1, out) }
     }
 
     /// Panels `p0..p1` (tiles of `rp` panels), all rows.
@@ -496,25 +430,19 @@ impl PackedMatrix {
         }
         let a = quantize_rows(lvl, x, k, self.sb, self.zero);
         let ptr = OutPtr(out);
-        if m <= 2 {
-            let panels = self.n.div_ceil(PANEL);
-            // SAFETY: the caller gives room for m x n outputs; grabs write disjoint panels.
-            guided(&[0, panels], self.min_grab(), |p0, p1| unsafe {
-                self.run_panels(lvl, &a, m, 1, p0, p1, ptr.get())
-            });
-            return;
-        }
-        let plan = self.plan(m);
-        // SAFETY: the caller gives room for m x n outputs; chunks write disjoint panels.
-        let run = |c: usize| unsafe { self.run_chunk(lvl, &a, m, &plan, c, ptr.get()) };
-        if plan.chunks == 1 {
-            run(0);
-        } else {
-            // candle's persistent spinning pool: waking it costs far less than a rayon
-            // fork-join, which matters for the many small matmuls of a decode step.
-            candle_core::utils::barrier_pool()
-                .execute_chunked(plan.chunks, |range| range.for_each(run));
-        }
+        // Decode (one or two rows): one-panel tiles, so each thread reads its grabs as single
+        // sequential streams, as the prefetchers like; a panel's bytes are contiguous (the
+        // Gemma 3 head went from ~22 to ~30 GB/s on 2 threads here, against two-panel tiles
+        // that restart two streams every tile). More rows: the widest tile the level has, so
+        // each activation load serves more columns. A column's arithmetic is the same in any
+        // tile, so the bits are too.
+        let rp = if m <= 2 { 1 } else { tile_panels(lvl) };
+        let panels = self.n.div_ceil(PANEL);
+        let min = if m <= 2 { self.min_grab() } else { 1 };
+        // SAFETY: the caller gives room for m x n outputs; grabs write disjoint panels.
+        guided(&[0, panels.div_ceil(rp)], min, |u0, u1| unsafe {
+            self.run_panels(lvl, &a, m, rp, u0 * rp, (u1 * rp).min(panels), ptr.get())
+        });
     }
 
     /// One tile: rows `i..i+rm`, panels `p..p+np`, codes read from `src`.
@@ -544,17 +472,30 @@ impl PackedMatrix {
                 }
             };
         }
+        // Three-panel tiles exist on VNNI only (`tile_panels`).
+        #[cfg(target_arch = "x86_64")]
+        macro_rules! go3 {
+            ($f:ident, $sb:literal, $min:literal, $codes:expr, $sc:expr) => {
+                match (rm, np) {
+                    (4, 3) => $f::<4, 3, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (3, 3) => $f::<3, 3, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (2, 3) => $f::<2, 3, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    (1, 3) => $f::<1, 3, $sb, $min, $codes, $sc>(self, src, a, i, p, out),
+                    _ => go!($f, $sb, $min, $codes, $sc),
+                }
+            };
+        }
         macro_rules! by_codes {
-            ($f:ident, $sc:expr) => {
+            ($go:ident, $f:ident, $sc:expr) => {
                 match (self.sb, self.min.is_empty(), src.codes) {
-                    (32, true, NIB) => go!($f, 32, false, { NIB }, $sc),
-                    (32, false, NIB) => go!($f, 32, true, { NIB }, $sc),
-                    (32, true, NIB5) => go!($f, 32, false, { NIB5 }, $sc),
-                    (32, false, NIB5) => go!($f, 32, true, { NIB5 }, $sc),
-                    (32, true, _) => go!($f, 32, false, { BYTES }, $sc),
-                    (32, false, _) => go!($f, 32, true, { BYTES }, $sc),
-                    (16, true, _) => go!($f, 16, false, { BYTES }, $sc),
-                    _ => go!($f, 16, true, { BYTES }, $sc),
+                    (32, true, NIB) => $go!($f, 32, false, { NIB }, $sc),
+                    (32, false, NIB) => $go!($f, 32, true, { NIB }, $sc),
+                    (32, true, NIB5) => $go!($f, 32, false, { NIB5 }, $sc),
+                    (32, false, NIB5) => $go!($f, 32, true, { NIB5 }, $sc),
+                    (32, true, _) => $go!($f, 32, false, { BYTES }, $sc),
+                    (32, false, _) => $go!($f, 32, true, { BYTES }, $sc),
+                    (16, true, _) => $go!($f, 16, false, { BYTES }, $sc),
+                    _ => $go!($f, 16, true, { BYTES }, $sc),
                 }
             };
         }
@@ -564,21 +505,21 @@ impl PackedMatrix {
             _ => SC_ANY,
         };
         macro_rules! by_format {
-            ($f:ident) => {
+            ($go:ident, $f:ident) => {
                 match sc {
-                    SC_F16 => by_codes!($f, { SC_F16 }),
-                    SC_FACTORED => by_codes!($f, { SC_FACTORED }),
-                    _ => by_codes!($f, { SC_ANY }),
+                    SC_F16 => by_codes!($go, $f, { SC_F16 }),
+                    SC_FACTORED => by_codes!($go, $f, { SC_FACTORED }),
+                    _ => by_codes!($go, $f, { SC_ANY }),
                 }
             };
         }
         unsafe {
             match lvl {
                 #[cfg(target_arch = "x86_64")]
-                Level::Vnni => by_format!(tile_vnni),
+                Level::Vnni => by_format!(go3, tile_vnni),
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx2 => by_format!(tile_avx2),
-                _ => by_format!(tile_scalar),
+                Level::Avx2 => by_format!(go, tile_avx2),
+                _ => by_format!(go, tile_scalar),
             }
         }
     }
@@ -647,7 +588,8 @@ mod tests {
     /// the other rows.
     #[test]
     fn every_type_tile_and_level_agree_and_rows_are_independent() {
-        let (n, k) = (21, 512);
+        // 21 columns: one partial panel; 61: eight panels, so tiles of 3, 2 and 1 panels.
+        let k = 512;
         let mut levels = vec![Level::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -661,7 +603,7 @@ mod tests {
                 levels.push(Level::Vnni);
             }
         }
-        for dtype in TYPES {
+        for (dtype, n) in TYPES.into_iter().flat_map(|d| [(d, 21usize), (d, 61)]) {
             let qt = quantized(dtype, n, k);
             let packed = PackedMatrix::pack(dtype, &qt.data().unwrap(), n, k);
             let deq: Vec<Vec<f32>> = (0..n).map(|c| packed.dequantize_row(c)).collect();
@@ -965,6 +907,63 @@ mod tests {
                     (m * n * k) as f64 / dt / 1e9
                 );
             }
+        }
+    }
+    /// Where a prompt product's time goes (`cargo test --release -p atoma-engine
+    /// qmm::tests::prefill_costs -- --ignored --nocapture`): the activation quantization, the
+    /// tiles on one thread with two and with three panels (best of many runs, so the figures
+    /// hold on a noisy machine), and the whole product on all threads; prints, asserts nothing.
+    #[test]
+    #[ignore = "benchmark: prints figures"]
+    #[allow(clippy::print_stderr)]
+    fn prefill_costs() {
+        let lvl = level();
+        let shapes = [
+            (GgmlDType::Q4_1, 576usize, 576usize),
+            (GgmlDType::Q4_1, 1536, 576),
+            (GgmlDType::Q4_1, 576, 1536),
+            (GgmlDType::Q5_0, 1024, 640),
+            (GgmlDType::Q4K, 640, 1024),
+            (GgmlDType::Q6K, 640, 2048),
+            (GgmlDType::Q5_0, 2048, 640),
+            (GgmlDType::Q8_0, 256, 640),
+        ];
+        let m = 128;
+        for (dtype, n, k) in shapes {
+            let qt = quantized(dtype, n, k);
+            let w = PackedMatrix::pack(dtype, &qt.data().unwrap(), n, k);
+            let x = pattern(m * k, 3, 2.0);
+            let a = quantize_rows(lvl, &x, k, w.sb, w.zero);
+            let mut out = vec![0f32; m * n];
+            let dst = OutPtr(out.as_mut_ptr());
+            let panels = n.div_ceil(PANEL);
+            let mut best = [f64::MAX; 4];
+            for _ in 0..100 {
+                let mut runs: [&mut dyn FnMut(); 4] = [
+                    &mut || {
+                        std::hint::black_box(quantize_rows(lvl, &x, k, w.sb, w.zero));
+                    },
+                    &mut || unsafe { w.run_panels(lvl, &a, m, 2, 0, panels, dst.get()) },
+                    &mut || unsafe { w.run_panels(lvl, &a, m, 3, 0, panels, dst.get()) },
+                    &mut || unsafe { w.matmul_raw(lvl, &x, dst.get()) },
+                ];
+                for (b, run) in best.iter_mut().zip(runs.iter_mut()) {
+                    let t = std::time::Instant::now();
+                    run();
+                    *b = b.min(t.elapsed().as_secs_f64());
+                }
+            }
+            let gmac = |dt: f64| (m * n * k) as f64 / dt / 1e9;
+            eprintln!(
+                "{dtype:?} {n:>4}x{k:<4} m={m}: quantize {:5.1} us | one thread: 4x2 {:5.1}, 4x3 {:5.1} GMAC/s | \
+                 {} threads {:5.1} GMAC/s ({:.0}% of quantize + one-thread tiles / threads)",
+                best[0] * 1e6,
+                gmac(best[1]),
+                gmac(best[2]),
+                threads(),
+                gmac(best[3]),
+                100.0 * (best[0] + best[1].min(best[2]) / threads() as f64) / best[3],
+            );
         }
     }
 }
