@@ -453,6 +453,9 @@ pub(crate) fn paged_attention<T: KvElem>(
         let base = OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
             let mut scratch = Scratch::default();
+            // Last tasks first: a prompt's later tokens attend to more keys, so the costly
+            // tasks go out first and the threads end on cheap ones together (in token order, the
+            // last grab was the costliest and one thread waited for it).
             for idx in range {
                 // SAFETY: task `idx` owns out[idx*span..(idx+1)*span]; ranges are disjoint.
                 let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(idx * span), span) };
@@ -637,6 +640,51 @@ mod tests {
                 "{name} t={t:<3} ctx={ctx:<5} {:>8.1} us per layer  {:>5.1} GMAC/s",
                 dt * 1e6,
                 macs / dt / 1e9
+            );
+        }
+    }
+
+    /// One prompt chunk's attention (128 tokens of one sequence, causal), the shapes of SmolLM2
+    /// (9 heads over 3 KV heads of 64) and Gemma 3 270M (4 over 1 of 256), f16 pools, best of
+    /// many runs (`cargo test --release -p atoma-engine paged_attn::tests::prefill_timings --
+    /// --ignored --nocapture`); prints only.
+    #[test]
+    #[ignore = "benchmark: prints figures"]
+    #[allow(clippy::print_stderr)]
+    fn prefill_timings() {
+        for (h, hkv, d) in [(9usize, 3usize, 64usize), (4, 1, 256)] {
+            let (t, bs) = (128usize, 16usize);
+            let pool = |o: usize| -> Vec<half::f16> {
+                (0..t * hkv * d)
+                    .map(|i| half::f16::from_f32(((i * 7 + o) % 13) as f32 * 0.01 - 0.06))
+                    .collect()
+            };
+            let (k, v) = (pool(0), pool(5));
+            let table: Vec<u32> = (0..(t / bs) as u32).collect();
+            let rows: Vec<QueryRow<'_>> =
+                (0..t).map(|pos| QueryRow { pos, table: &table }).collect();
+            let q: Vec<f32> = (0..h * t * d).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+            let shape = AttnShape {
+                n_heads: h,
+                n_kv_heads: hkv,
+                head_dim: d,
+                block_size: bs,
+                scale: 0.125,
+                window: None,
+            };
+            let mut out = vec![0f32; t * h * d];
+            let mut best = f64::MAX;
+            for _ in 0..200 {
+                let start = std::time::Instant::now();
+                paged_attention(&shape, &q, &rows, &k, &v, &mut out);
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            let macs = (h * t * (t + 1) / 2 * d * 2) as f64;
+            let sum: f64 = out.iter().map(|&x| f64::from(x)).sum();
+            eprintln!(
+                "heads {h}/{hkv} x {d}: {:>7.1} us per layer, {:>5.1} GMAC/s (output sum {sum:.6})",
+                best * 1e6,
+                macs / best / 1e9
             );
         }
     }
