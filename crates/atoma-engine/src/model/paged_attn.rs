@@ -453,9 +453,6 @@ pub(crate) fn paged_attention<T: KvElem>(
         let base = OutPtr(out.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
             let mut scratch = Scratch::default();
-            // Last tasks first: a prompt's later tokens attend to more keys, so the costly
-            // tasks go out first and the threads end on cheap ones together (in token order, the
-            // last grab was the costliest and one thread waited for it).
             for idx in range {
                 // SAFETY: task `idx` owns out[idx*span..(idx+1)*span]; ranges are disjoint.
                 let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(idx * span), span) };
