@@ -21,10 +21,9 @@
 //! single decode streams every weight from memory once, so bytes per weight set its speed.
 //! Scales stream as the file keeps them (f16; the K-quants' as a byte per sub-block and an f16
 //! per super-block, `huge::Scales`), so every type but Q6_K (a byte per code) streams exactly
-//! the file's bytes. Prefill expands 4- and 5-bit codes to bytes once per panel
-//! (`expand_panels`); decode expands them in registers and reads each thread's grabs as
-//! sequential streams (one-panel tiles, the next tile prefetched: `matmul_raw`,
-//! `tiles::prefetch_ahead`).
+//! the file's bytes. Prefill expands 5-bit codes to bytes once per panel (`expand_panels`);
+//! decode expands them in registers and reads each thread's grabs as sequential streams
+//! (one-panel tiles, the next tile prefetched: `matmul_raw`, `tiles::prefetch_ahead`).
 //!
 //! Activations are quantized per row to 8 bits per 32 values (`scale = amax / 127`, rounded
 //! through f16 as in ggml's Q8_0). For each output the kernel computes, per weight sub-block, the
@@ -358,12 +357,10 @@ impl PackedMatrix {
         p1: usize,
         out: *mut f32,
     ) {
-        // 4- and 5-bit codes for several row tiles: each tile's panels are first expanded to a
-        // byte per code (in L1), so the expansion is paid once per panel instead of once per
-        // row tile (for nibbles that is a shift and a mask per load: Q4_K prompt products ran
-        // 5-15% faster expanded, Q4_1 the same); one row tile expands in registers. Same codes
-        // either way, so the same bits.
-        let expand = self.codes != BYTES && m > RM;
+        // 5-bit codes for several row tiles: each tile's panels are first expanded to a byte
+        // per code (in L1), so the expansion is paid once per panel instead of once per row
+        // tile; one row tile expands in registers. Same codes either way, so the same bits.
+        let expand = self.codes == NIB5 && m > RM;
         let mut scratch = Vec::new();
         let mut p = p0;
         while p < p1 {
@@ -401,16 +398,15 @@ impl PackedMatrix {
         buf.clear();
         buf.resize(np * nsb * blk, 0);
         #[cfg(target_arch = "x86_64")]
-        if (self.codes == NIB5 || self.codes == NIB) && self.sb == 32 && level() != Level::Scalar {
+        if self.codes == NIB5 && self.sb == 32 && level() != Level::Scalar {
             // SAFETY: AVX2 is available on every level but scalar; `buf` holds the np * nsb
             // expanded sub-blocks and the matrix the packed ones from panel p on.
             unsafe {
-                let src = self.q.as_ptr().add(packed_len(self.codes, p * nsb * blk));
-                if self.codes == NIB5 {
-                    tiles::expand_avx2::<NIB5>(src, np * nsb, buf.as_mut_ptr())
-                } else {
-                    tiles::expand_avx2::<NIB>(src, np * nsb, buf.as_mut_ptr())
-                }
+                tiles::expand_nib5_avx2(
+                    self.q.as_ptr().add(packed_len(NIB5, p * nsb * blk)),
+                    np * nsb,
+                    buf.as_mut_ptr(),
+                )
             };
             return;
         }

@@ -116,20 +116,20 @@ unsafe fn load_group<const SB: usize, const CODES: u8>(
     }
 }
 
-/// `blocks` packed 4- or 5-bit sub-blocks (`CODES`) of 32 codes per column from `src` to a
-/// byte per code at `dst` (the `BYTES` layout), 32 bytes a group.
+/// `blocks` packed 5-bit sub-blocks of 32 codes per column from `src` to a byte per code at
+/// `dst` (the `BYTES` layout), 32 bytes a group.
 ///
 /// # Safety
 /// AVX2 is available; `src` holds `blocks` packed sub-blocks and `dst` room for their bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn expand_avx2<const CODES: u8>(src: *const u8, blocks: usize, dst: *mut u8) {
+pub(super) unsafe fn expand_nib5_avx2(src: *const u8, blocks: usize, dst: *mut u8) {
     use std::arch::x86_64::*;
     const BLK: usize = 32 * PANEL;
     for b in 0..blocks {
         for g in 0..8 {
             unsafe {
-                let v = load_group::<32, CODES>(src, b * BLK, g);
+                let v = load_group::<32, NIB5>(src, b * BLK, g);
                 _mm256_storeu_si256(dst.add(b * BLK + g * 4 * PANEL) as *mut __m256i, v);
             }
         }
